@@ -1,0 +1,257 @@
+"""Skiparse-2D layouts (OSP-Next), as pure index math on sequence-first tensors.
+
+Tensors are `[s, b, *rest]` (megatron's sequence-first convention). Grid `(T, H, W)` is the latent
+grid after patchify; `P` is the Skiparse ratio. H and W are zero-padded to `Hp, Wp`, multiples of
+`P^2` (Hp optionally of `P^2 * h_multiple`, so the sequence can be split over Ulysses ranks along
+`h''` rows). Layouts (class id -> batch, class members -> sequence; batch order is class-major):
+
+- raster: `(t h w)`, one class.
+- token:  class `(p, q) = (h mod P, w mod P)`:
+          `(t h' p w' q) b -> (t h' w') (p q b)`
+- group:  class `(p1, q1) = (floor(h/P) mod P, floor(w/P) mod P)`:
+          `(t h'' p1 p2 w'' q1 q2) b -> (t h'' p2 w'' q2) (p1 q1 b)`
+
+Every class spans all T frames. token<->group is an involution. Padded positions carry position -1
+(`positions`) and are masked as keys and excluded from the loss.
+
+Sharding for context parallelism (`shard`): SSP rank `r` of `ssp` owns classes
+`[r*G, (r+1)*G)` (G = P^2/ssp) and Ulysses rank `u` of `ulysses` owns the `h''`-row chunk `u`
+of every owned class. The same function shards a raster layout along H rows.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Sequence, Tuple
+
+import torch
+
+Grid = Tuple[int, int, int]
+LAYOUTS = ("raster", "token", "group")
+
+
+def num_classes(layout: str, ratio: int) -> int:
+    return 1 if layout == "raster" else ratio * ratio
+
+
+def padded_grid(grid: Sequence[int], ratio: int, h_multiple: int = 1, sparse: bool = True) -> Grid:
+    """(T, Hp, Wp): H padded to a multiple of P^2*h_multiple, W of P^2 (sparse); raster only pads H for sharding."""
+    t, h, w = (int(v) for v in grid)
+    bh = (ratio * ratio if sparse else 1) * h_multiple
+    bw = ratio * ratio if sparse else 1
+    return t, math.ceil(h / bh) * bh, math.ceil(w / bw) * bw
+
+
+def pad_raster(x: torch.Tensor, grid: Sequence[int], padded: Sequence[int]) -> torch.Tensor:
+    """[T*H*W, b, *R] -> [T*Hp*Wp, b, *R], zeros at the bottom rows / right columns."""
+    t, h, w = grid
+    _, hp, wp = padded
+    if (h, w) == (hp, wp):
+        return x
+    rest = x.shape[1:]
+    v = x.reshape(t, h, w, *rest)
+    out = x.new_zeros(t, hp, wp, *rest)
+    out[:, :h, :w] = v
+    return out.reshape(t * hp * wp, *rest)
+
+
+def crop_raster(x: torch.Tensor, grid: Sequence[int], padded: Sequence[int]) -> torch.Tensor:
+    """[T*Hp*Wp, b, *R] -> [T*H*W, b, *R]."""
+    t, h, w = grid
+    _, hp, wp = padded
+    if (h, w) == (hp, wp):
+        return x
+    rest = x.shape[1:]
+    return x.reshape(t, hp, wp, *rest)[:, :h, :w].reshape(t * h * w, *rest)
+
+
+def raster_to_layout(x: torch.Tensor, padded: Sequence[int], ratio: int, layout: str) -> torch.Tensor:
+    """Padded raster [T*Hp*Wp, b, *R] -> layout [S, C*b, *R] (C classes, class-major batch)."""
+    if layout == "raster":
+        return x
+    t, hp, wp = padded
+    p = ratio
+    b, rest = x.shape[1], x.shape[2:]
+    nr = len(rest)
+    tail = tuple(range(9, 9 + nr))
+    if layout == "token":
+        v = x.reshape(t, hp // (p * p), p, p, wp // (p * p), p, p, b, *rest)  # t h'' p1 p w'' q1 q b
+        v = v.permute(0, 1, 2, 4, 5, 3, 6, 7, *tail)  # t h'' p1 w'' q1 | p q | b
+    elif layout == "group":
+        v = x.reshape(t, hp // (p * p), p, p, wp // (p * p), p, p, b, *rest)  # t h'' p1 p2 w'' q1 q2 b
+        v = v.permute(0, 1, 3, 4, 6, 2, 5, 7, *tail)  # t h'' p2 w'' q2 | p1 q1 | b
+    else:
+        raise ValueError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
+    return v.reshape(t * hp * wp // (p * p), p * p * b, *rest)
+
+
+def layout_to_raster(y: torch.Tensor, padded: Sequence[int], ratio: int, layout: str) -> torch.Tensor:
+    """Inverse of `raster_to_layout`: [S, C*b, *R] -> padded raster [T*Hp*Wp, b, *R]."""
+    if layout == "raster":
+        return y
+    t, hp, wp = padded
+    p = ratio
+    b = y.shape[1] // (p * p)
+    rest = y.shape[2:]
+    nr = len(rest)
+    tail = tuple(range(9, 9 + nr))
+    v = y.reshape(t, hp // (p * p), p, wp // (p * p), p, p, p, b, *rest)
+    if layout == "token":  # t h'' p1 w'' q1 p q b -> t h'' p1 p w'' q1 q b
+        v = v.permute(0, 1, 2, 5, 3, 4, 6, 7, *tail)
+    elif layout == "group":  # t h'' p2 w'' q2 p1 q1 b -> t h'' p1 p2 w'' q1 q2 b
+        v = v.permute(0, 1, 5, 2, 3, 6, 4, 7, *tail)
+    else:
+        raise ValueError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
+    return v.reshape(t * hp * wp, b, *rest)
+
+
+def token_to_group(y: torch.Tensor, padded: Sequence[int], ratio: int) -> torch.Tensor:
+    """token <-> group on one device (an involution): swap (p1,q1) in the sequence with (p2,q2) in the batch."""
+    t, hp, wp = padded
+    p = ratio
+    b = y.shape[1] // (p * p)
+    rest = y.shape[2:]
+    nr = len(rest)
+    tail = tuple(range(9, 9 + nr))
+    v = y.reshape(t, hp // (p * p), p, wp // (p * p), p, p, p, b, *rest)  # t h'' A w'' B | C D | b
+    v = v.permute(0, 1, 5, 3, 6, 2, 4, 7, *tail)  # t h'' C w'' D | A B | b
+    return v.reshape(y.shape)
+
+
+group_to_token = token_to_group
+
+
+def to_layout(x: torch.Tensor, grid: Sequence[int], ratio: int, layout: str, h_multiple: int = 1) -> torch.Tensor:
+    """Unpadded raster [T*H*W, b, *R] -> layout [S, C*b, *R] (pads H, W first)."""
+    padded = padded_grid(grid, ratio, h_multiple, sparse=layout != "raster")
+    return raster_to_layout(pad_raster(x, grid, padded), padded, ratio, layout)
+
+
+def from_layout(y: torch.Tensor, grid: Sequence[int], ratio: int, layout: str, h_multiple: int = 1) -> torch.Tensor:
+    """Layout [S, C*b, *R] -> unpadded raster [T*H*W, b, *R]."""
+    padded = padded_grid(grid, ratio, h_multiple, sparse=layout != "raster")
+    return crop_raster(layout_to_raster(y, padded, ratio, layout), grid, padded)
+
+
+def positions(grid: Sequence[int], ratio: int, layout: str, h_multiple: int = 1) -> torch.Tensor:
+    """Raster index (into the unpadded T*H*W grid) of every layout slot, -1 for padding: long [S, C]."""
+    t, h, w = grid
+    idx = torch.arange(t * h * w, dtype=torch.long).view(-1, 1)
+    padded = padded_grid(grid, ratio, h_multiple, sparse=layout != "raster")
+    t_, hp, wp = padded
+    full = torch.full((t, hp, wp), -1, dtype=torch.long)
+    full[:, :h, :w] = idx.view(t, h, w)
+    return raster_to_layout(full.view(-1, 1), padded, ratio, layout)
+
+
+def valid_mask(grid: Sequence[int], ratio: int, layout: str, h_multiple: int = 1) -> torch.Tensor:
+    """bool [S, C]: True where the slot holds a real (unpadded) token."""
+    return positions(grid, ratio, layout, h_multiple) >= 0
+
+
+def shard(
+    y: torch.Tensor, padded: Sequence[int], ratio: int, layout: str,
+    ssp_rank: int = 0, ssp: int = 1, ulysses_rank: int = 0, ulysses: int = 1,
+) -> torch.Tensor:
+    """The local shard of a layout tensor [S, C*b, *R] -> [S/U, (C/ssp)*b, *R] (no communication).
+
+    Classes are split over SSP ranks (contiguous), the `h''` rows (raster: H rows) over Ulysses ranks.
+    """
+    t, hp, wp = padded
+    c = num_classes(layout, ratio)
+    if c % ssp:
+        raise ValueError(f"ssp={ssp} does not divide the {c} classes of the {layout} layout")
+    b = y.shape[1] // c
+    rest = y.shape[2:]
+    g = c // ssp
+    if layout == "raster":
+        rows, inner = hp, wp
+    else:
+        rows, inner = hp // (ratio * ratio), ratio * (wp // (ratio * ratio)) * ratio
+    if rows % ulysses:
+        raise ValueError(f"ulysses={ulysses} does not divide the {rows} row blocks of the padded grid")
+    v = y.reshape(t, rows, inner, c, b, *rest)
+    r0 = ulysses_rank * (rows // ulysses)
+    v = v[:, r0 : r0 + rows // ulysses, :, ssp_rank * g : (ssp_rank + 1) * g]
+    return v.reshape(t * (rows // ulysses) * inner, g * b, *rest)
+
+
+def unshard(
+    pieces: List[List[torch.Tensor]], padded: Sequence[int], ratio: int, layout: str
+) -> torch.Tensor:
+    """Inverse of `shard`: pieces[ssp_rank][ulysses_rank] -> the whole layout tensor [S, C*b, *R]."""
+    t, hp, wp = padded
+    ssp, ulysses = len(pieces), len(pieces[0])
+    c = num_classes(layout, ratio)
+    g = c // ssp
+    if layout == "raster":
+        rows, inner = hp, wp
+    else:
+        rows, inner = hp // (ratio * ratio), ratio * (wp // (ratio * ratio)) * ratio
+    any_piece = pieces[0][0]
+    b = any_piece.shape[1] // g
+    rest = any_piece.shape[2:]
+    cols = []
+    for r in range(ssp):
+        rows_r = [pieces[r][u].reshape(t, rows // ulysses, inner, g, b, *rest) for u in range(ulysses)]
+        cols.append(torch.cat(rows_r, dim=1))
+    v = torch.cat(cols, dim=3)
+    return v.reshape(t * rows * inner, c * b, *rest)
+
+
+# --------------------------------------------------------------------------------------------
+# block schedules
+# --------------------------------------------------------------------------------------------
+def block_schedule(num_layers: int, kind: str, num_full: int = 8) -> List[str]:
+    """Per-block layout kind: 'full' | 'token' | 'group'.
+
+    - full: every block full attention (Wan2.1).
+    - dual_end(num_full): full blocks [0, num_full/2) and the last num_full/2, sparse between;
+      even index -> token, odd index -> group (released: 8 full blocks).
+    - uniform(num_full): pairs of full blocks every num_layers/(num_full/2) layers
+      (e.g. {0,1,6,7,12,13,18,19,24,25} for 30 layers, 10 full), the rest alternate token/group.
+    """
+    if kind == "full":
+        return ["full"] * num_layers
+    if num_full < 0 or num_full > num_layers:
+        raise ValueError(f"num_full={num_full} must be in [0, num_layers={num_layers}]")
+    if kind == "dual_end":
+        if num_full % 4 != 0:
+            raise ValueError(
+                f"dual_end needs num_full_blocks divisible by 4 (got {num_full}) so that the first sparse block "
+                "is token-wise and the last group-wise; use 4 or 8"
+            )
+        half = num_full // 2
+        sched = []
+        for i in range(num_layers):
+            if i < half or i >= num_layers - half:
+                sched.append("full")
+            else:
+                sched.append("token" if i % 2 == 0 else "group")
+        _check_alternation(sched)
+        return sched
+    if kind == "uniform":
+        if num_full % 2 != 0 or num_full == 0:
+            raise ValueError(f"uniform needs an even, positive num_full_blocks (got {num_full})")
+        pairs = num_full // 2
+        if num_layers % pairs != 0:
+            raise ValueError(f"uniform: num_layers={num_layers} is not divisible by num_full_blocks/2={pairs}")
+        stride = num_layers // pairs
+        if stride < 2:
+            raise ValueError("uniform: too many full blocks for the layer count")
+        full = {k * stride + j for k in range(pairs) for j in (0, 1)}
+        sched, nxt = [], "token"
+        for i in range(num_layers):
+            if i in full:
+                sched.append("full")
+                nxt = "token"  # each sparse run starts token-wise
+            else:
+                sched.append(nxt)
+                nxt = "group" if nxt == "token" else "token"
+        return sched
+    raise ValueError(f"unknown schedule {kind!r}; use full, dual_end or uniform")
+
+
+def _check_alternation(sched: List[str]) -> None:
+    sparse = [s for s in sched if s != "full"]
+    if sparse and (sparse[0] != "token" or sparse[-1] != "group"):
+        raise ValueError("schedule must start its sparse run token-wise and end it group-wise")
