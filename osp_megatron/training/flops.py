@@ -1,0 +1,63 @@
+"""Explicit FLOPs formula for one OSP-Next / Wan2.1 DiT training sample (multiply-add = 2 FLOPs).
+
+Per block with C = hidden, F = ffn hidden, L = text tokens, N = tokens the block runs on:
+    self-attn projections  Q,K,V,O : 4 * 2*N*C^2
+    self-attention core            : full block 4*N^2*C (QK^T and PV);
+                                     sparse block: P^2 classes of S = Np/P^2 tokens -> 4*Np^2*C / P^2
+    cross-attn projections Q, O    : 2 * 2*N*C^2;  K, V of the text: 2 * 2*L*C^2 (once per sample)
+    cross-attention core           : 4*N*L*C
+    FFN                            : 2 * 2*N*C*F
+Sparse blocks run on the padded Skiparse grid (Np = T*Hp*Wp, H/W padded to multiples of P^2), so their
+FLOPs count the padding (executed work). Full blocks run on the unpadded raster N = T*H*W.
+Outside the blocks: patch embedding 2*N*(16*4)*C, head 2*N*C*(4*16), text embedding 2*L*(text_dim*C + C*C).
+Training = forward + backward = 3x forward; activation recompute executes one more forward (4x).
+"""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+from osp_megatron.models.registry import resolve_model_dims
+from osp_megatron.models.skiparse import block_schedule, padded_grid
+
+
+def forward_flops(model_cfg, latent_shape: Sequence[int], text_len: int) -> Dict[str, float]:
+    """Forward FLOPs of one sample with latents [16, T, H, W]; returns a breakdown and `total`."""
+    dims = resolve_model_dims(model_cfg)
+    c, f = dims["hidden_size"], dims["ffn_hidden_size"]
+    pt, ph, pw = dims["patch_size"]
+    _, t, h, w = latent_shape
+    grid = (t // pt, h // ph, w // pw)
+    n_full = grid[0] * grid[1] * grid[2]
+    ratio = model_cfg.sparse_ratio
+    tp, hp, wp = padded_grid(grid, ratio, 1, sparse=True)
+    n_pad = tp * hp * wp
+    lt = text_len
+    kinds = block_schedule(dims["num_layers"], model_cfg.schedule, dims["num_full_blocks"])
+    out = {"linear": 0.0, "self_attention": 0.0, "cross_attention": 0.0, "ffn": 0.0}
+    for kind in kinds:
+        n = n_full if kind == "full" else n_pad
+        out["linear"] += 4 * 2 * n * c * c + 2 * 2 * n * c * c + 2 * 2 * lt * c * c
+        if kind == "full":
+            out["self_attention"] += 4.0 * n * n * c
+        else:
+            out["self_attention"] += 4.0 * n * n * c / (ratio * ratio)
+        out["cross_attention"] += 4.0 * n * lt * c
+        out["ffn"] += 2 * 2 * n * c * f
+    patch_dim = dims["in_channels"] * pt * ph * pw
+    out["embed_head"] = 2.0 * n_full * patch_dim * c + 2.0 * n_full * c * dims["out_channels"] * pt * ph * pw
+    out["text_embed"] = 2.0 * lt * (dims["text_dim"] * c + c * c)
+    out["total"] = sum(out.values())
+    out["tokens"] = float(n_full)
+    out["tokens_padded"] = float(n_pad)
+    return out
+
+
+def train_flops_per_sample(model_cfg, latent_shape: Sequence[int], text_len: int, recompute: bool = False) -> float:
+    """Executed FLOPs of one training sample: 3x forward (+1x forward with full activation recompute)."""
+    fwd = forward_flops(model_cfg, latent_shape, text_len)["total"]
+    return fwd * (4.0 if recompute else 3.0)
+
+
+def model_flops_per_sample(model_cfg, latent_shape: Sequence[int], text_len: int) -> float:
+    """Model FLOPs (3x forward, no recompute) of one training sample: the numerator of MFU."""
+    return 3.0 * forward_flops(model_cfg, latent_shape, text_len)["total"]
