@@ -1,0 +1,576 @@
+"""The training loop: flow matching on megatron-core (DDP, (distributed) AdamW, pipeline schedules).
+
+One optimizer step = `num_microbatches = global_batch / (micro_batch x DP)` micro-batches through
+`get_forward_backward_func()` (no pipelining, or 1F1B when PP > 1), grads reduced by megatron DDP over the
+DP x CP group, then: non-finite check (loss or grad norm -> skip the update), clip, AdamW step, LR schedule,
+EMA. Checkpoints (full resume state), MLflow, signals and sample videos hang off the loop.
+
+Loss bookkeeping: the model returns on the last stage `CP * SSE_local / N_global` per micro-batch. The
+schedule multiplies a 2-tuple loss by CP and divides by num_microbatches, so `loss_func` hands it `out / CP`;
+DDP averages grads over DP x CP, giving the gradient of the mean MSE. The logged loss is that mean MSE:
+the sum of `out` over DP x CP ranks and micro-batches / (DP * CP * num_microbatches).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from osp_megatron.config import Config, resolved_dtype
+from osp_megatron.diffusion.flow_matching import FlowMatching
+from osp_megatron.training import signals
+from osp_megatron.training.batches import BatchPreparer, EndlessLoader
+from osp_megatron.training.checkpoint import CheckpointError, Checkpointer, shutdown_writer_manager
+from osp_megatron.training.ema import EMA, unwrap
+from osp_megatron.training.flops import model_flops_per_sample, train_flops_per_sample
+from osp_megatron.training.tracking import Tracker, format_progress
+
+OPT_SHARDING = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+
+
+class NonFiniteStop(RuntimeError):
+    """Raised after train.max_nonfinite_steps non-finite steps in a row."""
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG state (python, numpy, torch CPU/CUDA, megatron tracker) of this rank
+# ----------------------------------------------------------------------------------------------
+def get_rng_state() -> Dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _all_gather_object(obj: Any, group=None) -> List[Any]:
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+def resolve_init_format(path: Path, fmt: str) -> str:
+    """auto -> megatron (dist checkpoint dir), diffusers (folder with a diffusers config.json) or wan."""
+    if fmt != "auto":
+        return fmt
+    if path.is_dir() and ((path / "metadata.json").is_file() or (path / "latest").is_file()
+                          or (path / "checkpoints" / "latest").is_file()):
+        return "megatron"
+    if path.is_dir() and (path / "config.json").is_file():
+        import json
+
+        if "_class_name" in json.loads((path / "config.json").read_text()):
+            return "diffusers"
+    return "wan"
+
+
+def read_weight_files(path: Path) -> Dict[str, torch.Tensor]:
+    """All tensors of a `.safetensors`/`.pt`/`.pth` file, or of every such file in a folder."""
+    if path.is_dir():
+        files = sorted(list(path.glob("*.safetensors")) or list(path.glob("*.pth")) + list(path.glob("*.pt")))
+        if not files:
+            raise FileNotFoundError(f"train.init_from={path}: no *.safetensors / *.pth weight files in this folder")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise FileNotFoundError(f"train.init_from={path} does not exist: give a weights file, folder or run directory")
+    sd: Dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd.update(load_file(str(f)))
+        else:
+            obj = torch.load(str(f), map_location="cpu", weights_only=True)
+            sd.update(obj.get("state_dict", obj) if isinstance(obj, dict) else obj)
+    return sd
+
+
+class Trainer:
+    """Builds everything from a validated `Config` (after torch.distributed is initialised) and trains."""
+
+    def __init__(self, cfg: Config, device: torch.device, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.device = device
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        self.log_fn = log
+        self.run_dir = Path(cfg.train.run_dir)
+        self.dtype = resolved_dtype(cfg.precision)
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_in_row = 0
+        self.updates = 0
+        self.tracking_run_id: Optional[str] = None
+        self.stop = signals.StopRequest()
+
+    def info(self, msg: str) -> None:
+        if self.rank == 0:
+            self.log_fn(msg)
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from megatron.core import parallel_state, tensor_parallel
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        from osp_megatron import cpu_shims
+        from osp_megatron.models import build_model
+        from osp_megatron.models.registry import resolve_model_dims
+        from osp_megatron.parallel import initialize_parallel
+
+        cfg, t = self.cfg, self.cfg.train
+        cpu_shims.apply()
+        self.ps = initialize_parallel(cfg.parallel)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.cp_size = parallel_state.get_context_parallel_world_size()
+        self.pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+        self.is_last_stage = parallel_state.is_pipeline_last_stage()
+        self.dims = resolve_model_dims(cfg.model)
+        mbs = cfg.data.micro_batch_size
+        self.global_batch = t.global_batch_size or mbs * self.dp_size
+        self.num_microbatches = self.global_batch // (mbs * self.dp_size)
+
+        # identical init on every DP rank; megatron's tracker gives per-TP-rank streams
+        seed = t.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+        def build():
+            return build_model(cfg, parallel=self.ps, pre_process=parallel_state.is_pipeline_first_stage(),
+                               post_process=self.is_last_stage)
+
+        model = build()
+        model.to(self.device)
+        self._build_twin = build
+        tcfg = model.config
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+            check_for_nan_in_grad=False,
+        )
+        self.model = DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=model)
+        tcfg.finalize_model_grads_func = finalize_model_grads
+        tcfg.no_sync_func = self.model.no_sync
+        tcfg.grad_sync_func = None
+        tcfg.param_sync_func = None
+        opt_cfg = OptimizerConfig(
+            optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad,
+            bf16=self.dtype == torch.bfloat16, params_dtype=self.dtype,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        )
+        self.optimizer = get_megatron_optimizer(opt_cfg, [self.model])
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if t.warmup_steps else t.lr, max_lr=t.lr, min_lr=t.min_lr,
+            lr_warmup_steps=t.warmup_steps, lr_decay_steps=t.steps,
+            lr_decay_style="constant" if t.lr_schedule == "constant" else "cosine",
+            start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=t.steps, wd_incr_style="constant",
+        )
+        self.ema = EMA(build, model, t.ema_decay, t.ema_interval) if t.ema_decay > 0 else None
+        if self.ema is not None:
+            self.ema.module.to(self.device)
+
+        # data + encoders
+        self._setup_data()
+        self.flow = FlowMatching.from_train_config(t, self.dims["patch_size"])
+        self.preparer = BatchPreparer(self.flow, t.seed, self.dp_rank, self.device, self.dtype,
+                                      vae=self.vae, text_encoder=self.text_encoder)
+        self.checkpointer = Checkpointer(
+            self.run_dir, keep_last=t.keep_last, async_save=t.async_save and self.device.type == "cuda",
+            checksums=t.checkpoint_checksums,
+            dp_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
+        )
+        resumed = self._maybe_resume()
+        if not resumed and t.init_from:
+            self._init_weights(Path(t.init_from))
+        self.tracker = Tracker(cfg.tracking, self.run_dir, enabled=self.rank == 0, run_id=self.tracking_run_id)
+        if self.rank == 0:
+            self.tracking_run_id = self.tracker.run_id
+            self.tracker.metrics_log.truncate_after(self.step)
+        self.tracking_run_id = _all_gather_object(self.tracking_run_id)[0]
+        self._log_run_start(resumed)
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        import data_pipeline
+
+        self.loader = data_pipeline.build_loader(cfg.data, rank=self.dp_rank, world_size=self.dp_size,
+                                                 text_dim=self.dims["text_dim"])
+        self.data = EndlessLoader(self.loader)
+        need_vae = cfg.data.kind == "raw" or cfg.train.sample_interval > 0
+        need_text = cfg.data.kind == "raw" or cfg.train.sample_interval > 0
+        self.vae = self.text_encoder = None
+        if need_vae or need_text:
+            from osp_megatron.encoders import load_text_encoder, load_vae
+
+            if need_vae:
+                self.vae = load_vae(cfg.encoders.vae, self.device, torch.float32)
+            if need_text:
+                self.text_encoder = load_text_encoder(cfg.encoders.text_encoder, self.device, torch.float32,
+                                                      cfg.data.text_len)
+
+    def _log_run_start(self, resumed: bool) -> None:
+        cfg = self.cfg
+        if self.rank != 0:
+            return
+        run_dir = self.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg_path = run_dir / "config.yaml"
+        tmp = cfg_path.with_suffix(".yaml.tmp")
+        tmp.write_text(cfg.to_yaml())
+        os.replace(tmp, cfg_path)
+        self.tracker.log_params(cfg.flat(), step=self.step)
+        self.tracker.set_tags({"world_size": self.world, "dp": self.dp_size, "cp": self.cp_size,
+                               "pp": self.pp_size, "resumed_from_step": self.step if resumed else 0})
+        self.tracker.log_artifact(cfg_path, "config")
+        n_params = sum(p.numel() for p in unwrap(self.model).parameters())
+        self.info(
+            f"[osp-train] world {self.world} (DP {self.dp_size} x CP {self.cp_size} x PP {self.pp_size} x "
+            f"TP {self.world // (self.dp_size * self.cp_size * self.pp_size)}), {n_params:,} params on rank 0, "
+            f"global batch {self.global_batch} = {self.num_microbatches} micro-batches x {cfg.data.micro_batch_size} "
+            f"x DP {self.dp_size}, dtype {str(self.dtype).replace('torch.', '')}, "
+            + (f"resumed at step {self.step}" if resumed else "fresh start")
+            + (f", MLflow run {self.tracker.run_id} ({self.tracker.uri})" if self.tracker.active else "")
+        )
+
+    # ------------------------------------------------------------------------------------------ state
+    def _sharded_state(self, loading: bool) -> Dict[str, Any]:
+        model = unwrap(self.model)
+        state: Dict[str, Any] = {"model": model.sharded_state_dict()}
+        state["optimizer"] = self.optimizer.sharded_state_dict(state["model"], is_loading=loading,
+                                                               metadata=OPT_SHARDING)
+        if self.ema is not None:
+            state["ema"] = self.ema.sharded_state_dict()
+        return state
+
+    def save(self, before_commit=None) -> None:
+        state = self._sharded_state(loading=False)
+        loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
+        state["osp"] = {
+            "step": self.step,
+            "updates": self.updates,
+            "nonfinite_total": self.nonfinite_total,
+            "scheduler": self.scheduler.state_dict(),
+            "tracking_run_id": self.tracking_run_id,
+            "world_size": self.world,
+            "dp_size": self.dp_size,
+            "rng": _all_gather_object(get_rng_state()),
+            "loader": _all_gather_object({"dp_rank": self.dp_rank, "state": loader_state, "passes": self.data.passes}),
+            "config_yaml": self.cfg.to_yaml(),
+        }
+        t0 = time.time()
+        self.checkpointer.save(self.step, state, before_commit=before_commit)
+        self.info(f"[osp-train] checkpoint step {self.step} -> {self.checkpointer.root} ({time.time() - t0:.1f} s"
+                  + (", async" if self.checkpointer.async_save else "") + ")")
+
+    def _maybe_resume(self) -> bool:
+        if not self.cfg.train.resume:
+            return False
+        self.checkpointer.remove_stale_tmp()
+        ckpt = self.checkpointer.latest_dir()
+        if ckpt is None:
+            return False
+        loaded = self.checkpointer.load(ckpt, self._sharded_state(loading=True))
+        model = unwrap(self.model)
+        model.load_state_dict(loaded["model"], strict=False)
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        if self.ema is not None:
+            if "ema" not in loaded:
+                raise CheckpointError(f"checkpoint {ckpt} has no EMA weights but train.ema_decay > 0; set ema_decay=0")
+            self.ema.module.load_state_dict({k[len("ema."):] if k.startswith("ema.") else k: v
+                                             for k, v in loaded["ema"].items()}, strict=False)
+        osp = loaded["osp"]
+        self.step = int(osp["step"])
+        self.updates = int(osp["updates"])
+        self.nonfinite_total = int(osp["nonfinite_total"])
+        self.scheduler.load_state_dict(osp["scheduler"])
+        self.tracking_run_id = osp.get("tracking_run_id")
+        if int(osp["world_size"]) == self.world:
+            set_rng_state(osp["rng"][self.rank])
+        else:
+            self.info(f"[osp-train] world size changed {osp['world_size']} -> {self.world}: RNG states re-seeded "
+                      "(noise is derived from (seed, dp_rank, step) and does not depend on them)")
+        self._restore_loader(osp["loader"], int(osp["dp_size"]))
+        return True
+
+    def _restore_loader(self, entries: List[Dict[str, Any]], old_dp: int) -> None:
+        by_dp = {}
+        for e in entries:
+            by_dp.setdefault(e["dp_rank"], e)
+        states = [by_dp[i] for i in range(old_dp)]
+        if not hasattr(self.loader, "load_state_dict") or states[0]["state"] is None:
+            return
+        if old_dp == self.dp_size:
+            self.loader.load_state_dict(states[self.dp_rank]["state"])
+            self.data.passes = int(states[self.dp_rank]["passes"])
+        elif hasattr(self.loader, "load_resharded_state"):
+            self.loader.load_resharded_state([s["state"] for s in states])
+        else:
+            self.info(f"[osp-train] data-parallel size changed {old_dp} -> {self.dp_size}: the loader cannot reshard "
+                      "its position; data restarts from the beginning of its order")
+
+    def _init_weights(self, path: Path) -> None:
+        """Sparse fine-tune init: load dense Wan2.1 (diffusers / original) or a megatron checkpoint's weights."""
+        from megatron.core import dist_checkpointing
+
+        fmt = resolve_init_format(path, self.cfg.train.init_format)
+        model = unwrap(self.model)
+        if fmt == "megatron":
+            ckpt = path
+            if (path / "checkpoints" / "latest").is_file():
+                ckpt = Checkpointer(path).latest_dir()
+            elif (path / "latest").is_file():
+                ckpt = path / (path / "latest").read_text().strip()
+            loaded = Checkpointer(ckpt.parent).load(ckpt, {"model": model.sharded_state_dict()})
+            model.load_state_dict(loaded["model"], strict=False)
+        else:
+            raw = read_weight_files(path)
+            if fmt == "diffusers":
+                from osp_megatron.models.adapters.diffusers import from_diffusers as convert
+            else:
+                from osp_megatron.models.adapters.wan import from_wan as convert
+            model.load_full_state_dict(convert(raw, self.cfg.model))
+        if self.ema is not None:
+            self.ema.copy_from(model)
+        del dist_checkpointing
+        self.info(f"[osp-train] initialised weights from {path} ({fmt})")
+
+    # ------------------------------------------------------------------------------------------ step
+    def _forward_step(self, data_iterator, model, inject_nan: bool = False):
+        mb = next(data_iterator)
+        out = model(mb["x_t"], mb["timestep"], mb["text"], target=mb["target"])
+        return out, partial(self._loss_func, inject_nan)
+
+    def _loss_func(self, inject_nan: bool, out: torch.Tensor):
+        if inject_nan:
+            out = out * float("nan")
+        return out / self.cp_size, {"loss": out.detach().float().reshape(1)}
+
+    def _pipeline_shape(self, latent_shape) -> Dict[str, int]:
+        model = unwrap(self.model)
+        mbs = self.cfg.data.micro_batch_size
+        if hasattr(model, "pipeline_tensor_shape"):
+            s, b = model.pipeline_tensor_shape(latent_shape, mbs)[:2]
+            tp_sp = self.ps.tp if getattr(model.config, "sequence_parallel", False) else 1
+            return {"seq_length": s * self.cp_size * tp_sp, "micro_batch_size": b}
+        _, t, h, w = latent_shape
+        pt, ph, pw = self.dims["patch_size"]
+        return {"seq_length": (t // pt) * (h // ph) * (w // pw), "micro_batch_size": mbs}
+
+    def train_step(self) -> Dict[str, float]:
+        from megatron.core import parallel_state
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        cfg, t = self.cfg, self.cfg.train
+        step = self.step + 1
+        t0 = time.perf_counter()
+        micro = []
+        flops_exec = flops_model = tokens = 0.0
+        for i in range(self.num_microbatches):
+            batch = self.data.next()
+            mb = self.preparer.prepare(batch, step, i)
+            shape = tuple(mb["x_t"].shape[1:])
+            b = mb["x_t"].shape[0]
+            flops_exec += b * train_flops_per_sample(cfg.model, shape, mb["text"].shape[1], cfg.model.recompute)
+            flops_model += b * model_flops_per_sample(cfg.model, shape, mb["text"].shape[1])
+            tokens += b * (shape[1] * shape[2] * shape[3]) / (self.dims["patch_size"][1] * self.dims["patch_size"][2])
+            micro.append(mb)
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        fb = get_forward_backward_func()
+        losses = fb(
+            forward_step_func=partial(self._forward_step, inject_nan=step in t.debug_nonfinite_steps),
+            data_iterator=iter(micro), model=[self.model], num_microbatches=self.num_microbatches,
+            forward_only=False, **self._pipeline_shape(micro[0]["x_t"].shape[1:]),
+        )
+        # mean MSE over the global batch, known on every rank
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if self.is_last_stage:
+            loss_sum[0] = sum(float(x["loss"].sum()) for x in losses)
+            loss_sum[1] = len(losses)
+        dist.all_reduce(loss_sum)
+        loss = float(loss_sum[0] / max(loss_sum[1].item(), 1.0))
+
+        # optimizer: non-finite guard -> clip -> step
+        opts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        self.optimizer.prepare_grads()
+        grad_norm = float(self.optimizer.get_grad_norm())
+        finite = bool(np.isfinite(loss) and np.isfinite(grad_norm))
+        if finite:
+            if t.clip_grad > 0:
+                for opt in opts:
+                    params = opt.get_parameters()
+                    if params:
+                        clip_grad_by_total_norm_fp32(params, max_norm=t.clip_grad, total_norm=grad_norm)
+            self.optimizer.step_with_ready_grads()
+            self.scheduler.step(increment=1)
+            self.updates += 1
+            if self.ema is not None:
+                self.ema.update(self.model, self.updates)
+            self.nonfinite_in_row = 0
+        else:
+            self.nonfinite_total += 1
+            self.nonfinite_in_row += 1
+        self.step = step
+
+        stats = torch.tensor([flops_exec, flops_model, tokens, float(sum(m["x_t"].shape[0] for m in micro))],
+                             dtype=torch.float64, device=self.device)
+        dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        samples = float(stats[3])
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "step_time_s": dt,
+            "samples_per_s": samples / dt,
+            "tokens_per_s": float(stats[2]) / dt,
+            "tflops_per_device": float(stats[0]) / dt / self.world / 1e12,
+            "mfu": float(stats[1]) / dt / self.world / 1e12 / self.cfg.tracking.peak_tflops,
+            "skipped_step": 0.0 if finite else 1.0,
+            "nonfinite_steps_total": float(self.nonfinite_total),
+            "nonfinite_in_row": float(self.nonfinite_in_row),
+        }
+        return metrics
+
+    def _data_metrics(self) -> Dict[str, float]:
+        if not hasattr(self.loader, "metrics"):
+            return {}
+        per_rank = _all_gather_object(dict(self.loader.metrics()) if self.dp_rank is not None else {})
+        # sum once per data-parallel rank (ranks of one DP group share a loader position)
+        from megatron.core import parallel_state
+
+        keep = _all_gather_object(parallel_state.get_data_parallel_group is not None and
+                                  parallel_state.get_tensor_model_parallel_rank() == 0 and
+                                  parallel_state.get_context_parallel_rank() == 0 and
+                                  parallel_state.get_pipeline_model_parallel_rank() == 0)
+        out: Dict[str, float] = {}
+        for m, k in zip(per_rank, keep):
+            if k:
+                for key, v in m.items():
+                    if isinstance(v, (int, float)):
+                        out[f"data_{key}"] = out.get(f"data_{key}", 0.0) + float(v)
+        return out
+
+    # ------------------------------------------------------------------------------------------ loop
+    def maybe_sample(self, force: bool = False) -> None:
+        t = self.cfg.train
+        if not (force or (t.sample_interval and self.step % t.sample_interval == 0)):
+            return
+        if self.pp_size > 1:
+            self.info("[osp-train] sample videos need parallel.pipeline_parallel=1; skipped")
+            return
+        from osp_megatron.training.samples import make_sample_videos
+
+        b = self.cfg.data.buckets[0]
+        vae_t, vae_s = 4, 8
+        latent_shape = (self.dims["in_channels"], (b.frames - 1) // vae_t + 1, b.height // vae_s, b.width // vae_s)
+        net = self.ema.module if self.ema is not None else unwrap(self.model)
+        paths = make_sample_videos(
+            net, self.vae, self.text_encoder, t.sample_prompts, latent_shape, t.sample_steps, t.sample_guidance,
+            t.sample_shift, t.sample_seed, self.device, self.dtype if self.ema is None else torch.float32,
+            self.run_dir / "samples", self.step, self.cfg.data.fps, write=self.rank == 0, solver=t.sample_solver,
+        )
+        for p in paths:
+            self.tracker.log_artifact(p, "samples")
+        if paths:
+            self.info(f"[osp-train] samples at step {self.step}: {', '.join(str(p) for p in paths)}")
+
+    def train(self) -> int:
+        """Run to train.steps; returns the process exit code (see `signals`)."""
+        t = self.cfg.train
+        self.stop.install()
+        start_step = self.step
+        status, code = "FINISHED", signals.EXIT_OK
+        try:
+            while self.step < t.steps:
+                metrics = self.train_step()
+                self.checkpointer.finalize(blocking=False)
+                if self.step % t.log_interval == 0 or metrics["skipped_step"] or self.step == t.steps:
+                    metrics.update(self._data_metrics())
+                    self.tracker.log_metrics(metrics, self.step)
+                    self.info(format_progress(self.step, t.steps, metrics))
+                if metrics["skipped_step"]:
+                    self.info(f"[osp-train] step {self.step}: non-finite loss {metrics['loss']} / grad norm "
+                              f"{metrics['grad_norm']}: update skipped ({self.nonfinite_in_row} in a row)")
+                    if self.nonfinite_in_row >= t.max_nonfinite_steps:
+                        raise NonFiniteStop(
+                            f"{self.nonfinite_in_row} non-finite steps in a row (train.max_nonfinite_steps="
+                            f"{t.max_nonfinite_steps}); stopped without saving: the last good checkpoint is "
+                            f"{self.checkpointer.latest_dir()}. Lower train.lr or check the data, then resume."
+                        )
+                    continue
+                self.maybe_sample()
+                stop = signals.agree_on_stop(self.stop.requested, self.device)
+                budget = t.exit_after_steps and self.step - start_step >= t.exit_after_steps
+                if stop or budget:
+                    if self.step < t.steps:
+                        self.save()
+                        self.checkpointer.finalize(blocking=True)
+                        why = f"signal {self.stop.signum}" if stop else f"train.exit_after_steps={t.exit_after_steps}"
+                        self.info(f"[osp-train] stopped at step {self.step} ({why}); checkpointed for requeue "
+                                  f"(exit code {signals.EXIT_REQUEUE})")
+                        status, code = "KILLED", signals.EXIT_REQUEUE
+                        return code
+                    break
+                if t.save_interval and self.step % t.save_interval == 0 and self.step < t.steps:
+                    self.save()
+            if self.checkpointer.last_committed != self.step:
+                self.save()
+            self.checkpointer.finalize(blocking=True)
+            if t.sample_interval:
+                self.maybe_sample(force=self.step % t.sample_interval != 0)
+            self.info(f"[osp-train] done: {self.step} steps, {self.nonfinite_total} non-finite steps skipped")
+            return code
+        except NonFiniteStop as exc:
+            self.info(f"[osp-train] {exc}")
+            status, code = "FAILED", signals.EXIT_NONFINITE
+            return code
+        except BaseException:
+            status = "FAILED"
+            raise
+        finally:
+            self.stop.uninstall()
+            if self.rank == 0:
+                self.tracker.finish(status)
+
+    def close(self) -> None:
+        try:
+            self.checkpointer.close()
+        finally:
+            shutdown_writer_manager()
