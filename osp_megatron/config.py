@@ -123,11 +123,17 @@ class TrainConfig:
     sample_interval: int = 0  # 0 -> no periodic sample videos
     sample_prompts: List[str] = field(default_factory=lambda: ["a red square moving right"])
     sample_steps: int = 10
+    sample_guidance: float = 5.0  # classifier-free guidance scale (1 = off)
+    sample_shift: float = 5.0  # sampling sigma shift
+    sample_solver: str = "unipc"  # euler | unipc
+    sample_seed: int = 42  # fixed noise for comparable samples across steps
+    checkpoint_checksums: bool = True  # CRC32 of every checkpoint file (verified on load); off for huge models
     init_from: str = ""  # checkpoint path to initialise weights from (sparse fine-tune recipe)
     init_format: str = "auto"  # auto | diffusers | wan | megatron
     resume: bool = True  # resume from run_dir/checkpoints/latest if present
     max_nonfinite_steps: int = 5
-    exit_after_steps: int = 0  # stop (with a save) after this many steps in this process; 0 = never
+    exit_after_steps: int = 0  # stop (with a save, exit code 3) after this many steps in this process; 0 = never
+    debug_nonfinite_steps: List[int] = field(default_factory=list)  # fault injection: NaN loss at these steps
 
 
 @dataclass
@@ -310,6 +316,29 @@ def _validate_train(t: TrainConfig, errors: List[str]) -> None:
         errors.append(f"train.keep_last={t.keep_last}: keep at least 1 checkpoint")
     if t.max_nonfinite_steps < 1:
         errors.append(f"train.max_nonfinite_steps={t.max_nonfinite_steps}: must be >= 1")
+    if t.global_batch_size < 0:
+        errors.append(f"train.global_batch_size={t.global_batch_size}: must be >= 0 (0 = micro_batch_size x DP)")
+    if t.min_lr < 0 or t.min_lr > t.lr:
+        errors.append(f"train.min_lr={t.min_lr}: must be in [0, train.lr={t.lr}]")
+    if t.warmup_steps < 0 or t.warmup_steps > t.steps:
+        errors.append(f"train.warmup_steps={t.warmup_steps}: must be in [0, train.steps={t.steps}]")
+    for name in ("save_interval", "sample_interval", "exit_after_steps", "weight_decay", "clip_grad"):
+        if getattr(t, name) < 0:
+            errors.append(f"train.{name}={getattr(t, name)}: must be >= 0 (0 disables it)")
+    if t.log_interval < 1:
+        errors.append(f"train.log_interval={t.log_interval}: must be >= 1")
+    if t.sample_steps < 1:
+        errors.append(f"train.sample_steps={t.sample_steps}: must be >= 1")
+    if t.sample_solver not in ("euler", "unipc"):
+        errors.append(f"train.sample_solver={t.sample_solver!r}: use euler or unipc")
+    if t.sample_interval and not t.sample_prompts:
+        errors.append("train.sample_prompts is empty while train.sample_interval > 0: give prompts or set it to 0")
+    if t.logit_std <= 0:
+        errors.append(f"train.logit_std={t.logit_std}: must be > 0")
+    if t.dynamic_shift and t.max_seq_len <= t.base_seq_len:
+        errors.append(f"train.max_seq_len={t.max_seq_len} must be > train.base_seq_len={t.base_seq_len} for dynamic_shift")
+    if not 0.0 <= t.adam_beta1 < 1.0 or not 0.0 <= t.adam_beta2 < 1.0:
+        errors.append(f"train.adam_beta1/adam_beta2 ({t.adam_beta1}, {t.adam_beta2}): must be in [0, 1)")
 
 
 # --------------------------------------------------------------------------------------------
