@@ -1,0 +1,333 @@
+"""Per-tensor amax-scaled HiF8 quantize-dequantize: a Triton GPU path and a torch path, bit-identical.
+
+Semantics (OSP-Next current scaling; the delayed recipe passes its own scale):
+
+    amax  = max |x|                                        (fp32; NaN if x holds a NaN)
+    scale = scale_max / amax   in fp32, round-to-nearest   (1 if amax is 0 / Inf / NaN; fp32 max if it overflows)
+    y     = hif8_round(fp32(x) * scale) / scale            (fp32 ops, round-to-nearest), cast to out_dtype
+
+x: any shape, fp32 / bf16 / fp16, contiguous or not (made contiguous); y: same shape, `out_dtype` (default
+x.dtype). `rounding="hybrid"` uses the seeded stochastic rule of `hif8.hif8_round` with the element's flat index.
+
+GPU path: kernel 1 reduces |x| to one fp32 amax (per-block max over the IEEE bits, one int32 atomic max);
+kernel 2 reads the amax, forms the scale on the device (no host sync) and writes y. A true single pass is not
+possible for the *current* amax of a tensor larger than on-chip memory (every element needs the global amax
+before it can be rounded), so current scaling costs 2 reads + 1 write. With a known scale (delayed scaling)
+`qdq_with_scale(..., amax_out=...)` is one pass: quantize with the given scale and record this call's amax in
+the same kernel (1 read + 1 write, like a copy).
+
+Exactness on GPU: multiplications are plain fp32 `mul.rn` (FMA contraction disabled), divisions use the
+IEEE `div.rn.f32` instruction (Triton's `/` is an approximate division), casts to bf16/fp16 round to nearest
+even, exactly as torch does on the CPU. Set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from osp_megatron.quant.hif8 import HASH_SEED_MULT, hif8_round
+
+try:  # Triton ships with CUDA builds of torch; CPU installs may not have it
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+FP32_MAX = torch.finfo(torch.float32).max
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ------------------------------------------------------------------------------------------------
+# torch path (CPU or any device); the reference the kernels must equal bit for bit
+# ------------------------------------------------------------------------------------------------
+def scale_from_amax(amax: torch.Tensor, scale_max: float) -> torch.Tensor:
+    """fp32 0-dim amax -> fp32 0-dim scale = scale_max / amax (1 for amax 0/Inf/NaN, fp32 max on overflow)."""
+    amax = amax.float()
+    scale = torch.tensor(float(scale_max), dtype=torch.float32, device=amax.device) / amax
+    scale = torch.where(torch.isinf(scale), torch.full_like(scale, FP32_MAX), scale)
+    return torch.where((amax > 0) & torch.isfinite(amax), scale, torch.ones_like(scale))
+
+
+def _amax_torch(x: torch.Tensor) -> torch.Tensor:
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    return x.detach().abs().amax().float()
+
+
+def _qdq_torch(
+    x: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype, rounding: str, seed: int
+) -> torch.Tensor:
+    xs = x.detach().float() * scale
+    q = hif8_round(xs, rounding=rounding, seed=seed)
+    return (q / scale).to(out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernels
+# ------------------------------------------------------------------------------------------------
+if HAVE_TRITON:
+
+    @triton.jit
+    def _div_rn(a, b, ASM_DIV: tl.constexpr):
+        """IEEE fp32 a / b, round to nearest even (subnormals kept)."""
+        if ASM_DIV:
+            return tl.inline_asm_elementwise(
+                "div.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1
+            )
+        else:  # interpreter: numpy fp32 division is IEEE
+            return a / b
+
+    @triton.jit
+    def _lowbias32(x):
+        """x: uint32 tensor -> uint32 hash (same as hif8._mix32)."""
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x846CA68B  # a literal in [2^31, 2^32) is typed uint32 by Triton
+        x = x ^ (x >> 16)
+        return x
+
+    @triton.jit
+    def _hif8_round_fp32(v, offs, seed_mix, HYBRID: tl.constexpr, SATURATE: tl.constexpr):
+        """fp32 tensor -> nearest HiF8 value (fp32); bit arithmetic identical to hif8._round_bits."""
+        bits = v.to(tl.int32, bitcast=True)
+        ab = bits & 0x7FFFFFFF
+        is_nan = ab > 0x7F800000
+        ab = tl.minimum(ab, 0x7F800000)
+        e = (ab >> 23) - 127
+        ae = tl.abs(e)
+        keep = (ae <= 3).to(tl.int32) + (ae <= 7).to(tl.int32) + (ae <= 15).to(tl.int32)
+        drop = 23 - keep
+        step = tl.full(drop.shape, 1, tl.int32) << drop
+        add = step >> 1
+        if HYBRID:
+            key = (offs + seed_mix).to(tl.uint32)
+            h = _lowbias32(key)
+            sr_add = (h >> (32 - drop).to(tl.uint32)).to(tl.int32)
+            use_sr = (ae >= 4) & (e <= 14) & (e >= -22)
+            add = tl.where(use_sr, sr_add, add)
+        r = (ab + add) & (-step)
+        r = tl.where(e < -23, 0, r)
+        r = tl.where(e == -23, (127 - 22) << 23, r)
+        if SATURATE:
+            r = tl.where(r > ((127 + 15) << 23), (127 + 15) << 23, r)
+        else:
+            r = tl.where(r > ((127 + 15) << 23), 0x7F800000, r)
+        r = tl.where(is_nan, 0x7FC00000, r)
+        r = tl.where((bits < 0) & (r != 0), r | (-2147483648), r)
+        return r.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _amax_kernel(x_ptr, amax_bits_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+        """amax_bits[0] = max over x of the IEEE bits of |x| (int32; orders like the floats, NaN on top)."""
+        pid = tl.program_id(0).to(tl.int64)
+        acc = tl.zeros([BLOCK], dtype=tl.int32)
+        for i in tl.static_range(ITERS):
+            offs = (pid * ITERS + i) * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < n
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            acc = tl.maximum(acc, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+        tl.atomic_max(amax_bits_ptr, tl.max(acc, axis=0))
+
+    @triton.jit
+    def _qdq_kernel(
+        x_ptr,
+        y_ptr,
+        scale_src_ptr,  # fp32 amax (SCALE_FROM_AMAX) or fp32 scale
+        amax_out_bits_ptr,  # int32 amax bits accumulator (RECORD_AMAX)
+        scale_max,
+        n,
+        seed_mix,
+        BLOCK: tl.constexpr,
+        SCALE_FROM_AMAX: tl.constexpr,
+        RECORD_AMAX: tl.constexpr,
+        HYBRID: tl.constexpr,
+        SATURATE: tl.constexpr,
+        ASM_DIV: tl.constexpr,
+        MANUAL_BF16: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        src = tl.load(scale_src_ptr + tl.arange(0, 1))  # [1]
+        if SCALE_FROM_AMAX:
+            s = _div_rn(tl.full([1], scale_max, tl.float32), src, ASM_DIV)
+            s = tl.where(s == float("inf"), 3.4028234663852886e38, s)
+            ok = (src > 0.0) & (src < float("inf"))
+            scale1 = tl.where(ok, s, 1.0)
+        else:
+            scale1 = src
+        scale = tl.broadcast_to(scale1, [BLOCK])
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if RECORD_AMAX:
+            tl.atomic_max(amax_out_bits_ptr, tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=0))
+        q = _hif8_round_fp32(x * scale, offs, seed_mix, HYBRID, SATURATE)
+        y = _div_rn(q, scale, ASM_DIV)
+        if MANUAL_BF16:  # y_ptr is an int16 view of a bf16 output: round-to-nearest-even by hand
+            b = y.to(tl.uint32, bitcast=True)
+            rne = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+            rne = tl.where(y != y, 0x7FC0, rne)
+            tl.store(y_ptr + offs, rne.to(tl.int16), mask=mask)
+        else:
+            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+_AMAX_BLOCK = 4096
+_AMAX_ITERS = 8
+_QDQ_BLOCK = 2048
+
+
+def _use_triton(x: torch.Tensor, backend: str) -> bool:
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend={backend!r}: use auto, torch or triton")
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not HAVE_TRITON:
+            raise RuntimeError("backend='triton' needs the `triton` package (it ships with CUDA builds of torch)")
+        if not (x.is_cuda or _INTERPRET):
+            raise RuntimeError("backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)")
+        return True
+    return HAVE_TRITON and x.is_cuda
+
+
+def _check(x: torch.Tensor, out_dtype: Optional[torch.dtype], rounding: str) -> torch.dtype:
+    if not torch.is_tensor(x) or x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x must be a fp32/bf16/fp16 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    out_dtype = out_dtype or x.dtype
+    if out_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"out_dtype={out_dtype}: use torch.float32, torch.bfloat16 or torch.float16")
+    if rounding not in ("ta", "hybrid"):
+        raise ValueError(f"rounding={rounding!r}: use 'ta' or 'hybrid'")
+    return out_dtype
+
+
+def _seed_mix(seed: int) -> int:
+    return (int(seed) * HASH_SEED_MULT) & 0xFFFFFFFF
+
+
+def hif8_amax(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """max |x| as a fp32 0-dim tensor on x's device (NaN if x holds a NaN)."""
+    if not _use_triton(x, backend) or x.numel() == 0:
+        return _amax_torch(x)
+    xc = x.detach().contiguous().view(-1)
+    out = torch.zeros(1, dtype=torch.int32, device=x.device)
+    n = xc.numel()
+    grid = (triton.cdiv(n, _AMAX_BLOCK * _AMAX_ITERS),)
+    _amax_kernel[grid](xc, out, n, BLOCK=_AMAX_BLOCK, ITERS=_AMAX_ITERS, num_warps=8)
+    amax = out.view(torch.float32)[0]
+    return torch.where(torch.isnan(amax), torch.full_like(amax, float("nan")), amax)
+
+
+def _launch_qdq(
+    x: torch.Tensor,
+    src: torch.Tensor,
+    scale_max: float,
+    out_dtype: torch.dtype,
+    rounding: str,
+    seed: int,
+    from_amax: bool,
+    amax_bits: Optional[torch.Tensor],
+) -> torch.Tensor:
+    xc = x.detach().contiguous()
+    y = torch.empty(xc.shape, dtype=out_dtype, device=x.device)
+    n = xc.numel()
+    if n == 0:
+        return y
+    dummy = amax_bits if amax_bits is not None else torch.zeros(1, dtype=torch.int32, device=x.device)
+    grid = (triton.cdiv(n, _QDQ_BLOCK),)
+    kwargs = {} if _INTERPRET else {"enable_fp_fusion": False}
+    # the interpreter's fp32->bf16 cast is not round-to-nearest-even; GPUs' is (cvt.rn.bf16.f32)
+    manual_bf16 = _INTERPRET and out_dtype == torch.bfloat16
+    _qdq_kernel[grid](
+        xc.view(-1),
+        y.view(-1).view(torch.int16) if manual_bf16 else y.view(-1),
+        src.float().reshape(1).contiguous(),
+        dummy,
+        float(scale_max),
+        n,
+        _seed_mix(seed),
+        BLOCK=_QDQ_BLOCK,
+        SCALE_FROM_AMAX=from_amax,
+        RECORD_AMAX=amax_bits is not None,
+        HYBRID=rounding == "hybrid",
+        SATURATE=False,
+        ASM_DIV=not _INTERPRET,
+        MANUAL_BF16=manual_bf16,
+        num_warps=4,
+        **kwargs,
+    )
+    return y
+
+
+def qdq_from_amax(
+    x: torch.Tensor,
+    amax: torch.Tensor,
+    scale_max: float,
+    out_dtype: Optional[torch.dtype] = None,
+    rounding: str = "ta",
+    seed: int = 0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """y = hif8_round(x * s) / s with s = scale_from_amax(amax, scale_max); amax: fp32 0-dim (e.g. TP-reduced)."""
+    out_dtype = _check(x, out_dtype, rounding)
+    if _use_triton(x, backend):
+        return _launch_qdq(x, amax, scale_max, out_dtype, rounding, seed, True, None)
+    return _qdq_torch(x, scale_from_amax(amax, scale_max), out_dtype, rounding, seed)
+
+
+def qdq_with_scale(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    out_dtype: Optional[torch.dtype] = None,
+    rounding: str = "ta",
+    seed: int = 0,
+    record_amax: bool = False,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One pass with a known fp32 0-dim `scale` (delayed scaling): (y, amax of x if record_amax else None)."""
+    out_dtype = _check(x, out_dtype, rounding)
+    if _use_triton(x, backend):
+        bits = torch.zeros(1, dtype=torch.int32, device=x.device) if record_amax else None
+        y = _launch_qdq(x, scale, 0.0, out_dtype, rounding, seed, False, bits)
+        amax = None
+        if record_amax:
+            amax = bits.view(torch.float32)[0]
+            amax = torch.where(torch.isnan(amax), torch.full_like(amax, float("nan")), amax)
+        return y, amax
+    y = _qdq_torch(x, scale.float(), out_dtype, rounding, seed)
+    return y, (_amax_torch(x) if record_amax else None)
+
+
+def qdq_current(
+    x: torch.Tensor,
+    scale_max: float,
+    out_dtype: Optional[torch.dtype] = None,
+    rounding: str = "ta",
+    seed: int = 0,
+    group: Optional["torch.distributed.ProcessGroup"] = None,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Current scaling: (y, amax). With `group`, amax is all-reduced (MAX) over it before scaling."""
+    amax = hif8_amax(x, backend=backend)
+    if group is not None and torch.distributed.get_world_size(group) > 1:
+        amax = amax.clone()
+        torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX, group=group)
+    return qdq_from_amax(x, amax, scale_max, out_dtype, rounding, seed, backend), amax
+
+
+__all__ = [
+    "HAVE_TRITON",
+    "hif8_amax",
+    "qdq_current",
+    "qdq_from_amax",
+    "qdq_with_scale",
+    "scale_from_amax",
+]
