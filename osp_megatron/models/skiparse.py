@@ -72,7 +72,7 @@ def raster_to_layout(x: torch.Tensor, padded: Sequence[int], ratio: int, layout:
     p = ratio
     b, rest = x.shape[1], x.shape[2:]
     nr = len(rest)
-    tail = tuple(range(9, 9 + nr))
+    tail = tuple(range(8, 8 + nr))
     if layout == "token":
         v = x.reshape(t, hp // (p * p), p, p, wp // (p * p), p, p, b, *rest)  # t h'' p1 p w'' q1 q b
         v = v.permute(0, 1, 2, 4, 5, 3, 6, 7, *tail)  # t h'' p1 w'' q1 | p q | b
@@ -93,7 +93,7 @@ def layout_to_raster(y: torch.Tensor, padded: Sequence[int], ratio: int, layout:
     b = y.shape[1] // (p * p)
     rest = y.shape[2:]
     nr = len(rest)
-    tail = tuple(range(9, 9 + nr))
+    tail = tuple(range(8, 8 + nr))
     v = y.reshape(t, hp // (p * p), p, wp // (p * p), p, p, p, b, *rest)
     if layout == "token":  # t h'' p1 w'' q1 p q b -> t h'' p1 p w'' q1 q b
         v = v.permute(0, 1, 2, 5, 3, 4, 6, 7, *tail)
@@ -111,7 +111,7 @@ def token_to_group(y: torch.Tensor, padded: Sequence[int], ratio: int) -> torch.
     b = y.shape[1] // (p * p)
     rest = y.shape[2:]
     nr = len(rest)
-    tail = tuple(range(9, 9 + nr))
+    tail = tuple(range(8, 8 + nr))
     v = y.reshape(t, hp // (p * p), p, wp // (p * p), p, p, p, b, *rest)  # t h'' A w'' B | C D | b
     v = v.permute(0, 1, 5, 3, 6, 2, 4, 7, *tail)  # t h'' C w'' D | A B | b
     return v.reshape(y.shape)

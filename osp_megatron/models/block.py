@@ -1,0 +1,105 @@
+"""One Wan2.1 / OSP-Next DiT block (6-way AdaLN modulation, self-attn, text cross-attn, GELU-tanh FFN).
+
+    e = modulation + time_emb          -> shift, scale, gate, c_shift, c_scale, c_gate
+    x = x + gate   * SelfAttn(LN(x) * (1 + scale) + shift)
+    x = x +          CrossAttn(LN_affine(x), text)
+    x = x + c_gate * FFN(LN(x) * (1 + c_scale) + c_shift)
+
+The block works on the layout its input is in (`[S, G*b, C]`, class-major batch): every op but
+self-attention is per token, so the Skiparse permutation is invisible to them; the per-sample
+modulation is repeated over the G classes held here. A sparse block first switches the layout if
+the previous block left it in the other one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from osp_megatron.parallel import comm_stats
+
+
+@dataclass
+class MLPSubmodules:
+    linear_fc1: Union[ModuleSpec, type]
+    linear_fc2: Union[ModuleSpec, type]
+
+
+@dataclass
+class BlockSubmodules:
+    self_attention: Union[ModuleSpec, type]
+    cross_attention: Union[ModuleSpec, type]
+    mlp: Union[ModuleSpec, type]
+
+
+class FeedForward(MegatronModule):
+    """fc1 (column-parallel) -> GELU(tanh) -> fc2 (row-parallel)."""
+
+    def __init__(self, config, submodules: MLPSubmodules, tp_group=None):
+        super().__init__(config)
+        c, f = config.hidden_size, config.ffn_hidden_size
+        self.linear_fc1 = build_module(
+            submodules.linear_fc1, c, f, config=config, init_method=config.init_method, bias=True,
+            gather_output=False, tp_group=tp_group,
+        )
+        self.linear_fc2 = build_module(
+            submodules.linear_fc2, f, c, config=config, init_method=config.init_method, bias=True,
+            input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
+        )
+
+    def forward(self, x):
+        h, b = self.linear_fc1(x)
+        h = F.gelu(h if b is None else h + b, approximate="tanh")
+        out, b = self.linear_fc2(h)
+        return out if b is None else out + b
+
+
+def _tag_sequence_parallel(module: torch.nn.Module, enabled: bool) -> None:
+    """Params replicated over TP but used on sequence-parallel chunks: megatron all-reduces their grads over TP."""
+    for p in module.parameters():
+        p.sequence_parallel = enabled
+
+
+class OSPNextBlock(MegatronModule):
+    def __init__(self, config, submodules: BlockSubmodules, layer_number: int, tp_group=None):
+        super().__init__(config)
+        self.layer_number = layer_number
+        c = config.hidden_size
+        self.self_attention = build_module(submodules.self_attention, config=config, tp_group=tp_group)
+        self.cross_attention = build_module(submodules.cross_attention, config=config, tp_group=tp_group)
+        self.mlp = build_module(submodules.mlp, config=config, tp_group=tp_group)
+        self.norm2 = torch.nn.LayerNorm(c, eps=config.layernorm_epsilon, elementwise_affine=True, dtype=config.params_dtype)
+        self.modulation = torch.nn.Parameter(torch.randn(1, 6, c, dtype=config.params_dtype) / c**0.5)
+        _tag_sequence_parallel(self.norm2, config.sequence_parallel)
+        self.modulation.sequence_parallel = config.sequence_parallel
+        self.quantize_enabled = True
+
+    def set_quantize(self, enabled: bool) -> None:
+        """Turn HiF8 quantization of this block's linears on/off (bf16 first/last blocks)."""
+        self.quantize_enabled = enabled
+        for m in self.modules():
+            if hasattr(m, "quantize_enabled") and m is not self:
+                m.quantize_enabled = enabled
+
+    def forward(self, x, e, text, plan, step):
+        """x [S, G*b, C] in `step.layout` (or the other sparse layout if step.switch_before), e [b, 6, C], text [L, b, C]."""
+        kind = "full" if step.attention == "full" else "sparse"
+        if step.switch_before:
+            src = "group" if step.layout == "token" else "token"
+            x = plan.switch(x, src, step.layout)
+        g = plan.classes_per_rank(step.layout)
+        c = x.shape[-1]
+        mod = (self.modulation.float() + e.float()).repeat(g, 1, 1)  # [G*b, 6, C], class-major
+        shift, scale, gate, c_shift, c_scale, c_gate = (m.unsqueeze(0) for m in mod.unbind(1))
+        with comm_stats.scope(kind):
+            n = (F.layer_norm(x.float(), (c,), eps=self.config.layernorm_epsilon) * (1 + scale) + shift).type_as(x)
+            x = (x.float() + self.self_attention(n, plan, step.layout, kind).float() * gate).type_as(x)
+            n = F.layer_norm(x.float(), (c,), self.norm2.weight.float(), self.norm2.bias.float(), self.norm2.eps).type_as(x)
+            x = x + self.cross_attention(n, text, g)
+            n = (F.layer_norm(x.float(), (c,), eps=self.config.layernorm_epsilon) * (1 + c_scale) + c_shift).type_as(x)
+            x = (x.float() + self.mlp(n).float() * c_gate).type_as(x)
+        return x

@@ -1,0 +1,88 @@
+"""Dense attention kernels, chosen by spec/config: torch SDPA, flash-attn, TransformerEngine, math.
+
+All take `q, k, v: [B, S, heads, d]` (the flash-attn layout; padding already compacted away by the
+caller) and return `[B, S, heads, d]`. On GPU the SDPA path is restricted to the cuDNN and flash
+backends: if neither can run the call, it raises instead of silently falling back to the masked
+"efficient"/"math" kernels.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+_REPORTED = set()
+
+
+def _sdpa(q, k, v):
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if q.is_cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True):
+            out = F.scaled_dot_product_attention(qt, kt, vt)
+    else:
+        out = F.scaled_dot_product_attention(qt, kt, vt)
+    return out.transpose(1, 2)
+
+
+def _sdpa_flash_only(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def _math(q, k, v):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    p = s.softmax(dim=-1)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v.float()).to(q.dtype)
+
+
+def _flash_attn(q, k, v):
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError as exc:  # pragma: no cover - GPU only
+        raise RuntimeError(
+            "model.attention_backend=flash needs the flash-attn package (pip install 'osp-megatron[flash]'); "
+            "use attention_backend=sdpa instead"
+        ) from exc
+    return flash_attn_func(q, k, v)
+
+
+_TE_CACHE: Dict[tuple, object] = {}
+
+
+def _te(q, k, v):
+    try:
+        import transformer_engine.pytorch as te
+    except Exception as exc:  # pragma: no cover - GPU only
+        raise RuntimeError(
+            f"model.attention_backend=te needs TransformerEngine (pip install 'osp-megatron[te]'): {exc}; "
+            "use attention_backend=sdpa instead"
+        ) from exc
+    heads, d = q.shape[2], q.shape[3]
+    key = (heads, d, q.device)
+    if key not in _TE_CACHE:
+        _TE_CACHE[key] = te.DotProductAttention(heads, d, qkv_format="bshd", attn_mask_type="no_mask")
+    out = _TE_CACHE[key](q, k, v)
+    return out.view(q.shape)
+
+
+BACKENDS: Dict[str, Callable] = {"sdpa": _sdpa, "math": _math, "flash": _flash_attn, "te": _te, "sdpa_flash": _sdpa_flash_only}
+
+
+def resolve_backend(name: str) -> str:
+    if name == "auto":
+        return "sdpa"
+    if name not in BACKENDS:
+        raise ValueError(f"model.attention_backend={name!r}: use one of auto, {', '.join(BACKENDS)}")
+    return name
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over full sequences. q/k/v [B, S, h, d] -> [B, S, h, d]."""
+    return BACKENDS[backend](q, k, v)

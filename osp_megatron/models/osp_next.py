@@ -1,0 +1,293 @@
+"""OSPNextDiT: Wan2.1's T2V DiT with Skiparse-2D layouts in the middle blocks.
+
+    tokens  = PatchEmbed(latents)                           [N, b, C]   raster (t h w), patch 1x2x2
+    temb    = MLP(sinusoid(timestep));  e = Linear(SiLU(temb)) -> [b, 6, C]
+    text    = MLP_gelu_tanh(text_embeddings)                [L, b, C]
+    x       = plan.enter(tokens)                            [S, G*b, C] first layout (token if sparse)
+    x       = block_i(x, e, text)  for each block            (sparse blocks switch token <-> group)
+    out     = Linear(LN(x) * (1 + scale) + shift)            head modulation from temb
+    velocity = unpatchify(plan.exit(out))                    [b, 16, T, H, W]
+
+With `target=` the loss is computed on the rank's own tokens in the final layout instead (no gather).
+No process-group code lives here: the sequence plan (osp_megatron.parallel.plan) owns token placement
+and communication; tensor parallelism lives in the megatron linears built from the block spec.
+Pipeline parallel: the first stage embeds, the last stage has the head, and stages exchange one
+tensor that packs `[x; e; temb; text]` along the sequence axis.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+
+from osp_megatron.models.skiparse import block_schedule
+from osp_megatron.models.specs import get_block_spec
+from osp_megatron.parallel.collectives import all_reduce_sum
+from osp_megatron.parallel.plan import SequencePlan
+
+
+def timestep_sinusoid(timestep: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """[b] -> [b, dim]: [cos | sin] of t * exp(-ln(max_period) * k / (dim/2)) (diffusers Timesteps, flip_sin_to_cos)."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timestep.device) / half
+    ang = timestep.float()[:, None] * exponent.exp()[None, :]
+    return torch.cat([ang.cos(), ang.sin()], dim=-1)
+
+
+class _TwoLayerMLP(torch.nn.Module):
+    def __init__(self, in_dim, dim, act, dtype):
+        super().__init__()
+        self.linear_1 = torch.nn.Linear(in_dim, dim, dtype=dtype)
+        self.linear_2 = torch.nn.Linear(dim, dim, dtype=dtype)
+        self.act = act
+
+    def forward(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class Head(torch.nn.Module):
+    """LN -> modulation (shift, scale from temb) -> Linear to out_channels * prod(patch)."""
+
+    def __init__(self, hidden, out_dim, eps, dtype):
+        super().__init__()
+        self.eps = eps
+        self.modulation = torch.nn.Parameter(torch.randn(1, 2, hidden, dtype=dtype) / hidden**0.5)
+        self.linear = torch.nn.Linear(hidden, out_dim, dtype=dtype)
+
+    def forward(self, x, temb, classes):
+        shift, scale = (self.modulation.float() + temb.float()[:, None, :]).repeat(classes, 1, 1).unbind(1)
+        n = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps) * (1 + scale[None]) + shift[None]
+        return self.linear(n.type_as(x))
+
+
+class OSPNextDiT(MegatronModule):
+    """The DiT. `model(latents[b,16,T,H,W], timestep[b], text[b,L,text_dim]) -> velocity[b,16,T,H,W]`."""
+
+    def __init__(self, config, parallel=None, pre_process: bool = True, post_process: bool = True, spec=None):
+        super().__init__(config)
+        self.parallel = parallel
+        self.model_type = ModelType.encoder_or_decoder
+        self.pre_process, self.post_process = pre_process, post_process
+        self.share_embeddings_and_output_weights = False
+        self.input_tensor = None
+        c = config.hidden_size
+        dtype = config.params_dtype
+        self.patch = list(config.patch_size)
+        self.schedule = block_schedule(config.num_layers, config.schedule, config.num_full_blocks)
+        pp = parallel.pp if parallel else 1
+        pp_rank = parallel.pp_rank if parallel else 0
+        per_stage = config.num_layers // pp
+        self.layer_offset = pp_rank * per_stage
+        tp_group = parallel.tp_group if parallel else None
+        spec = spec or get_block_spec(config.spec_name, config.quant_recipe)
+        if pre_process:
+            patch_dim = config.in_channels * math.prod(self.patch)
+            self.patch_embedding = torch.nn.Linear(patch_dim, c, dtype=dtype)
+            self.time_embedding = _TwoLayerMLP(config.freq_dim, c, torch.nn.SiLU(), dtype)
+            self.time_projection = torch.nn.Linear(c, 6 * c, dtype=dtype)
+            self.text_embedding = _TwoLayerMLP(config.text_dim, c, torch.nn.GELU(approximate="tanh"), dtype)
+            for m in (self.time_embedding, self.time_projection):  # used by sequence-parallel chunks downstream
+                for p in m.parameters():
+                    p.sequence_parallel = config.sequence_parallel
+        self.blocks = torch.nn.ModuleList(
+            build_module(spec, config=config, layer_number=self.layer_offset + i, tp_group=tp_group)
+            for i in range(per_stage)
+        )
+        first, last = config.bf16_first_blocks, config.bf16_last_blocks
+        for i, blk in enumerate(self.blocks):
+            gi = self.layer_offset + i
+            if gi < first or gi >= config.num_layers - last:
+                blk.set_quantize(False)
+        if post_process:
+            self.head = Head(c, config.out_channels * math.prod(self.patch), config.layernorm_epsilon, dtype)
+            for p in self.head.parameters():
+                p.sequence_parallel = config.sequence_parallel
+        self._plans: Dict[Tuple, SequencePlan] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    def plan_for(self, grid, device) -> SequencePlan:
+        key = (tuple(grid), str(device))
+        if key not in self._plans:
+            p = self.parallel
+            self._plans[key] = SequencePlan(
+                grid, self.config.sparse_ratio, self.schedule, self.config.head_dim, self.config.rope_theta,
+                cp=p.cp if p else None, sp_size=p.tp if (p and p.sequence_parallel) else 1,
+                device=device, backend=self.config.attention_backend,
+            )
+        return self._plans[key]
+
+    def _patchify_in(self, latents):
+        """[b, c, T, H, W] -> [N, b, c*pt*ph*pw] in raster order, channel-major patch vectors (Conv3d weight order)."""
+        b, c, t, h, w = latents.shape
+        pt, ph, pw = self.patch
+        v = latents.reshape(b, c, t // pt, pt, h // ph, ph, w // pw, pw)
+        v = v.permute(2, 4, 6, 0, 1, 3, 5, 7)
+        return v.reshape((t // pt) * (h // ph) * (w // pw), b, c * pt * ph * pw)
+
+    def _patchify_out(self, x, shape):
+        """[b, c, T, H, W] -> [N, b, pt*ph*pw*c] in the head's (pt, ph, pw, c) order."""
+        b, c, t, h, w = shape
+        pt, ph, pw = self.patch
+        v = x.reshape(b, c, t // pt, pt, h // ph, ph, w // pw, pw)
+        v = v.permute(2, 4, 6, 0, 3, 5, 7, 1)
+        return v.reshape((t // pt) * (h // ph) * (w // pw), b, pt * ph * pw * c)
+
+    def _unpatchify(self, tokens, shape):
+        b, c, t, h, w = shape
+        pt, ph, pw = self.patch
+        v = tokens.reshape(t // pt, h // ph, w // pw, b, pt, ph, pw, c)
+        v = v.permute(3, 7, 0, 4, 1, 5, 2, 6)
+        return v.reshape(b, c, t, h, w)
+
+    def _sp(self) -> bool:
+        return bool(self.parallel and self.parallel.sequence_parallel and self.parallel.tp > 1)
+
+    # ------------------------------------------------------------------ forward
+    def embed(self, latents, timestep, text, plan):
+        """First stage: -> x [S, G*b, C] (SP chunk if sequence parallel), e [b, 6, C], temb [b, C], text [L, b, C]."""
+        tokens = self.patch_embedding(self._patchify_in(latents).to(self.patch_embedding.weight.dtype))
+        x = plan.enter(tokens)
+        if self._sp():
+            x = tensor_parallel.scatter_to_sequence_parallel_region(x, group=self.parallel.tp_group)
+        dtype = self.time_embedding.linear_1.weight.dtype
+        temb = self.time_embedding(timestep_sinusoid(timestep, self.config.freq_dim).to(dtype))
+        e = self.time_projection(F.silu(temb)).unflatten(1, (6, -1))
+        txt = self.text_embedding(text.to(dtype)).transpose(0, 1).contiguous()
+        return x, e, temb, txt
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, target=None):
+        """latents [b, c, T, H, W], timestep [b] (0..1000), text [b, L, text_dim].
+
+        Returns velocity [b, c_out, T, H, W]; with `target` (same shape) the loss on this rank's own tokens
+        (CP-scaled: averaging it over the DP x CP group gives the mean squared error); on a pipeline stage
+        that is not the last, the packed activation for the next stage.
+        """
+        shape = tuple(hidden_states.shape)
+        b = shape[0]
+        pt, ph, pw = self.patch
+        grid = (shape[2] // pt, shape[3] // ph, shape[4] // pw)
+        plan = self.plan_for(grid, hidden_states.device)
+        if self.pre_process:
+            x, e, temb, txt = self.embed(hidden_states, timestep, encoder_hidden_states, plan)
+        else:
+            x, e, temb, txt = self._unpack(self.input_tensor, b, encoder_hidden_states.shape[1])
+        for i, blk in enumerate(self.blocks):
+            step = plan.steps[self.layer_offset + i]
+            if self.config.recompute_granularity == "full" and self.training:
+                x = tensor_parallel.checkpoint(
+                    lambda x_, e_, t_, blk=blk, step=step: blk(x_, e_, t_, plan, step), False, x, e, txt
+                )
+            else:
+                x = blk(x, e, txt, plan, step)
+        if not self.post_process:
+            return self._pack(x, e, temb, txt)
+        g = plan.classes_per_rank(plan.final_layout)
+        out = self.head(x, temb, g)  # [S_loc(/TP), G*b, pt*ph*pw*c]
+        if target is None:
+            if self._sp():
+                out = tensor_parallel.gather_from_sequence_parallel_region(
+                    out, tensor_parallel_output_grad=False, group=self.parallel.tp_group
+                )
+            out_shape = (b, self.config.out_channels) + shape[2:]
+            return self._unpatchify(plan.exit(out), out_shape)
+        return self._loss(out, target, plan, b)
+
+    def _loss(self, out, target, plan, b):
+        tgt = plan.shard_target(self._patchify_out(target, tuple(target.shape)))
+        valid = plan.valid(plan.final_layout)  # [S_loc, G]
+        if self._sp():
+            tp, r = self.parallel.tp, self.parallel.tp_rank
+            n = tgt.shape[0] // tp
+            tgt, valid = tgt[r * n : (r + 1) * n], valid[r * n : (r + 1) * n]
+        g = valid.shape[1]
+        se = (out.float() - tgt.float()).pow(2).sum(-1).view(out.shape[0], g, b)
+        se = (se * valid[:, :, None]).sum()
+        count = b * plan.num_tokens * out.shape[-1]
+        loss = se * plan.cp.size / count
+        if self._sp():  # value = the whole sequence's loss on every TP rank; gradient = this chunk's share
+            full = loss.detach().clone()
+            torch.distributed.all_reduce(full, group=self.parallel.tp_group)
+            loss = loss + (full - loss.detach())
+        return loss
+
+    # ------------------------------------------------------------------ pipeline packing
+    def _pack(self, x, e, temb, txt):
+        gb = x.shape[1]
+        b = e.shape[0]
+        rep = gb // b
+        parts = [x, e.transpose(0, 1).repeat(1, rep, 1), temb[None].repeat(1, rep, 1), txt.repeat(1, rep, 1)]
+        return torch.cat([p.to(x.dtype) for p in parts], dim=0)
+
+    def _unpack(self, carrier, b, text_len):
+        if carrier is None:
+            raise RuntimeError("pipeline stage > 0 needs set_input_tensor() before forward")
+        n_x = carrier.shape[0] - 7 - text_len
+        x = carrier[:n_x]
+        e = carrier[n_x : n_x + 6, :b].transpose(0, 1)
+        temb = carrier[n_x + 6, :b]
+        txt = carrier[n_x + 7 :, :b]
+        return x, e, temb, txt
+
+    # ------------------------------------------------------------------ full (unsharded) weights
+    def global_name(self, local_name: str) -> str:
+        """Local parameter name (blocks indexed per stage) -> the global name used by adapters/converters."""
+        if local_name.startswith("blocks."):
+            i, rest = local_name[len("blocks."):].split(".", 1)
+            return f"blocks.{self.layer_offset + int(i)}.{rest}"
+        return local_name
+
+    def load_full_state_dict(self, state_dict, strict: bool = True) -> None:
+        """Load an unsharded state dict (our global names, e.g. from `adapters.diffusers.from_diffusers`)
+        into this TP/PP-sharded model: each rank slices its TP shard and takes its stage's blocks."""
+        from osp_megatron.models.adapters.common import StateDictMismatch, our_keys
+
+        params = self.state_dict(keep_vars=True)
+        local, missing = {}, []
+        for name, param in params.items():
+            if name.endswith("_extra_state"):
+                continue
+            g = self.global_name(name)
+            if g not in state_dict:
+                missing.append(g)
+                continue
+            t = state_dict[g]
+            if getattr(param, "tensor_model_parallel", False):
+                tp, r = self.parallel.tp, self.parallel.tp_rank
+                t = t.chunk(tp, dim=param.partition_dim)[r]
+            if tuple(t.shape) != tuple(param.shape):
+                raise StateDictMismatch(f"{g}: shape {tuple(t.shape)} does not fit the model's {tuple(param.shape)}")
+            local[name] = t
+        unexpected = sorted(set(state_dict) - set(our_keys(self.config.num_layers))) if strict else []
+        if missing or unexpected:
+            raise StateDictMismatch(
+                f"load_full_state_dict: missing {missing[:20]}{' ...' if len(missing) > 20 else ''}; "
+                f"unexpected {unexpected[:20]}; check model size / num_layers and the checkpoint format"
+            )
+        self.load_state_dict(local, strict=False)
+
+    def full_state_dict(self):
+        """This stage's parameters with TP shards gathered, under global names (call on every TP rank)."""
+        import torch.distributed as dist
+
+        out = {}
+        for name, param in self.state_dict(keep_vars=True).items():
+            if name.endswith("_extra_state"):
+                continue
+            t = param.detach()
+            if getattr(param, "tensor_model_parallel", False) and self.parallel.tp > 1:
+                parts = [torch.empty_like(t) for _ in range(self.parallel.tp)]
+                dist.all_gather(parts, t.contiguous(), group=self.parallel.tp_group)
+                t = torch.cat(parts, dim=param.partition_dim)
+            out[self.global_name(name)] = t.clone()
+        return out

@@ -1,0 +1,115 @@
+"""Process groups: megatron-core parallel_state (TP x CP x DP x PP) + the SSP / Ulysses split of CP.
+
+`initialize_parallel(parallel_cfg)` must run after `torch.distributed.init_process_group` and after
+the config was validated for this world size (so no impossible plan reaches a collective).
+Inside each context-parallel group (ranks ordered by CP rank), Ulysses groups are contiguous runs of
+`ulysses` ranks and SSP groups take every `ulysses`-th rank: cp_rank = ssp_rank * ulysses + ulysses_rank.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from osp_megatron.parallel.plan import ContextParallel
+
+
+@dataclass
+class ParallelState:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    cp: ContextParallel = field(default_factory=ContextParallel)
+    tp_rank: int = 0
+    pp_rank: int = 0
+    dp_rank: int = 0
+    sequence_parallel: bool = False
+    tp_group: Optional[object] = None
+    pp_group: Optional[object] = None
+    dp_group: Optional[object] = None
+    dp_cp_group: Optional[object] = None
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    def describe(self) -> str:
+        return (
+            f"TP={self.tp} PP={self.pp} CP={self.cp.size} (SSP={self.cp.ssp} x Ulysses={self.cp.ulysses}) DP={self.dp}"
+            f"{' +SP' if self.sequence_parallel else ''}"
+        )
+
+
+def initialize_parallel(parallel_cfg) -> ParallelState:
+    """Build megatron parallel_state and the SSP/Ulysses groups for `parallel_cfg` (ParallelConfig)."""
+    from megatron.core import parallel_state as mps
+
+    if not dist.is_initialized():
+        raise RuntimeError("initialize_parallel needs torch.distributed to be initialised first (torchrun/srun)")
+    world = dist.get_world_size()
+    tp, pp = parallel_cfg.tensor_parallel, parallel_cfg.pipeline_parallel
+    ssp, ul = parallel_cfg.ssp, parallel_cfg.ulysses
+    cp = ssp * ul
+    if world % (tp * pp * cp):
+        raise ValueError(f"world size {world} is not divisible by TP x PP x CP = {tp * pp * cp}")
+    if mps.model_parallel_is_initialized():
+        mps.destroy_model_parallel()
+    mps.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
+    )
+    cp_ranks = list(mps.get_context_parallel_global_ranks())
+    all_cp = [None] * world
+    dist.all_gather_object(all_cp, cp_ranks)
+    cp_groups = sorted({tuple(r) for r in all_cp})
+    ssp_group = ul_group = None
+    me = dist.get_rank()
+    for ranks in cp_groups:  # every rank creates every group, in the same order
+        for s in range(ssp):
+            g = dist.new_group(list(ranks[s * ul : (s + 1) * ul]))
+            if me in ranks[s * ul : (s + 1) * ul]:
+                ul_group = g
+        for u in range(ul):
+            g = dist.new_group(list(ranks[u::ul]))
+            if me in ranks[u::ul]:
+                ssp_group = g
+    cp_rank = mps.get_context_parallel_rank()
+    ctx = ContextParallel(
+        ssp=ssp, ulysses=ul, ssp_rank=cp_rank // ul, ulysses_rank=cp_rank % ul,
+        ssp_group=ssp_group, ulysses_group=ul_group, cp_group=mps.get_context_parallel_group(),
+    )
+    return ParallelState(
+        tp=tp, pp=pp, dp=mps.get_data_parallel_world_size(), cp=ctx,
+        tp_rank=mps.get_tensor_model_parallel_rank(), pp_rank=mps.get_pipeline_model_parallel_rank(),
+        dp_rank=mps.get_data_parallel_rank(), sequence_parallel=bool(parallel_cfg.sequence_parallel),
+        tp_group=mps.get_tensor_model_parallel_group(), pp_group=mps.get_pipeline_model_parallel_group(),
+        dp_group=mps.get_data_parallel_group(),
+        dp_cp_group=mps.get_data_parallel_group(with_context_parallel=True),
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_single_process() -> ParallelState:
+    """Single-process world (rank 0 of 1) with megatron parallel_state at TP=PP=CP=1, for tools and tests."""
+    from megatron.core import parallel_state as mps
+
+    from osp_megatron.config import ParallelConfig
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    if mps.model_parallel_is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError("ensure_single_process() called inside a multi-process job: pass the ParallelState instead")
+    return initialize_parallel(ParallelConfig())

@@ -1,0 +1,302 @@
+"""Layout-native sequence plan: which tokens a rank holds in each layout, and the layout-aware ops.
+
+The model calls four things per forward and never sees a process group itself:
+`enter` (patch tokens -> this rank's shard of the first layout, no communication), `switch`
+(token <-> group, SSP all-to-all), `attention` (Ulysses all-to-all as needed + padding-free dense
+kernel per class / per sample), and `exit` / `shard_target` / `valid` (gather once at the end for
+sampling, or compute the loss on the rank's own tokens in training).
+
+Notation: a local shard is `[S_loc, G*b, *R]` with G classes of the layout on this rank
+(class-major batch). Positions (`positions(layout)`: raster index or -1 for padding, `[S_loc, G]`)
+travel with every rearrangement, so RoPE tables and masks are always permuted exactly like the data.
+
+Context parallel group = SSP x Ulysses, rank `cp = ssp_rank * ulysses + ulysses_rank`. Sparse
+blocks: SSP ranks own whole classes, Ulysses (if > 1) splits heads inside a class. Full blocks:
+Ulysses over the whole CP group, on whatever layout they receive.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from osp_megatron.models import skiparse
+from osp_megatron.models.core_attention import dense_attention
+from osp_megatron.models.rope import rope_tables
+from osp_megatron.parallel import comm_stats
+from osp_megatron.parallel.collectives import all_to_all_equal
+from osp_megatron.parallel.ssp import switch_token_group
+
+
+@dataclass
+class ContextParallel:
+    """Process groups of one context-parallel group (CP = SSP x Ulysses). All None/1 on one device."""
+
+    ssp: int = 1
+    ulysses: int = 1
+    ssp_rank: int = 0
+    ulysses_rank: int = 0
+    ssp_group: Optional[object] = None  # ranks with the same ulysses_rank
+    ulysses_group: Optional[object] = None  # ranks with the same ssp_rank
+    cp_group: Optional[object] = None  # the whole CP group, ordered by cp rank
+
+    @property
+    def size(self) -> int:
+        return self.ssp * self.ulysses
+
+    @property
+    def rank(self) -> int:
+        return self.ssp_rank * self.ulysses + self.ulysses_rank
+
+
+@dataclass
+class BlockStep:
+    """How one block runs: the layout it sees, whether to switch into it first, and its attention kind."""
+
+    layout: str  # raster | token | group
+    switch_before: bool
+    attention: str  # full | sparse
+
+
+def plan_blocks(schedule: Sequence[str]) -> Tuple[str, List[BlockStep], str]:
+    """Block kinds ('full'|'token'|'group') -> (entry layout, per-block steps, final layout)."""
+    sparse = any(k != "full" for k in schedule)
+    current = "token" if sparse else "raster"
+    entry = current
+    steps = []
+    for kind in schedule:
+        if kind == "full":
+            steps.append(BlockStep(current, False, "full"))
+        else:
+            steps.append(BlockStep(kind, kind != current, "sparse"))
+            current = kind
+    return entry, steps, current
+
+
+class SequencePlan:
+    """Everything about where tokens live for one latent grid and one parallel layout."""
+
+    def __init__(
+        self,
+        grid: Sequence[int],
+        ratio: int,
+        schedule: Sequence[str],
+        head_dim: int,
+        rope_theta: float,
+        cp: Optional[ContextParallel] = None,
+        sp_size: int = 1,
+        device: torch.device = torch.device("cpu"),
+        backend: str = "sdpa",
+    ):
+        self.grid = tuple(int(v) for v in grid)
+        self.ratio = ratio
+        self.cp = cp or ContextParallel()
+        self.sp_size = sp_size
+        self.device = device
+        self.backend = backend
+        self.head_dim = head_dim
+        self.rope_theta = rope_theta
+        self.entry_layout, self.steps, self.final_layout = plan_blocks(schedule)
+        self.sparse = self.entry_layout != "raster"
+        if not self.sparse and self.cp.ssp > 1:
+            raise ValueError("parallel.ssp > 1 needs sparse blocks; the full schedule uses parallel.ulysses only")
+        # rows are split over Ulysses ranks in sparse layouts, over all CP ranks in the raster layout
+        h_multiple = self.cp.ulysses if self.sparse else self.cp.size
+        self.padded = skiparse.padded_grid(self.grid, ratio, h_multiple, sparse=self.sparse)
+        self.num_tokens = self.grid[0] * self.grid[1] * self.grid[2]
+        t, hp, wp = self.padded
+        self.w_blocks = wp // (ratio * ratio)
+        self._check_sp()
+        self._pos: Dict[Tuple[str, int, int], torch.Tensor] = {}
+        self._rope: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._groups: Dict[Tuple[str, str], list] = {}
+
+    # ------------------------------------------------------------------ positions
+    def _check_sp(self) -> None:
+        if self.sp_size == 1:
+            return
+        s_loc = self.local_len(self.entry_layout)
+        unit = self.padded[2] if not self.sparse else self.ratio * self.w_blocks * self.ratio
+        if (s_loc // unit) % self.sp_size:
+            raise ValueError(
+                f"parallel.sequence_parallel with tensor_parallel={self.sp_size}: the {s_loc // unit} (frame, row) units "
+                f"of this rank's shard for grid {self.grid} are not divisible by TP; change the frame count/height "
+                "or disable sequence_parallel"
+            )
+
+    def local_len(self, layout: str) -> int:
+        t, hp, wp = self.padded
+        c = skiparse.num_classes(layout, self.ratio)
+        return t * hp * wp // c // (self.cp.ulysses if self.sparse else self.cp.size)
+
+    def classes_per_rank(self, layout: str) -> int:
+        return skiparse.num_classes(layout, self.ratio) // (self.cp.ssp if layout != "raster" else 1)
+
+    def positions(self, layout: str, ssp_rank: Optional[int] = None, ulysses_rank: Optional[int] = None) -> torch.Tensor:
+        """Raster index of each local slot, long [S_loc, G] (-1 = padding)."""
+        ssp_rank = self.cp.ssp_rank if ssp_rank is None else ssp_rank
+        ulysses_rank = self.cp.ulysses_rank if ulysses_rank is None else ulysses_rank
+        key = (layout, ssp_rank, ulysses_rank)
+        if key not in self._pos:
+            full = skiparse.positions(self.grid, self.ratio, layout, self._h_multiple())  # [S, C]
+            if layout == "raster":  # rows split over every CP rank (SSP is 1 here)
+                loc = skiparse.shard(full, self.padded, self.ratio, layout, 0, 1,
+                                     ssp_rank * self.cp.ulysses + ulysses_rank, self.cp.size)
+            else:
+                loc = skiparse.shard(full, self.padded, self.ratio, layout, ssp_rank, self.cp.ssp,
+                                     ulysses_rank, self.cp.ulysses)
+            self._pos[key] = loc.to(self.device)
+        return self._pos[key]
+
+    def _h_multiple(self) -> int:
+        return self.cp.ulysses if self.sparse else self.cp.size
+
+    def valid(self, layout: str) -> torch.Tensor:
+        return self.positions(layout) >= 0
+
+    def rope(self, layout: str, dtype=torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for the local slots: [S_loc, G, 1, 1, d/2] (broadcast over b and heads)."""
+        if layout not in self._rope:
+            cos, sin = rope_tables(self.grid, self.head_dim, self.rope_theta, self.positions(layout))
+            self._rope[layout] = (cos[:, :, None, None, :], sin[:, :, None, None, :])
+        cos, sin = self._rope[layout]
+        return cos.to(dtype), sin.to(dtype)
+
+    # ------------------------------------------------------------------ data movement
+    def enter(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Raster patch tokens [N, b, C] (identical on every CP rank) -> this rank's shard of the entry layout."""
+        return self._to_local(tokens, self.entry_layout)
+
+    def shard_target(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Raster per-token targets [N, b, C'] -> this rank's shard of the final layout (for the loss)."""
+        return self._to_local(tokens, self.final_layout)
+
+    def _to_local(self, tokens: torch.Tensor, layout: str) -> torch.Tensor:
+        y = skiparse.to_layout(tokens, self.grid, self.ratio, layout, self._h_multiple())
+        if self.cp.size == 1:
+            return y
+        if layout == "raster":
+            return skiparse.shard(y, self.padded, self.ratio, layout, 0, 1, self.cp.rank, self.cp.size)
+        return skiparse.shard(y, self.padded, self.ratio, layout, self.cp.ssp_rank, self.cp.ssp, self.cp.ulysses_rank, self.cp.ulysses)
+
+    def exit(self, y: torch.Tensor, layout: Optional[str] = None) -> torch.Tensor:
+        """This rank's shard [S_loc, G*b, C] of `layout` -> full raster [N, b, C] on every CP rank (one gather)."""
+        layout = layout or self.final_layout
+        if self.cp.size > 1:
+            with comm_stats.scope("exit"):
+                gathered = _GatherShards.apply(y, self.cp.cp_group, self.cp.size, self.cp.rank)
+            pieces = list(gathered.unbind(0))  # in cp-rank order
+            if layout == "raster":
+                y = skiparse.unshard([pieces], self.padded, self.ratio, layout)
+            else:
+                u = self.cp.ulysses
+                y = skiparse.unshard([pieces[s * u : (s + 1) * u] for s in range(self.cp.ssp)], self.padded, self.ratio, layout)
+        return skiparse.from_layout(y, self.grid, self.ratio, layout, self._h_multiple())
+
+    def switch(self, x: torch.Tensor, src: str, dst: str) -> torch.Tensor:
+        """token <-> group on a local shard (one all-to-all over the SSP group when SSP > 1)."""
+        if src == dst:
+            return x
+        if {src, dst} != {"token", "group"}:
+            raise ValueError(f"no layout switch from {src} to {dst} inside the block stack")
+        group = self.cp.ssp_group if self.cp.ssp > 1 else None
+        return switch_token_group(x, self.ratio, self.w_blocks, group)
+
+    # ------------------------------------------------------------------ attention
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, kind: str) -> torch.Tensor:
+        """Self-attention on local shards q/k/v [S_loc, G*b, h, d] -> [S_loc, G*b, h, d].
+
+        sparse: attention inside each class (after a Ulysses all-to-all when Ulysses > 1);
+        full: attention over all tokens of each sample (Ulysses all-to-all over the whole CP group).
+        Padding never enters the kernel: each class/sample's valid tokens are gathered first and
+        classes with equal valid counts run as one dense batch.
+        """
+        if kind == "sparse":
+            group, size = self.cp.ulysses_group, self.cp.ulysses
+        else:
+            group, size = self.cp.cp_group, self.cp.size
+        if size > 1:
+            with comm_stats.scope(kind):
+                q, k, v = (_seq_gather_head_scatter(t, group, size) for t in (q, k, v))
+        g = self.classes_per_rank(layout)
+        groups = self._attention_groups(layout, kind)
+        s_tot, gb, h, d = q.shape
+        b = gb // g
+        q5, k5, v5 = (t.view(s_tot, g, b, h, d) for t in (q, k, v))
+        out = q.new_zeros(s_tot, g, b, h, d)
+        bidx = torch.arange(b, device=q.device)
+        for seq_idx, cls_idx in groups:
+            m, n = seq_idx.shape
+            ii, cc, bb = seq_idx[:, None, :], cls_idx[:, None, :], bidx[None, :, None]
+            qg, kg, vg = (t5[ii, cc, bb].reshape(m * b, n, h, d) for t5 in (q5, k5, v5))
+            og = dense_attention(qg, kg, vg, self.backend)
+            out[ii, cc, bb] = og.reshape(m, b, n, h, d)
+        out = out.view(s_tot, gb, h, d)
+        if size > 1:
+            with comm_stats.scope(kind):
+                out = _head_gather_seq_scatter(out, group, size)
+        return out
+
+    def _attention_groups(self, layout: str, kind: str):
+        """[(seq_idx [m, n], cls_idx [m, n])]: m independent attention problems of n valid tokens each."""
+        key = (layout, kind)
+        if key in self._groups:
+            return self._groups[key]
+        if kind == "sparse":
+            pos = torch.cat([self.positions(layout, self.cp.ssp_rank, u) for u in range(self.cp.ulysses)], dim=0)
+        else:
+            pos = torch.cat([self.positions(layout, r // self.cp.ulysses, r % self.cp.ulysses) for r in range(self.cp.size)], dim=0)
+        pos = pos.cpu()
+        valid = pos >= 0  # [S_tot, G]
+        groups = []
+        if kind == "sparse":
+            by_count: Dict[int, List[int]] = {}
+            for c in range(valid.shape[1]):
+                by_count.setdefault(int(valid[:, c].sum()), []).append(c)
+            for count, classes in sorted(by_count.items()):
+                seq = torch.stack([valid[:, c].nonzero().squeeze(1) for c in classes])  # [m, n]
+                cls = torch.tensor(classes, dtype=torch.long)[:, None].expand_as(seq)
+                groups.append((seq, cls))
+        else:
+            s_idx, c_idx = valid.nonzero(as_tuple=True)  # every valid token of a sample, any order
+            groups.append((s_idx[None, :], c_idx[None, :]))
+        groups = [(s.to(self.device), c.contiguous().to(self.device)) for s, c in groups]
+        self._groups[key] = groups
+        return groups
+
+
+def _seq_gather_head_scatter(x: torch.Tensor, group, size: int) -> torch.Tensor:
+    """Ulysses: [S_loc, B, h, d] -> [size*S_loc, B, h/size, d] (sequence gathered in group-rank order)."""
+    s, bsz, h, d = x.shape
+    if h % size:
+        raise ValueError(f"Ulysses over {size} ranks needs the local head count {h} divisible by it")
+    send = x.reshape(s, bsz, size, h // size, d).permute(2, 0, 1, 3, 4)
+    recv = all_to_all_equal(send, group)  # [src rank, S_loc, B, h/size, d]
+    return recv.reshape(size * s, bsz, h // size, d)
+
+
+def _head_gather_seq_scatter(x: torch.Tensor, group, size: int) -> torch.Tensor:
+    """Inverse Ulysses: [size*S_loc, B, h/size, d] -> [S_loc, B, h, d]."""
+    st, bsz, hs, d = x.shape
+    send = x.reshape(size, st // size, bsz, hs, d)
+    recv = all_to_all_equal(send, group)  # [head chunk j, S_loc, B, h/size, d]
+    return recv.permute(1, 2, 0, 3, 4).reshape(st // size, bsz, size * hs, d)
+
+
+class _GatherShards(torch.autograd.Function):
+    """All-gather local shards -> [size, *shape]; backward keeps this rank's slice (replicated downstream)."""
+
+    @staticmethod
+    def forward(ctx, x, group, size, rank):
+        ctx.rank = rank
+        x = x.contiguous()
+        out = x.new_empty((size,) + tuple(x.shape))
+        comm_stats.record("all_gather", x.numel() * x.element_size() * size, size)
+        dist.all_gather_into_tensor(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.rank].contiguous(), None, None, None
