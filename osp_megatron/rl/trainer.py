@@ -1,0 +1,500 @@
+"""The Mix-GRPO iteration: rollouts sharded over DP, rewards gathered for group statistics, PPO-clip on the
+window steps, AdamW on the LoRA parameters, checkpoint/resume, MLflow metrics.
+
+One iteration (global batch = prompts_per_iteration x group_size samples; sample j belongs to prompt slot j // G;
+DP rank r owns the contiguous samples [r·n/dp, (r+1)·n/dp); every rank of a context-parallel group owns the same
+samples and draws the same noise):
+1. window/trained steps from the schedule, the rollout plan (Euler | SDE window | Euler or Flash DPM).
+2. rollouts (no grad) in micro-batches of `rollout_batch`: stored window transitions + old log-probs.
+3. decode (latent preview or VAE) -> videos -> each reward; all-gather over DP -> advantages for all n samples
+   (group- or global-normalised, multi-reward mix) -> this rank's slice.
+4. `updates_per_iteration` optimizer steps over the local samples: for each micro-batch of `train_batch` and each
+   trained step, re-score the stored transition, PPO-clip loss (+ KL to the LoRA-disabled model) divided by
+   (#trained steps x #micro-batches), backward; LoRA grads summed over DP x CP and divided by DP; clip; AdamW.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+import zlib
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from osp_megatron.diffusion.samplers import cfg_velocity_fn, seeded_noise
+from osp_megatron.rl.advantages import combine_rewards, reward_stats, shuffled
+from osp_megatron.rl.config import GRPOConfig
+from osp_megatron.rl.lora import apply_lora, load_lora_state_dict, lora_disabled, lora_parameters, lora_state_dict
+from osp_megatron.rl.loss import kl_penalty, ppo_clip_loss
+from osp_megatron.rl.rewards import LatentPreviewDecoder, MultiReward
+from osp_megatron.rl.rollout import NoiseSource, RolloutPlan, make_plan, ode_sample, rollout, transition_log_prob
+from osp_megatron.rl.windows import WindowSchedule, count_nfe, hash_ints
+
+Tensor = torch.Tensor
+CKPT_SUBDIR = "grpo_checkpoints"
+
+
+# --------------------------------------------------------------------------------------------
+# text conditioning
+# --------------------------------------------------------------------------------------------
+class RandomTextEmbedder:
+    """Fixed random embeddings per prompt (tests / demo without a text encoder): `[L, D]` drawn from crc32(prompt);
+    the null (CFG) embedding is zeros."""
+
+    def __init__(self, text_len: int, text_dim: int) -> None:
+        self.text_len, self.text_dim = text_len, text_dim
+
+    def encode(self, prompts: Sequence[str]) -> Tensor:
+        return torch.stack([seeded_noise((self.text_len, self.text_dim), zlib.crc32(p.encode("utf-8")))
+                            for p in prompts])
+
+    def null(self) -> Tensor:
+        return torch.zeros(1, self.text_len, self.text_dim)
+
+
+class EncoderTextEmbedder:
+    """umT5 (or the tiny stand-in) from `osp_megatron.encoders`; null embedding = encoding of ""."""
+
+    def __init__(self, spec: str, device, text_len: int, text_dim: int) -> None:
+        from osp_megatron.encoders import load_text_encoder
+
+        self.enc = load_text_encoder(spec, device=device, dtype=torch.float32, text_len=text_len, text_dim=text_dim)
+
+    def encode(self, prompts: Sequence[str]) -> Tensor:
+        return self.enc.encode(list(prompts)).float().cpu()
+
+    def null(self) -> Tensor:
+        return self.enc.encode([""]).float().cpu()
+
+
+# --------------------------------------------------------------------------------------------
+# distributed helpers
+# --------------------------------------------------------------------------------------------
+class _Dist:
+    """Ranks and groups for GRPO (single process when torch.distributed is not initialised)."""
+
+    def __init__(self, parallel=None) -> None:
+        self.parallel = parallel
+        self.on = dist.is_initialized() and dist.get_world_size() > 1
+        if parallel is not None:
+            self.dp, self.dp_rank, self.dp_group = parallel.dp, parallel.dp_rank, parallel.dp_group
+            self.dp_cp_group = parallel.dp_cp_group
+            self.cp_group = parallel.cp.cp_group
+            self.tp_group, self.tp, self.tp_rank = parallel.tp_group, parallel.tp, parallel.tp_rank
+            self.cp_rank = parallel.cp.ssp_rank * parallel.cp.ulysses + parallel.cp.ulysses_rank
+        else:
+            self.dp, self.dp_rank, self.dp_group, self.dp_cp_group, self.cp_group = 1, 0, None, None, None
+            self.tp_group, self.tp, self.tp_rank, self.cp_rank = None, 1, 0, 0
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.is_main = self.rank == 0
+
+    def all_gather_1d(self, t: Tensor) -> Tensor:
+        if not self.on or self.dp == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.dp)]
+        dist.all_gather(parts, t.contiguous(), group=self.dp_group)
+        return torch.cat(parts)
+
+    def reduce_grads(self, params: List[torch.nn.Parameter]) -> None:
+        """Sum over DP x CP (CP ranks hold partial grads of one sample), divide by DP."""
+        if not self.on:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.dp_cp_group)
+        flat /= self.dp
+        off = 0
+        for g in grads:
+            g.copy_(flat[off: off + g.numel()].view_as(g))
+            off += g.numel()
+
+    def grad_norm(self, params: List[torch.nn.Parameter]) -> Tensor:
+        """Global L2 norm: TP-sharded adapters summed over TP, replicated ones counted once."""
+        dev = params[0].device
+        rep = torch.zeros((), device=dev, dtype=torch.float64)
+        shard = torch.zeros((), device=dev, dtype=torch.float64)
+        for p in params:
+            if p.grad is None:
+                continue
+            sq = p.grad.detach().double().pow(2).sum()
+            if getattr(p, "lora_tp_split", "none") != "none":
+                shard += sq
+            else:
+                rep += sq
+        if self.on and self.tp > 1:
+            dist.all_reduce(shard, group=self.tp_group)
+        return (rep + shard).sqrt()
+
+    def barrier(self) -> None:
+        if self.on:
+            dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------
+# trainer
+# --------------------------------------------------------------------------------------------
+class GRPOTrainer:
+    """Mix-GRPO on a DiT with LoRA. `model` (optional): a built model, else `build_model(cfg)`.
+
+    `reward`: optional callable videos, prompts -> {name: scores}; default from `gcfg.rewards`.
+    """
+
+    def __init__(self, cfg, gcfg: GRPOConfig, model: Optional[torch.nn.Module] = None, parallel=None,
+                 reward: Optional[MultiReward] = None, tracker=None, device=None) -> None:
+        self.cfg, self.g = cfg, gcfg
+        self.device = torch.device(device) if device is not None else (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+        if model is None:
+            from osp_megatron.models import build_model
+
+            model = build_model(cfg, parallel=parallel, device=self.device)
+        if parallel is None:
+            parallel = getattr(model, "parallel", None)
+        if parallel is not None and getattr(parallel, "pp", 1) > 1:
+            raise ValueError("osp-grpo does not support pipeline parallelism: set parallel.pipeline_parallel=1 "
+                             "(use tensor/context parallelism for large models)")
+        self.dist = _Dist(parallel)
+        self.model = model
+        self.model_dtype = next(model.parameters()).dtype
+        n = gcfg.prompts_per_iteration * gcfg.group_size
+        if n % self.dist.dp:
+            raise ValueError(f"grpo.prompts_per_iteration x grpo.group_size = {n} samples are not divisible by the "
+                             f"data-parallel size {self.dist.dp}: choose them so that DP divides the product")
+        self.num_samples, self.local_samples = n, n // self.dist.dp
+        self.lora_names = apply_lora(model, gcfg.lora.rank, gcfg.lora.alpha, gcfg.lora.targets, seed=gcfg.seed,
+                                     dropout=gcfg.lora.dropout)
+        self.params = lora_parameters(model)
+        self.optimizer = torch.optim.AdamW(self.params, lr=gcfg.lr, betas=(gcfg.adam_beta1, gcfg.adam_beta2),
+                                           eps=gcfg.adam_eps, weight_decay=gcfg.weight_decay)
+        self.schedule = WindowSchedule.from_config(gcfg)
+        self.reward = reward if reward is not None else MultiReward(gcfg.rewards)
+        self.prompts = self._load_prompts()
+        text_dim = int(getattr(getattr(model, "config", None), "text_dim", 0) or self._text_dim_from_model())
+        if gcfg.text_source == "random":
+            self.text = RandomTextEmbedder(gcfg.text_len, text_dim)
+        else:
+            self.text = EncoderTextEmbedder(cfg.encoders.text_encoder, self.device, gcfg.text_len, text_dim)
+        self._decoder = None
+        self.null_text = self.text.null().to(self.device) if gcfg.cfg_scale != 1.0 else None
+        self.latent_shape = [int(getattr(getattr(model, "config", None), "in_channels", 16))] + list(gcfg.latent_shape)
+        self.run_dir = Path(cfg.train.run_dir)
+        self.ckpt_root = self.run_dir / CKPT_SUBDIR
+        self.tracker = tracker
+        self.iteration = 0
+        self.history: List[Dict[str, float]] = []
+
+    # ------------------------------------------------------------------ setup helpers
+    def _text_dim_from_model(self) -> int:
+        emb = getattr(self.model, "text_embedding", None)
+        if emb is not None and hasattr(emb, "linear_1"):
+            return emb.linear_1.in_features
+        raise ValueError("cannot infer the model's text_dim: pass a model with config.text_dim")
+
+    def _load_prompts(self) -> List[str]:
+        if self.g.prompts_file:
+            path = Path(self.g.prompts_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"grpo.prompts_file={str(path)!r} not found: give a text file, one prompt a line")
+            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            if not prompts:
+                raise ValueError(f"grpo.prompts_file={str(path)!r} has no prompts")
+            return prompts
+        return list(self.g.prompts)
+
+    def decoder(self) -> Callable[[Tensor], Tensor]:
+        if self._decoder is None:
+            if self.g.decoder == "preview":
+                self._decoder = LatentPreviewDecoder(self.latent_shape[0], seed=0)
+            else:
+                from osp_megatron.encoders import load_vae
+
+                vae = load_vae(self.cfg.encoders.vae, device=self.device)
+                self._decoder = vae.decode
+        return self._decoder
+
+    def velocity_fn(self, text: Tensor):
+        dtype = self.model_dtype
+
+        def call(x, timestep, t):
+            return self.model(x.to(dtype), timestep, t.to(dtype)).float()
+
+        null = self.null_text
+        return cfg_velocity_fn(call, text.to(self.device), null, self.g.cfg_scale)
+
+    # ------------------------------------------------------------------ one iteration
+    def iteration_prompts(self, it: int) -> List[int]:
+        """Prompt index of every prompt slot of iteration `it` (same on every rank)."""
+        rng = random.Random(hash_ints(self.g.seed, it, 0xF0))
+        return [rng.randrange(len(self.prompts)) for _ in range(self.g.prompts_per_iteration)]
+
+    def local_ids(self) -> List[int]:
+        r = self.dist.dp_rank
+        return list(range(r * self.local_samples, (r + 1) * self.local_samples))
+
+    def plan_for(self, it: int) -> RolloutPlan:
+        g = self.g
+        return make_plan(g.steps, g.shift, self.schedule.window(it), self.schedule.trained_steps(it), g.noise_level,
+                         g.eta, g.flash.enabled, g.flash.compression, g.flash.order)
+
+    def collect(self, it: int, plan: RolloutPlan):
+        """Rollouts of this rank's samples -> dict of stored transitions, prompts, text, per-reward scores."""
+        g = self.g
+        ids = self.local_ids()
+        slots = self.iteration_prompts(it)
+        prompt_of = [self.prompts[slots[j // g.group_size]] for j in ids]
+        noise = NoiseSource(g.seed, it, group=self.dist.cp_group)
+        self.model.eval()
+        lat, nxt, lps, finals = [], [], [], []
+        for k in range(0, len(ids), g.rollout_batch):
+            mb = ids[k: k + g.rollout_batch]
+            init_ids = [j // g.group_size for j in mb] if g.init_same_noise else [1_000_000 + j for j in mb]
+            x0 = noise.initial(self.latent_shape, init_ids, self.device)
+            text = self.text.encode(prompt_of[k: k + g.rollout_batch])
+            res = rollout(self.velocity_fn(text), x0, plan,
+                          lambda step, mb=mb: noise.sde(self.latent_shape, mb, step, self.device))
+            lat.append(res.latents)
+            nxt.append(res.next_latents)
+            lps.append(res.log_probs)
+            finals.append(res.final)
+        final = torch.cat(finals)
+        with torch.no_grad():
+            videos = self.decoder()(final)
+            scores = self.reward(videos, prompt_of)
+        return {"ids": ids, "prompts": prompt_of, "latents": torch.cat(lat), "next_latents": torch.cat(nxt),
+                "old_log_probs": torch.cat(lps), "scores": scores, "final": final}
+
+    def advantages(self, it: int, scores: Dict[str, Tensor]):
+        """All-gather each reward over DP -> advantages for all samples -> (local slice [n_local], global rewards)."""
+        g = self.g
+        gathered = {k: self.dist.all_gather_1d(v.float().to(self.device)).cpu() for k, v in scores.items()}
+        group_ids = torch.arange(self.num_samples) // g.group_size
+        adv, combined = combine_rewards(gathered, self.reward.weights, group_ids, g.reward_mix, norm=g.adv_norm,
+                                        eps=g.adv_eps, clip=g.adv_clip_max, unbiased=g.adv_unbiased_std)
+        if g.shuffle_advantages:
+            adv = shuffled(adv, torch.Generator().manual_seed(hash_ints(g.seed, it, 0x5F)))
+        ids = self.local_ids()
+        return adv[ids[0]: ids[-1] + 1], gathered, combined
+
+    def train_on(self, batch: Dict[str, Any], adv: Tensor, plan: RolloutPlan) -> Dict[str, float]:
+        g = self.g
+        self.model.train()
+        n = len(batch["ids"])
+        steps = list(plan.trained)
+        chunks = [list(c) for c in torch.arange(n).chunk(g.updates_per_iteration) if len(c)]
+        stats = {"ratio_mean": [], "clip_frac": [], "approx_kl": [], "policy_loss": [], "kl": [], "grad_norm": []}
+        for chunk in chunks:
+            self.optimizer.zero_grad(set_to_none=True)
+            micro = [chunk[k: k + g.train_batch] for k in range(0, len(chunk), g.train_batch)]
+            scale = 1.0 / (len(steps) * len(micro))
+            for mb in micro:
+                idx = torch.tensor(mb)
+                text = self.text.encode([batch["prompts"][i] for i in mb])
+                fn = self.velocity_fn(text)
+                a = adv[idx].to(self.device)
+                for ki, step in enumerate(steps):
+                    x = batch["latents"][idx, ki].to(self.device)
+                    x_next = batch["next_latents"][idx, ki].to(self.device)
+                    old = batch["old_log_probs"][idx, ki].to(self.device)
+                    lp, mean, std = transition_log_prob(fn, x, x_next, plan, step)
+                    loss, st = ppo_clip_loss(lp, old, a, g.clip_range)
+                    if g.kl_beta > 0:
+                        with torch.no_grad(), lora_disabled(self.model):
+                            _, mean_ref, _ = transition_log_prob(fn, x, x_next, plan, step)
+                        kl = kl_penalty(mean, mean_ref, std, g.kl_beta)
+                        loss = loss + kl
+                        stats["kl"].append(float(kl) / g.kl_beta)
+                    (loss * scale).backward()
+                    for key in ("ratio_mean", "clip_frac", "approx_kl", "policy_loss"):
+                        stats[key].append(getattr(st, key))
+            self.dist.reduce_grads(self.params)
+            norm = self.dist.grad_norm(self.params)
+            if g.clip_grad > 0 and math.isfinite(float(norm)):
+                coef = min(1.0, g.clip_grad / (float(norm) + 1e-6))
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+            stats["grad_norm"].append(float(norm))
+            if math.isfinite(float(norm)):
+                self.optimizer.step()
+        return {k: (sum(v) / len(v)) for k, v in stats.items() if v}
+
+    def step(self) -> Dict[str, float]:
+        """One GRPO iteration; returns its metrics."""
+        it = self.iteration
+        t0 = time.perf_counter()
+        plan = self.plan_for(it)
+        batch = self.collect(it, plan)
+        t1 = time.perf_counter()
+        adv, gathered, combined = self.advantages(it, batch["scores"])
+        m = self.train_on(batch, adv, plan)
+        t2 = time.perf_counter()
+        window = self.schedule.window(it)
+        flash_post = plan.count("dpm") if self.g.flash.enabled else None
+        nfe = count_nfe(self.g.steps, window, len(plan.trained), flash_post, self.g.cfg_scale, self.g.kl_beta > 0,
+                        self.num_samples)
+        metrics = {f"grpo/{k}": v for k, v in m.items()}
+        metrics.update(reward_stats(gathered))
+        metrics["reward/combined/mean"] = float(combined.mean())
+        metrics["reward/combined/std"] = float(combined.std())
+        metrics["window/start"] = float(window.start)
+        metrics["window/trained_steps"] = float(len(plan.trained))
+        metrics.update({f"nfe/{k}": float(v) for k, v in nfe.as_dict().items()})
+        metrics["time/rollout_s"] = t1 - t0
+        metrics["time/train_s"] = t2 - t1
+        metrics["time/iteration_s"] = t2 - t0
+        self.iteration += 1
+        return metrics
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, seeds: Optional[int] = None, steps: Optional[int] = None) -> Dict[str, float]:
+        """Mean reward of deterministic Euler samples from fixed seeds for every prompt (same on every rank)."""
+        g = self.g
+        seeds = seeds or g.eval_seeds
+        self.model.eval()
+        prompts = [p for p in self.prompts for _ in range(seeds)]
+        text = self.text.encode(prompts)
+        x0 = torch.stack([seeded_noise(self.latent_shape, hash_ints(g.seed, 0xE7A1, i)) for i in range(len(prompts))])
+        final = ode_sample(self.velocity_fn(text), x0.to(self.device), steps or g.steps, g.shift)
+        scores = self.reward(self.decoder()(final), prompts)
+        out = {f"eval/{k}": float(v.mean()) for k, v in scores.items()}
+        total = sum(self.reward.weights.values())
+        out["eval/combined"] = float(sum(self.reward.weights[k] / total * v.mean() for k, v in scores.items()))
+        return out
+
+    # ------------------------------------------------------------------ checkpoint / resume
+    def _shard_name(self) -> str:
+        return f"lora_tp{self.dist.tp_rank:02d}.pt"
+
+    def save(self, run_id: Optional[str] = None) -> Path:
+        """`<run_dir>/grpo_checkpoints/iter_XXXXXXX/` (written to a tmp dir, then renamed) + atomic `latest`."""
+        name = f"iter_{self.iteration:07d}"
+        final = self.ckpt_root / name
+        tmp = self.ckpt_root / f".tmp_{name}"
+        writer = self.dist.dp_rank == 0 and self.dist.cp_rank == 0
+        if self.dist.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        self.dist.barrier()
+        if writer:
+            torch.save({"lora": lora_state_dict(self.model), "optimizer": self.optimizer.state_dict()},
+                       tmp / self._shard_name())
+        self.dist.barrier()
+        if self.dist.is_main:
+            meta = {"iteration": self.iteration, "window": self.schedule.state_dict(), "run_id": run_id,
+                    "python_random": repr(random.getstate()), "grpo": asdict(self.g), "tp": self.dist.tp,
+                    "lora_modules": self.lora_names}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+            torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            latest_tmp = self.ckpt_root / "latest.tmp"
+            latest_tmp.write_text(name + "\n")
+            os.replace(latest_tmp, self.ckpt_root / "latest")
+        self.dist.barrier()
+        return final
+
+    def latest_checkpoint(self) -> Optional[Path]:
+        pointer = self.ckpt_root / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.ckpt_root / pointer.read_text().strip()
+        if not path.is_dir():
+            raise FileNotFoundError(f"{pointer} points to {path}, which does not exist: remove the pointer or restore "
+                                    "the checkpoint directory")
+        return path
+
+    def load(self, path: Path) -> Dict[str, Any]:
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("tp", 1) != self.dist.tp:
+            raise ValueError(f"checkpoint {path} was written at TP={meta.get('tp')} but this run has TP={self.dist.tp}: "
+                             "resume with the same parallel.tensor_parallel")
+        self.schedule.check_state(meta["window"])
+        shard = torch.load(path / self._shard_name(), map_location="cpu", weights_only=False)
+        load_lora_state_dict(self.model, shard["lora"])
+        self.optimizer.load_state_dict(shard["optimizer"])
+        rng = torch.load(path / "rng.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        self.iteration = int(meta["iteration"])
+        return meta
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, iterations: Optional[int] = None, resume: bool = True, track: bool = True) -> List[Dict[str, float]]:
+        """Run until `iterations` (default grpo.iterations) with eval, logging, checkpoints; returns the metrics."""
+        g = self.g
+        total = iterations if iterations is not None else g.iterations
+        run_id = None
+        if resume:
+            path = self.latest_checkpoint()
+            if path is not None:
+                run_id = self.load(path).get("run_id")
+                if self.dist.is_main:
+                    print(f"[osp-grpo] resumed from {path} at iteration {self.iteration}", flush=True)
+        if track and self.tracker is None:
+            from osp_megatron.training.tracking import Tracker
+
+            self.tracker = Tracker(self.cfg.tracking, self.run_dir, enabled=self.dist.is_main, run_id=run_id)
+            if self.tracker.active and run_id is None:
+                params = {f"grpo.{k}": v for k, v in _flatten(asdict(g)).items()}
+                self.tracker.log_params(params)
+        tr = self.tracker
+        run_id = getattr(tr, "run_id", None)
+        while self.iteration < total:
+            it = self.iteration
+            metrics: Dict[str, float] = {}
+            if g.eval_interval and it % g.eval_interval == 0:
+                metrics.update(self.evaluate())
+            metrics.update(self.step())
+            self.history.append(metrics)
+            if tr is not None:
+                tr.log_metrics(metrics, step=it)
+                if it % g.log_interval == 0:
+                    tr.console(format_grpo_progress(it, total, metrics))
+            if g.save_interval and self.iteration % g.save_interval == 0 and self.iteration < total:
+                self.save(run_id)
+        final: Dict[str, float] = {}
+        if g.eval_interval:
+            final = self.evaluate()
+            if tr is not None:
+                tr.log_metrics(final, step=self.iteration)
+        self.history.append(final) if final else None
+        self.save(run_id)
+        if tr is not None:
+            tr.finish()
+        return self.history
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def format_grpo_progress(it: int, total: int, m: Dict[str, float]) -> str:
+    parts = [f"iter {it + 1}/{total}", f"reward {m.get('reward/combined/mean', float('nan')):.4f}"]
+    if "eval/combined" in m:
+        parts.append(f"eval {m['eval/combined']:.4f}")
+    parts.append(f"window {int(m.get('window/start', 0))}")
+    if "grpo/clip_frac" in m:
+        parts.append(f"clip {m['grpo/clip_frac']:.2f}")
+    if "grpo/kl" in m:
+        parts.append(f"kl {m['grpo/kl']:.2e}")
+    parts.append(f"nfe {int(m.get('nfe/nfe_per_iteration', 0))}")
+    parts.append(f"{m.get('time/iteration_s', 0.0):.2f} s/it")
+    return " | ".join(parts)

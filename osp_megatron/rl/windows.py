@@ -1,0 +1,182 @@
+"""SDE windows over the denoising steps, the MixGRPO-Flash compressed grid, and NFE accounting.
+
+Step `i` of an N-step grid goes from `sigmas[i]` to `sigmas[i+1]`. A window is `[start, start+size)`; every window
+lies inside `[0, limit)` (MixGRPO: limit = N - 2). The schedule is a pure function of the iteration (and the seed
+for `random`), so resume needs only the iteration number.
+
+progressive: the start moves by `stride` every `shift_interval` iterations; once it would leave `[0, limit-size]`
+it goes back to 0 (`roll_back`) or stays at `limit-size`. fixed: always `start`. random: uniform in
+`[0, limit-size]`, drawn from (seed, iteration).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from osp_megatron.diffusion.samplers import flow_sigmas, shift_sigmas
+
+
+@dataclass(frozen=True)
+class Window:
+    start: int
+    size: int
+
+    @property
+    def steps(self) -> Tuple[int, ...]:
+        return tuple(range(self.start, self.start + self.size))
+
+    @property
+    def end(self) -> int:
+        """One past the last window step (= index of the sigma the window ends at)."""
+        return self.start + self.size
+
+
+class WindowSchedule:
+    """Window for each iteration. `window(it)` is pure; `trained_steps(it)` picks the trained subset."""
+
+    def __init__(self, strategy: str, size: int, num_steps: int, start: int = 0, shift_interval: int = 1,
+                 stride: int = 1, roll_back: bool = True, limit: Optional[int] = None, trained_steps: int = 0,
+                 trained_select: str = "first", seed: int = 0) -> None:
+        self.strategy = strategy
+        self.size = size
+        self.num_steps = num_steps
+        self.start = start
+        self.shift_interval = shift_interval
+        self.stride = stride
+        self.roll_back = roll_back
+        self.limit = limit if limit is not None else max(num_steps - 2, 1)
+        self.trained = trained_steps if trained_steps > 0 else size
+        self.trained_select = trained_select
+        self.seed = seed
+        if strategy not in ("fixed", "progressive", "random"):
+            raise ValueError(f"window strategy {strategy!r}: use fixed, progressive or random")
+        if not 1 <= size <= self.limit <= num_steps:
+            raise ValueError(f"window size={size}, limit={self.limit}, steps={num_steps}: need 1 <= size <= limit <= steps")
+        if not 0 <= start <= self.limit - size:
+            raise ValueError(f"window start={start}: must be in [0, {self.limit - size}]")
+
+    @classmethod
+    def from_config(cls, c) -> "WindowSchedule":
+        w = c.window
+        return cls(w.strategy, w.size, c.steps, w.start, w.shift_interval, w.stride, w.roll_back, w.limit,
+                   w.trained_steps, w.trained_select, c.seed)
+
+    @property
+    def max_start(self) -> int:
+        return self.limit - self.size
+
+    def window(self, iteration: int) -> Window:
+        if self.strategy == "fixed":
+            return Window(self.start, self.size)
+        if self.strategy == "random":
+            rng = random.Random(hash_ints(self.seed, iteration, 0x57A27))
+            return Window(rng.randint(0, self.max_start), self.size)
+        start = self.start
+        for _ in range(iteration // self.shift_interval):
+            start += self.stride
+            if start > self.max_start:
+                start = 0 if self.roll_back else self.max_start
+        return Window(start, self.size)
+
+    def trained_steps(self, iteration: int) -> Tuple[int, ...]:
+        steps = self.window(iteration).steps
+        if self.trained >= len(steps):
+            return steps
+        if self.trained_select == "first":
+            return steps[: self.trained]
+        rng = random.Random(hash_ints(self.seed, iteration, 0x7EA1))
+        return tuple(sorted(rng.sample(list(steps), self.trained)))
+
+    def state_dict(self) -> Dict[str, object]:
+        return {"strategy": self.strategy, "size": self.size, "start": self.start, "stride": self.stride,
+                "shift_interval": self.shift_interval, "roll_back": self.roll_back, "limit": self.limit}
+
+    def check_state(self, state: Dict[str, object]) -> None:
+        """Resume guard: the saved schedule must equal this one (else the window history would jump)."""
+        mine = self.state_dict()
+        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if diff:
+            raise ValueError(f"checkpoint window schedule differs from the config: {diff} (saved, config); "
+                             "restore the grpo.window settings or start a new run_dir")
+
+
+def hash_ints(*values: int) -> int:
+    """Deterministic 63-bit mix of integers (same on every rank and process; no Python hash randomisation)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h ^= (int(v) + 0x9E3779B97F4A7C15 + ((h << 6) & 0xFFFFFFFFFFFFFFFF) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
+        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+# --------------------------------------------------------------------------------------------
+# MixGRPO-Flash grid
+# --------------------------------------------------------------------------------------------
+def flash_sigmas(steps: int, shift: float, window: Window, compression: float) -> Tuple[torch.Tensor, int]:
+    """Grid for MixGRPO-Flash. Returns (sigmas, first DPM step index).
+
+    Keeps the shifted N-step grid up to the window end `e = start+size` (`sigmas[0..e]`), then replaces the rest by
+    `num_post = max(int((N - L)·compression), 2)` points (L = e-1, the last window step) spaced
+    `linspace(t_e, 0, num_post)` in un-shifted time and shifted with the same shift: `num_post - 1` DPM steps,
+    continuous at the junction. (MixGRPO uses max(·, 1); 2 keeps at least one step to σ=0.)
+    """
+    base = flow_sigmas(steps, shift)
+    e = window.end
+    if e >= steps:
+        return base, steps
+    last = e - 1
+    num_post = max(int((steps - last) * compression), 2)
+    t_e = 1.0 - e / steps  # un-shifted time of sigmas[e]
+    post = shift_sigmas(torch.linspace(t_e, 0.0, num_post, dtype=torch.float64), shift)
+    return torch.cat([base[: e + 1], post[1:]]), e
+
+
+# --------------------------------------------------------------------------------------------
+# NFE accounting
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NFECount:
+    """Model evaluations per sample (before the CFG factor) and per iteration (with it)."""
+
+    ode_before: int
+    sde: int
+    ode_after: int
+    train: int  # forward+backward passes per sample
+    reference: int  # extra forward passes for the KL reference
+    cfg_factor: int
+    samples: int
+
+    @property
+    def rollout_per_sample(self) -> int:
+        return self.ode_before + self.sde + self.ode_after
+
+    @property
+    def per_sample(self) -> int:
+        return self.rollout_per_sample + self.train + self.reference
+
+    @property
+    def per_iteration(self) -> int:
+        return self.per_sample * self.cfg_factor * self.samples
+
+    def as_dict(self) -> Dict[str, int]:
+        return {"nfe_rollout_per_sample": self.rollout_per_sample, "nfe_train_per_sample": self.train,
+                "nfe_reference_per_sample": self.reference, "nfe_per_sample": self.per_sample,
+                "nfe_per_iteration": self.per_iteration}
+
+
+def count_nfe(steps: int, window: Window, trained: int, flash_post_steps: Optional[int], cfg_scale: float,
+              kl: bool, samples: int) -> NFECount:
+    """NFE of one GRPO iteration: Euler before the window, SDE inside, Euler (or `flash_post_steps` DPM steps)
+    after; `trained` forward+backward passes per sample; `trained` reference passes with KL; x2 with CFG."""
+    after = steps - window.end if flash_post_steps is None else flash_post_steps
+    return NFECount(window.start, window.size, after, trained, trained if kl else 0,
+                    2 if cfg_scale != 1.0 else 1, samples)
+
+
+def window_history(schedule: WindowSchedule, iterations: int) -> List[int]:
+    """Window start of iterations 0..iterations-1 (for plots and tests)."""
+    return [schedule.window(i).start for i in range(iterations)]
