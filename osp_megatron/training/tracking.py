@@ -63,9 +63,9 @@ def format_progress(step: int, total: int, m: Dict[str, float]) -> str:
     if "samples_per_s" in m:
         parts.append(f"{m['samples_per_s']:.2f} samples/s")
     if "tflops_per_device" in m:
-        parts.append(f"{m['tflops_per_device']:.2f} TFLOP/s/dev")
+        parts.append(f"{m['tflops_per_device']:.3g} TFLOP/s/dev")
     if "mfu" in m:
-        parts.append(f"MFU {100 * m['mfu']:.1f}%")
+        parts.append(f"MFU {100 * m['mfu']:.3g}%")
     if m.get("nonfinite_steps_total"):
         parts.append(f"nonfinite {int(m['nonfinite_steps_total'])}")
     if m.get("data_skipped_samples"):

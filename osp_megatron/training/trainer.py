@@ -33,7 +33,7 @@ from osp_megatron.training.ema import EMA, unwrap
 from osp_megatron.training.flops import model_flops_per_sample, train_flops_per_sample
 from osp_megatron.training.tracking import Tracker, format_progress
 
-OPT_SHARDING = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+OPT_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 class NonFiniteStop(RuntimeError):
@@ -66,6 +66,22 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch; on CUDA also megatron's per-TP-rank tracker.
+
+    The DiT has no dropout, so on CPU the tracker stays empty (recompute saves/restores an empty set); seeding
+    goes through `torch.default_generator` directly, bypassing torch.cuda.* which the CPU shims replace.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_available():
+        from megatron.core import tensor_parallel
+
+        torch.cuda.manual_seed_all(seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
 def _all_gather_object(obj: Any, group=None) -> List[Any]:
@@ -161,10 +177,7 @@ class Trainer:
 
         # identical init on every DP rank; megatron's tracker gives per-TP-rank streams
         seed = t.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        seed_everything(seed)
 
         def build():
             return build_model(cfg, parallel=self.ps, pre_process=parallel_state.is_pipeline_first_stage(),
@@ -197,6 +210,7 @@ class Trainer:
             lr_warmup_steps=t.warmup_steps, lr_decay_steps=t.steps,
             lr_decay_style="constant" if t.lr_schedule == "constant" else "cosine",
             start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=t.steps, wd_incr_style="constant",
+            use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,  # config wins on resume
         )
         self.ema = EMA(build, model, t.ema_decay, t.ema_interval) if t.ema_decay > 0 else None
         if self.ema is not None:
@@ -295,6 +309,30 @@ class Trainer:
         self.info(f"[osp-train] checkpoint step {self.step} -> {self.checkpointer.root} ({time.time() - t0:.1f} s"
                   + (", async" if self.checkpointer.async_save else "") + ")")
 
+    def _materialize_optimizer_state(self) -> None:
+        """Give a fresh distributed optimizer its Adam state tensors (placeholders, overwritten by the load):
+        megatron's DistributedOptimizer.state_dict() needs them with torch's AdamW (no TE/Apex)."""
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = getattr(opt, "optimizer", None)
+            if hasattr(opt, "_init_optimizer_states_with_dummy_values") and inner is not None and not inner.state:
+                opt._init_optimizer_states_with_dummy_values()
+
+    def _restore_adam_step(self) -> None:
+        """torch AdamW keeps a per-parameter 'step'; megatron 0.16's DistributedOptimizer restores it into the
+        param groups but its dp_reshardable param-state copy then overwrites the per-param tensors with the
+        placeholder's value. Put the saved group step back (bias correction must continue exactly)."""
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = getattr(opt, "optimizer", None)
+            if inner is None:
+                continue
+            for group in inner.param_groups:
+                if "step" not in group or group["step"] is None:
+                    continue
+                for p in group["params"]:
+                    st = inner.state.get(p)
+                    if st and "step" in st:
+                        st["step"] = torch.tensor(float(group["step"]), dtype=st["step"].dtype, device=st["step"].device)
+
     def _maybe_resume(self) -> bool:
         if not self.cfg.train.resume:
             return False
@@ -302,10 +340,13 @@ class Trainer:
         ckpt = self.checkpointer.latest_dir()
         if ckpt is None:
             return False
+        self._materialize_optimizer_state()
         loaded = self.checkpointer.load(ckpt, self._sharded_state(loading=True))
         model = unwrap(self.model)
-        model.load_state_dict(loaded["model"], strict=False)
-        self.optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # fp32 main params are views of leaf params: copy in place without autograd
+            model.load_state_dict(loaded["model"], strict=False)
+            self.optimizer.load_state_dict(loaded["optimizer"])
+            self._restore_adam_step()
         if self.ema is not None:
             if "ema" not in loaded:
                 raise CheckpointError(f"checkpoint {ckpt} has no EMA weights but train.ema_decay > 0; set ema_decay=0")
@@ -435,8 +476,8 @@ class Trainer:
                     params = opt.get_parameters()
                     if params:
                         clip_grad_by_total_norm_fp32(params, max_norm=t.clip_grad, total_norm=grad_norm)
+            self.scheduler.step(increment=1)  # the LR of update number `updates + 1` (warmup starts above 0)
             self.optimizer.step_with_ready_grads()
-            self.scheduler.step(increment=1)
             self.updates += 1
             if self.ema is not None:
                 self.ema.update(self.model, self.updates)
@@ -571,6 +612,7 @@ class Trainer:
 
     def close(self) -> None:
         try:
-            self.checkpointer.close()
+            if hasattr(self, "checkpointer"):
+                self.checkpointer.close()
         finally:
             shutdown_writer_manager()
