@@ -62,10 +62,10 @@ def _amax_torch(x: torch.Tensor) -> torch.Tensor:
 
 
 def _qdq_torch(
-    x: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype, rounding: str, seed: int
+    x: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype, rounding: str, seed: int, saturate: bool = False
 ) -> torch.Tensor:
     xs = x.detach().float() * scale
-    q = hif8_round(xs, rounding=rounding, seed=seed)
+    q = hif8_round(xs, saturate=saturate, rounding=rounding, seed=seed)
     return (q / scale).to(out_dtype)
 
 
@@ -235,6 +235,7 @@ def _launch_qdq(
     seed: int,
     from_amax: bool,
     amax_bits: Optional[torch.Tensor],
+    saturate: bool = False,
 ) -> torch.Tensor:
     xc = x.detach().contiguous()
     y = torch.empty(xc.shape, dtype=out_dtype, device=x.device)
@@ -258,7 +259,7 @@ def _launch_qdq(
         SCALE_FROM_AMAX=from_amax,
         RECORD_AMAX=amax_bits is not None,
         HYBRID=rounding == "hybrid",
-        SATURATE=False,
+        SATURATE=saturate,
         ASM_DIV=not _INTERPRET,
         MANUAL_BF16=manual_bf16,
         num_warps=4,
@@ -290,19 +291,23 @@ def qdq_with_scale(
     rounding: str = "ta",
     seed: int = 0,
     record_amax: bool = False,
+    saturate: bool = False,
     backend: str = "auto",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One pass with a known fp32 0-dim `scale` (delayed scaling): (y, amax of x if record_amax else None)."""
+    """One pass with a known fp32 0-dim `scale` (delayed scaling): (y, amax of x if record_amax else None).
+
+    saturate: values whose scaled magnitude rounds past 32768 (and +-Inf) become +-32768 instead of +-Inf.
+    """
     out_dtype = _check(x, out_dtype, rounding)
     if _use_triton(x, backend):
         bits = torch.zeros(1, dtype=torch.int32, device=x.device) if record_amax else None
-        y = _launch_qdq(x, scale, 0.0, out_dtype, rounding, seed, False, bits)
+        y = _launch_qdq(x, scale, 0.0, out_dtype, rounding, seed, False, bits, saturate)
         amax = None
         if record_amax:
             amax = bits.view(torch.float32)[0]
             amax = torch.where(torch.isnan(amax), torch.full_like(amax, float("nan")), amax)
         return y, amax
-    y = _qdq_torch(x, scale.float(), out_dtype, rounding, seed)
+    y = _qdq_torch(x, scale.float(), out_dtype, rounding, seed, saturate)
     return y, (_amax_torch(x) if record_amax else None)
 
 

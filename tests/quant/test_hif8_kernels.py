@@ -89,6 +89,9 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         y1, m1 = K.qdq_with_scale(xf, torch.tensor(3.7), record_amax=True, backend="triton")
         y0, m0 = K.qdq_with_scale(xf, torch.tensor(3.7), record_amax=True, backend="torch")
         assert torch.equal(bits(y1), bits(y0)) and m1.item() == m0.item()
+        y1, _ = K.qdq_with_scale(xf, torch.tensor(1e4), torch.float32, saturate=True, backend="triton")
+        y0, _ = K.qdq_with_scale(xf, torch.tensor(1e4), torch.float32, saturate=True, backend="torch")
+        assert torch.equal(bits(y1), bits(y0)) and torch.isfinite(y1).all()
     print("OK")
     """
 )

@@ -1,0 +1,239 @@
+"""HiF8 linear layers (megatron tensor-parallel drop-ins) and HiF8 Q/K/V for attention.
+
+`hif8_linear_tp` is megatron's `LinearWithGradAccumulationAndAsyncCommunication` with HiF8 fake quantization:
+
+    forward:   x_q = Q_fwd(x), W_q = Q_fwd(W);  y = x_q @ W_q^T + b           (x_q, W_q saved)
+    backward:  g_q = Q_bwd(dy);  dgrad = g_q @ W_q;  wgrad = g_q^T @ x_q;  dbias = sum(g_q)
+
+Q_* is the active recipe's per-tensor quantize-dequantize (`recipes.py`). Layouts: x [s, b, K] (or [n, K]),
+W [N, K] (torch.nn.functional.linear layout), y [s, b, N].
+
+Tensor parallel: megatron's communication is kept as is (copy_to / reduce_from / gather / scatter in the
+module's forward; the sequence-parallel all-gather of x and reduce-scatter of dgrad, or the dgrad all-reduce,
+inside the autograd function). The amax of every tensor that is a TP shard is all-reduced (MAX) over the
+module's TP group before scaling, so each shard is scaled like the whole tensor and TP>1 quantizes exactly as
+TP=1 does:
+    column-parallel: W (rows split), dy (columns split), x only under sequence parallelism (rows split);
+    row-parallel:    W (columns split), x (columns split); dy is replicated.
+Under sequence parallelism the local x shard is quantized (with the global amax) and the quantized shard is
+all-gathered, which equals quantizing the gathered tensor.
+
+The subclasses quantize only while a recipe is active (`recipes.active_recipe()`) and their
+`quantize_enabled` flag is True (the model clears it for bf16 first/last blocks); otherwise they run
+megatron's own path unchanged.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Optional, Sequence, Tuple
+
+import torch
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import _gather_along_first_dim, _reduce_scatter_along_first_dim
+
+from osp_megatron.quant.recipes import active_recipe
+
+_KEYS = itertools.count()
+
+
+def _tp_size(group: Optional[torch.distributed.ProcessGroup]) -> int:
+    if group is None or not torch.distributed.is_initialized():
+        return 1
+    return torch.distributed.get_world_size(group)
+
+
+class _HiF8LinearFn(torch.autograd.Function):
+    """See module docstring. Returns the [.., N] output; grads for input, weight, bias."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        input: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        recipe: Any,
+        key: Any,
+        tp_group: Optional[torch.distributed.ProcessGroup],
+        allreduce_dgrad: bool,
+        sequence_parallel: bool,
+        x_sharded: bool,
+        w_sharded: bool,
+        g_sharded: bool,
+    ) -> torch.Tensor:
+        tp = _tp_size(tp_group)
+        reduce = tp_group if tp > 1 else None
+        x_q = recipe.quantize(input, "input", key, reduce if x_sharded else None)
+        w_q = recipe.quantize(weight, "weight", key, reduce if w_sharded else None)
+        total = _gather_along_first_dim(x_q, tp_group) if (sequence_parallel and tp > 1) else x_q
+        out = torch.matmul(total, w_q.t())
+        if bias is not None:
+            out = out + bias
+        ctx.save_for_backward(x_q, w_q)
+        ctx.recipe, ctx.key, ctx.tp_group = recipe, key, tp_group
+        ctx.allreduce_dgrad = allreduce_dgrad and tp > 1
+        ctx.sequence_parallel = sequence_parallel and tp > 1
+        ctx.g_sharded = g_sharded
+        ctx.use_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        x_q, w_q = ctx.saved_tensors
+        tp_group = ctx.tp_group
+        reduce = tp_group if _tp_size(tp_group) > 1 and ctx.g_sharded else None
+        g_q = ctx.recipe.quantize(grad_output.contiguous(), "grad_output", ctx.key, reduce)
+        total = _gather_along_first_dim(x_q, tp_group) if ctx.sequence_parallel else x_q
+        grad_input = g_q.matmul(w_q)
+        if ctx.sequence_parallel:
+            grad_input = _reduce_scatter_along_first_dim(grad_input, tp_group)
+        elif ctx.allreduce_dgrad:
+            torch.distributed.all_reduce(grad_input, group=tp_group)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            g2 = g_q.reshape(-1, g_q.shape[-1])
+            grad_weight = g2.t().matmul(total.reshape(-1, total.shape[-1]))
+        grad_bias = g_q.reshape(-1, g_q.shape[-1]).sum(dim=0) if ctx.use_bias else None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+
+
+def hif8_linear_tp(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    *,
+    recipe: Any,
+    key: Any,
+    tp_group: Optional[torch.distributed.ProcessGroup] = None,
+    allreduce_dgrad: bool = False,
+    sequence_parallel: bool = False,
+    x_sharded: bool = False,
+    w_sharded: bool = False,
+    g_sharded: bool = False,
+) -> torch.Tensor:
+    """HiF8 linear with megatron's TP communication (see module docstring); input [.., K], weight [N, K]."""
+    return _HiF8LinearFn.apply(
+        input, weight, bias, recipe, key, tp_group, allreduce_dgrad, sequence_parallel, x_sharded, w_sharded, g_sharded
+    )
+
+
+def hif8_linear(
+    input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, recipe: Any = None, key: Any = None
+) -> torch.Tensor:
+    """Single-device HiF8 linear: y = Q(x) @ Q(W)^T + b with quantized grad_output (recipe: active one)."""
+    recipe = recipe if recipe is not None else active_recipe()
+    if recipe is None:
+        return torch.nn.functional.linear(input, weight, bias)
+    return hif8_linear_tp(input, weight, bias, recipe=recipe, key=key if key is not None else "hif8_linear")
+
+
+def _check_megatron_kwargs(kwargs: dict, cls: str) -> None:
+    if kwargs.get("gradient_accumulation_fusion"):
+        raise NotImplementedError(
+            f"{cls}: gradient_accumulation_fusion (fused main_grad wgrad) is not implemented for HiF8 linears; "
+            "set TransformerConfig.gradient_accumulation_fusion=False"
+        )
+    if kwargs.get("grad_output_buffer") is not None:
+        raise NotImplementedError(f"{cls}: defer_embedding_wgrad_compute is not supported for HiF8 linears")
+
+
+class HiF8ColumnParallelLinear(ColumnParallelLinear):
+    """megatron ColumnParallelLinear whose GEMMs run on HiF8-quantized operands while a recipe is active.
+
+    Same constructor and forward as megatron's (forward returns (output, bias)); W [N/tp, K].
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.quantize_enabled = True
+        self.hif8_key = f"col{next(_KEYS)}"
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        recipe = active_recipe()
+        if recipe is None or not self.quantize_enabled or self.explicit_expert_comm:
+            return super()._forward_impl(input, weight, *args, **kwargs)
+        if args:
+            raise TypeError("HiF8ColumnParallelLinear._forward_impl expects keyword arguments (as megatron passes)")
+        _check_megatron_kwargs(kwargs, type(self).__name__)
+        sp = bool(kwargs.get("sequence_parallel", False))
+        return hif8_linear_tp(
+            input, weight, kwargs.get("bias"), recipe=recipe, key=self.hif8_key, tp_group=self.tp_group,
+            allreduce_dgrad=bool(kwargs.get("allreduce_dgrad", False)), sequence_parallel=sp,
+            x_sharded=sp, w_sharded=True, g_sharded=True,
+        )
+
+
+class HiF8RowParallelLinear(RowParallelLinear):
+    """megatron RowParallelLinear whose GEMMs run on HiF8-quantized operands while a recipe is active.
+
+    Same constructor and forward as megatron's (forward returns (output, bias)); W [N, K/tp].
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.quantize_enabled = True
+        self.hif8_key = f"row{next(_KEYS)}"
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        recipe = active_recipe()
+        if recipe is None or not self.quantize_enabled or self.explicit_expert_comm:
+            return super()._forward_impl(input, weight, *args, **kwargs)
+        if args:
+            raise TypeError("HiF8RowParallelLinear._forward_impl expects keyword arguments (as megatron passes)")
+        _check_megatron_kwargs(kwargs, type(self).__name__)
+        return hif8_linear_tp(
+            input, weight, kwargs.get("bias"), recipe=recipe, key=self.hif8_key, tp_group=self.tp_group,
+            allreduce_dgrad=False, sequence_parallel=False, x_sharded=True, w_sharded=True, g_sharded=False,
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# attention Q/K/V
+# ------------------------------------------------------------------------------------------------
+def _sub(key: Any, name: str) -> Any:
+    return None if key is None else (key, name)
+
+
+class _HiF8QKVFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, recipe, key, group):
+        ctx.recipe, ctx.key, ctx.group = recipe, key, group
+        return tuple(recipe.quantize(t, "qkv", _sub(key, name), group) for t, name in zip((q, k, v), "qkv"))
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        grads = tuple(
+            None if g is None else ctx.recipe.quantize(g.contiguous(), "grad_qkv", _sub(ctx.key, name), ctx.group)
+            for g, name in zip((dq, dk, dv), "qkv")
+        )
+        return grads + (None, None, None)
+
+
+def hif8_qkv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: Optional[torch.distributed.ProcessGroup] = None,
+    key: Any = None,
+    enabled: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q, K, V (any layout, e.g. [b, h, s, d]) quantized forward (scale_max_fwd), dQ/dK/dV backward (scale_max_bwd).
+
+    Identity when no recipe is active or enabled=False. `group`: the process group over which q/k/v are
+    sharded (heads over TP, tokens over CP), so amax covers the whole tensor. `key`: one per attention
+    module (required by delayed scaling).
+    """
+    recipe = active_recipe()
+    if recipe is None or not enabled:
+        return q, k, v
+    if _tp_size(group) <= 1:
+        group = None
+    return _HiF8QKVFn.apply(q, k, v, recipe, key, group)
+
+
+__all__ = [
+    "HiF8ColumnParallelLinear",
+    "HiF8RowParallelLinear",
+    "hif8_linear",
+    "hif8_linear_tp",
+    "hif8_qkv",
+]

@@ -1,0 +1,365 @@
+"""HiF8 training recipes in the style of TransformerEngine, the `autocast` context, and the TE bridge.
+
+Roles: every quantized tensor has a role. Forward roles ("input", "weight", "qkv") use `scale_max_fwd`,
+backward roles ("grad_output", "grad_qkv") use `scale_max_bwd` and the recipe's `backward_rounding`.
+
+* `HiF8CurrentScaling` (OSP-Next): per tensor and per call, scale = scale_max / amax(|x|) of *this* call,
+  y = hif8_round(x * scale) / scale. Defaults 15 (forward: amax lands at the top of the 3-bit-mantissa centre)
+  and 224 (backward: amax lands in the 2-bit band).
+* `HiF8DelayedScaling` (TE `DelayedScaling` semantics with HiF8 rounding): each (module key, role) slot keeps an
+  amax history (length `amax_history_len`, newest at index 0) and a scale (initially 1). A tensor is quantized
+  with the slot's current scale while its amax is recorded into history[0]; the amax recorded during step t
+  sets the scale used at step t+1: amax = max(history) ("max") or history[0] ("most_recent") or
+  `algo(history)` (callable); scale = (scale_max / amax) / 2^margin, the previous scale kept when amax is 0 or
+  not finite, fp32 max when it overflows; then the history rolls (torch.roll(-1), history[0] = 0). A step is
+  one outermost `autocast` region; the update of a slot is applied lazily on its first use in a later step
+  (so a slot's history rolls once per step in which it was used). `interval` > 1 recomputes the scale only
+  every `interval`-th update (history still rolls). TE's literal target is the format max (32768 for HiF8);
+  the default targets here are OSP-Next's 15 / 224, because amax at 32768 leaves one mantissa bit. Values
+  beyond the representable range saturate to +-32768 (as TE's FP8 casts do), since a stale scale can overflow.
+* `autocast(enabled=True, recipe=None, amax_reduction_group=None)`: makes `recipe` (default
+  `HiF8CurrentScaling()`) the active one for HiF8 modules; `active_recipe()` returns it (None outside or when
+  disabled). Delayed scaling all-reduces (MAX) each recorded amax over `amax_reduction_group` (e.g. the
+  data-parallel group, so every replica keeps the same scales); the modules additionally reduce the amax of
+  tensor-parallel shards over their TP group, for any recipe.
+* TE bridge: `te_fp8_recipe(name)` builds TE's own FP8 recipes (delayed, current, block) and
+  `te_custom_recipe(recipe)` wraps a HiF8 recipe as a TE `CustomRecipe` (TE >= 2.9) whose quantizers emit
+  HiF8-fake-quantized operands (current scaling) consumed by a plain high-precision GEMM.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+
+from osp_megatron.quant.hif8_kernels import FP32_MAX, qdq_current, qdq_with_scale
+
+FORWARD_ROLES = ("input", "weight", "qkv")
+BACKWARD_ROLES = ("grad_output", "grad_qkv")
+ROLES = FORWARD_ROLES + BACKWARD_ROLES
+HIF8_RECIPES = ("hif8_current", "hif8_delayed")
+TE_FP8_RECIPES = ("fp8_delayed", "fp8_current", "fp8_block")
+TE_MIN_VERSION_CUSTOM = (2, 9)
+
+
+def _check_role(role: str) -> bool:
+    """True for backward roles; raises for unknown ones."""
+    if role not in ROLES:
+        raise ValueError(f"role={role!r}: use one of {ROLES}")
+    return role in BACKWARD_ROLES
+
+
+def _mix_seed(*parts: int) -> int:
+    h = 0x811C9DC5
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFF)) * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
+@dataclasses.dataclass
+class HiF8CurrentScaling:
+    """OSP-Next current scaling: scale = scale_max / amax of this call, per tensor."""
+
+    scale_max_fwd: float = 15.0
+    scale_max_bwd: float = 224.0
+    backward_rounding: str = "ta"  # ta | hybrid
+    seed: int = 0  # hybrid rounding only
+
+    def __post_init__(self) -> None:
+        if self.scale_max_fwd <= 0 or self.scale_max_bwd <= 0:
+            raise ValueError("HiF8CurrentScaling: scale_max_fwd and scale_max_bwd must be > 0 (defaults 15, 224)")
+        if self.backward_rounding not in ("ta", "hybrid"):
+            raise ValueError(f"backward_rounding={self.backward_rounding!r}: use ta or hybrid")
+        self._calls = 0
+
+    def quantize(
+        self,
+        x: torch.Tensor,
+        role: str,
+        key: Optional[Any] = None,
+        tp_group: Optional[torch.distributed.ProcessGroup] = None,
+    ) -> torch.Tensor:
+        """Fake-quantize x (any shape, fp32/bf16/fp16) -> same shape and dtype. `key` is unused here.
+
+        tp_group: when x is one shard of a tensor-parallel tensor, the amax is all-reduced (MAX) over it so
+        every shard uses the scale of the whole tensor.
+        """
+        backward = _check_role(role)
+        scale_max = self.scale_max_bwd if backward else self.scale_max_fwd
+        rounding = self.backward_rounding if backward else "ta"
+        seed = 0
+        if rounding == "hybrid":
+            self._calls += 1
+            seed = _mix_seed(self.seed, self._calls)
+        y, _ = qdq_current(x, scale_max, rounding=rounding, seed=seed, group=tp_group)
+        return y
+
+
+@dataclasses.dataclass
+class _DelayedSlot:
+    history: torch.Tensor  # [amax_history_len] fp32, newest amax at index 0
+    scale: torch.Tensor  # fp32 0-dim
+    recorded_step: int = -1  # step of the amax now in history[0] (-1: nothing pending)
+    updates: int = 0
+
+
+@dataclasses.dataclass
+class HiF8DelayedScaling:
+    """TE DelayedScaling semantics with HiF8 rounding (see the module docstring)."""
+
+    amax_history_len: int = 16
+    amax_compute_algo: Union[str, Callable[[torch.Tensor], torch.Tensor]] = "max"
+    margin: int = 0
+    interval: int = 1
+    scale_max_fwd: float = 15.0
+    scale_max_bwd: float = 224.0
+    backward_rounding: str = "ta"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.amax_history_len < 1:
+            raise ValueError(f"amax_history_len={self.amax_history_len}: must be >= 1")
+        if not callable(self.amax_compute_algo) and self.amax_compute_algo not in ("max", "most_recent"):
+            raise ValueError(f"amax_compute_algo={self.amax_compute_algo!r}: use 'max', 'most_recent' or a callable")
+        if self.interval < 1:
+            raise ValueError(f"interval={self.interval}: must be >= 1")
+        if self.scale_max_fwd <= 0 or self.scale_max_bwd <= 0:
+            raise ValueError("HiF8DelayedScaling: scale_max_fwd and scale_max_bwd must be > 0")
+        if self.backward_rounding not in ("ta", "hybrid"):
+            raise ValueError(f"backward_rounding={self.backward_rounding!r}: use ta or hybrid")
+        self.step = 0
+        self.amax_reduction_group: Optional[torch.distributed.ProcessGroup] = None
+        self._slots: Dict[Tuple[Any, str], _DelayedSlot] = {}
+        self._calls = 0
+
+    # -------------------------------------------------------------------------------------------
+    def begin_step(self) -> None:
+        """Called by the outermost `autocast` entry: amaxes recorded so far become due for the next use."""
+        self.step += 1
+
+    def slot(self, key: Any, role: str) -> _DelayedSlot:
+        """The state of one quantized tensor (created on first use)."""
+        return self._slots[(key, role)]
+
+    def _get_slot(self, key: Any, role: str, device: torch.device) -> _DelayedSlot:
+        s = self._slots.get((key, role))
+        if s is None:
+            s = _DelayedSlot(
+                history=torch.zeros(self.amax_history_len, dtype=torch.float32, device=device),
+                scale=torch.ones((), dtype=torch.float32, device=device),
+            )
+            self._slots[(key, role)] = s
+        return s
+
+    def _compute_amax(self, history: torch.Tensor) -> torch.Tensor:
+        if callable(self.amax_compute_algo):
+            return self.amax_compute_algo(history).float().reshape(())
+        if self.amax_compute_algo == "max":
+            return history.max()
+        return history[0].clone()
+
+    def _update(self, s: _DelayedSlot, scale_max: float) -> None:
+        """TE's amax-and-scale update: amax from the history, new scale, roll the history."""
+        amax = self._compute_amax(s.history)
+        s.updates += 1
+        if s.updates % self.interval == 0:
+            new = (torch.tensor(float(scale_max), dtype=torch.float32, device=amax.device) / amax) / (2.0**self.margin)
+            new = torch.where(torch.isinf(new), torch.full_like(new, FP32_MAX), new)
+            keep = ~((amax > 0) & torch.isfinite(amax))
+            s.scale = torch.where(keep, s.scale, new)
+        if s.history.numel() > 1:
+            s.history = torch.roll(s.history, -1, 0)
+        s.history[0] = 0.0
+        s.recorded_step = -1
+
+    def quantize(
+        self,
+        x: torch.Tensor,
+        role: str,
+        key: Optional[Any] = None,
+        tp_group: Optional[torch.distributed.ProcessGroup] = None,
+    ) -> torch.Tensor:
+        """Fake-quantize x with the slot's current scale and record amax(x) (reduced over tp_group and the
+        autocast amax_reduction_group) for the next step. `key` names the module (required)."""
+        backward = _check_role(role)
+        if key is None:
+            raise ValueError("HiF8DelayedScaling.quantize needs key= (one per module) to keep its amax history")
+        scale_max = self.scale_max_bwd if backward else self.scale_max_fwd
+        s = self._get_slot(key, role, x.device)
+        if 0 <= s.recorded_step < self.step:
+            self._update(s, scale_max)
+        rounding = self.backward_rounding if backward else "ta"
+        seed = 0
+        if rounding == "hybrid":
+            self._calls += 1
+            seed = _mix_seed(self.seed, self._calls)
+        y, amax = qdq_with_scale(x, s.scale, rounding=rounding, seed=seed, record_amax=True, saturate=True)
+        for group in (tp_group, self.amax_reduction_group):
+            if group is not None and torch.distributed.get_world_size(group) > 1:
+                amax = amax.clone()
+                torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX, group=group)
+        s.history[0] = torch.maximum(s.history[0], amax)
+        s.recorded_step = self.step
+        return y
+
+
+HiF8Recipe = Union[HiF8CurrentScaling, HiF8DelayedScaling]
+
+
+# ------------------------------------------------------------------------------------------------
+# autocast
+# ------------------------------------------------------------------------------------------------
+_STACK: List[Tuple[Optional[HiF8Recipe], Optional[torch.distributed.ProcessGroup]]] = []
+
+
+@contextlib.contextmanager
+def autocast(
+    enabled: bool = True,
+    recipe: Optional[HiF8Recipe] = None,
+    amax_reduction_group: Optional[torch.distributed.ProcessGroup] = None,
+) -> Iterator[Optional[HiF8Recipe]]:
+    """Run HiF8 modules quantized inside the region (like `te.autocast(recipe=...)`); nests."""
+    if enabled:
+        recipe = recipe if recipe is not None else HiF8CurrentScaling()
+        if not isinstance(recipe, (HiF8CurrentScaling, HiF8DelayedScaling)):
+            raise TypeError(
+                f"autocast(recipe={type(recipe).__name__}): HiF8 modules take HiF8CurrentScaling or "
+                "HiF8DelayedScaling; TransformerEngine FP8 recipes (te_fp8_recipe) run under "
+                "transformer_engine.pytorch.autocast with model.spec=te"
+            )
+        outermost = all(r is not recipe for r, _ in _STACK)
+        if isinstance(recipe, HiF8DelayedScaling):
+            if outermost:
+                recipe.begin_step()
+            if amax_reduction_group is not None:
+                recipe.amax_reduction_group = amax_reduction_group
+    _STACK.append((recipe if enabled else None, amax_reduction_group))
+    try:
+        yield recipe if enabled else None
+    finally:
+        _STACK.pop()
+
+
+def active_recipe() -> Optional[HiF8Recipe]:
+    """The recipe of the innermost enabled `autocast`, or None (outside, or inside autocast(enabled=False))."""
+    return _STACK[-1][0] if _STACK else None
+
+
+def recipe_from_config(precision: Any) -> Optional[Any]:
+    """`PrecisionConfig` -> recipe: None ("none"), a HiF8 recipe, or a TE FP8 recipe ("fp8_*", needs TE)."""
+    name = precision.recipe
+    if name == "none":
+        return None
+    if name == "hif8_current":
+        return HiF8CurrentScaling(
+            scale_max_fwd=precision.scale_max_fwd,
+            scale_max_bwd=precision.scale_max_bwd,
+            backward_rounding=precision.backward_rounding,
+        )
+    if name == "hif8_delayed":
+        return HiF8DelayedScaling(
+            amax_history_len=precision.amax_history_len,
+            amax_compute_algo=precision.amax_compute_algo,
+            margin=precision.margin,
+            interval=precision.interval,
+            scale_max_fwd=precision.scale_max_fwd,
+            scale_max_bwd=precision.scale_max_bwd,
+            backward_rounding=precision.backward_rounding,
+        )
+    if name in TE_FP8_RECIPES:
+        return te_fp8_recipe(name, precision)
+    raise ValueError(f"precision.recipe={name!r}: use none, {', '.join(HIF8_RECIPES + TE_FP8_RECIPES)}")
+
+
+# ------------------------------------------------------------------------------------------------
+# TransformerEngine bridge (optional dependency)
+# ------------------------------------------------------------------------------------------------
+def te_version() -> Optional[Tuple[int, int]]:
+    """(major, minor) of an importable TransformerEngine, else None."""
+    try:
+        import transformer_engine  # noqa: F401
+        from transformer_engine.common import recipe as _  # noqa: F401
+    except Exception:  # ImportError, or an OSError from missing CUDA libraries
+        return None
+    parts = str(getattr(transformer_engine, "__version__", "0.0")).split(".")
+    try:
+        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return None
+
+
+def _require_te(what: str, min_version: Tuple[int, int] = (2, 0)) -> Any:
+    ver = te_version()
+    if ver is None:
+        raise RuntimeError(
+            f"{what} needs TransformerEngine >= {min_version[0]}.{min_version[1]}, which is not importable here: "
+            "install it on a CUDA machine with `pip install --no-build-isolation transformer_engine[pytorch]` "
+            "(extra `te` of osp-megatron), or use precision.recipe=hif8_current / hif8_delayed, which need no TE"
+        )
+    if ver < min_version:
+        raise RuntimeError(
+            f"{what} needs TransformerEngine >= {min_version[0]}.{min_version[1]}; found {ver[0]}.{ver[1]}: upgrade TE"
+        )
+    from transformer_engine.common import recipe as te_recipe
+
+    return te_recipe
+
+
+def te_fp8_recipe(name: str, precision: Any = None) -> Any:
+    """TE's own FP8 recipe: fp8_delayed -> DelayedScaling(HYBRID), fp8_current -> Float8CurrentScaling(HYBRID),
+    fp8_block -> Float8BlockScaling(E4M3). `precision` (optional PrecisionConfig) fills the delayed fields."""
+    short = name[4:] if name.startswith("fp8_") else name
+    if short not in ("delayed", "current", "block"):
+        raise ValueError(f"te_fp8_recipe({name!r}): use fp8_delayed, fp8_current or fp8_block")
+    te_recipe = _require_te(f"precision.recipe={name}", (2, 3) if short == "block" else (2, 2) if short == "current" else (2, 0))
+    if short == "delayed":
+        kwargs = {}
+        if precision is not None:
+            kwargs = dict(
+                margin=precision.margin,
+                amax_history_len=precision.amax_history_len,
+                amax_compute_algo=precision.amax_compute_algo,
+            )
+        return te_recipe.DelayedScaling(fp8_format=te_recipe.Format.HYBRID, **kwargs)
+    if short == "current":
+        return te_recipe.Float8CurrentScaling(fp8_format=te_recipe.Format.HYBRID)
+    return te_recipe.Float8BlockScaling(fp8_format=te_recipe.Format.E4M3)
+
+
+def _role_is_backward(role: Any) -> bool:
+    """TE 2.9-2.15 pass role strings ("linear_grad_output"); TE >= 2.16 pass QuantizerRole objects."""
+    if isinstance(role, str):
+        return "grad" in role
+    return "grad" in str(getattr(role, "tensor_type", ""))
+
+
+def te_custom_recipe(recipe: Optional[HiF8CurrentScaling] = None) -> Any:
+    """A TE `CustomRecipe` whose quantizers fake-quantize to HiF8 with `recipe`'s current scaling.
+
+    Forward operands use scale_max_fwd with TA rounding, grad_output uses scale_max_bwd and the recipe's
+    backward rounding; the quantized storage holds the dequantized values (scale 1) and the GEMM is a plain
+    high-precision matmul of them, i.e. exactly the HiF8 linear of `osp_megatron.quant.modules`.
+    """
+    recipe = recipe or HiF8CurrentScaling()
+    if not isinstance(recipe, HiF8CurrentScaling):
+        raise TypeError("te_custom_recipe supports HiF8CurrentScaling (TE owns delayed-scaling state itself)")
+    te_recipe = _require_te("te_custom_recipe", TE_MIN_VERSION_CUSTOM)
+    from osp_megatron.quant.te_bridge import make_hif8_qfactory
+
+    return te_recipe.CustomRecipe(qfactory=make_hif8_qfactory(recipe, _role_is_backward))
+
+
+__all__ = [
+    "BACKWARD_ROLES",
+    "FORWARD_ROLES",
+    "HiF8CurrentScaling",
+    "HiF8DelayedScaling",
+    "active_recipe",
+    "autocast",
+    "recipe_from_config",
+    "te_custom_recipe",
+    "te_fp8_recipe",
+    "te_version",
+]
