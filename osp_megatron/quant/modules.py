@@ -15,7 +15,9 @@ module's TP group before scaling, so each shard is scaled like the whole tensor 
 TP=1 does:
     column-parallel: W (rows split), dy (columns split), x only under sequence parallelism (rows split);
     row-parallel:    W (columns split), x (columns split); dy is replicated.
-Under sequence parallelism the local x shard is quantized (with the global amax) and the quantized shard is
+Bias: column-parallel passes its bias into the quantized GEMM (bias grad = sum of g_q); row-parallel keeps
+megatron's bias add after the TP reduction, so its bias grad is the sum of the unquantized dy (identically at
+TP=1 and TP>1). Under sequence parallelism the local x shard is quantized (with the global amax) and the quantized shard is
 all-gathered, which equals quantizing the gathered tensor.
 
 The subclasses quantize only while a recipe is active (`recipes.active_recipe()`) and their
