@@ -77,6 +77,33 @@ def _decode_av(data: bytes, indices: Sequence[int], size: Tuple[int, int]) -> np
     return np.stack([got[i] for i in indices])
 
 
+def check_mp4_boxes(data: bytes) -> None:
+    """Cheap truncation check for MP4/MOV bytes: the top-level boxes must fit the data (no decode).
+
+    A truncated file can still open and decode the frames before the cut, which would silently train on
+    a partial clip; raises SkipSample(decode_error) instead. Non-MP4 data is left to the decoder.
+    """
+    if len(data) < 8 or data[4:8] != b"ftyp":
+        return
+    pos, n = 0, len(data)
+    while pos + 8 <= n:
+        size = int.from_bytes(data[pos: pos + 4], "big")
+        box = data[pos + 4: pos + 8].decode("latin-1")
+        if size == 1:
+            if pos + 16 > n:
+                break
+            size = int.from_bytes(data[pos + 8: pos + 16], "big")
+        elif size == 0:
+            return  # extends to the end of the file
+        if size < 8:
+            raise SkipSample("decode_error", f"corrupt mp4: box {box!r} at {pos} has size {size}")
+        if pos + size > n:
+            raise SkipSample("decode_error", f"truncated mp4: box {box!r} needs {pos + size} bytes, {n} present")
+        pos += size
+    if pos != n:
+        raise SkipSample("decode_error", f"truncated mp4: {n - pos} trailing bytes after the last box")
+
+
 def _open_info(data: bytes) -> Tuple[int, float, int, int]:
     """(frames, fps, width, height) of the clip in `data`."""
     try:
@@ -103,6 +130,7 @@ def decode_clip(data: bytes, buckets: Sequence[BucketSpec], fps: float, window: 
     `meta` (the shard's json: frames, fps, width, height) saves one open of the clip when present.
     Raises SkipSample (too_short / decode_error) for clips that cannot fill any bucket or do not decode.
     """
+    check_mp4_boxes(data)
     try:
         if meta and all(k in meta for k in ("frames", "fps", "width", "height")):
             n, src_fps, w, h = int(meta["frames"]), float(meta["fps"]), int(meta["width"]), int(meta["height"])
@@ -154,4 +182,4 @@ def _short(exc: BaseException, limit: int = 200) -> str:
     return text[:limit]
 
 
-__all__ = ["SkipSample", "decode_clip", "frame_indices", "cover_size", "center_crop", "to_unit_range"]
+__all__ = ["SkipSample", "decode_clip", "check_mp4_boxes", "frame_indices", "cover_size", "center_crop", "to_unit_range"]
