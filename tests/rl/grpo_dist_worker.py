@@ -1,0 +1,162 @@
+"""Worker for 2-rank gloo tests of the GRPO stack. Usage: RANK=.. WORLD_SIZE=2 MASTER_ADDR/PORT=.. python this CASE OUT.
+
+Cases: `noise` (CP group noise identity + identical rollouts), `lora_tp` (LoRA on megatron Column/Row at TP=2 vs
+full-matrix math), `dp_grpo` (two DP ranks run GRPO iterations; LoRA stays identical on both ranks).
+Each rank writes OUT/rank<r>.json.
+"""
+import json
+import os
+import sys
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+torch.set_num_threads(1)
+
+from osp_megatron import cpu_shims  # noqa: E402
+
+cpu_shims.apply()
+
+
+def _gather_equal(t: torch.Tensor) -> bool:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return all(torch.equal(parts[0], p) for p in parts[1:])
+
+
+def case_noise(rank):
+    from osp_megatron.config import ParallelConfig
+    from osp_megatron.parallel.groups import initialize_parallel
+    from osp_megatron.rl.rollout import NoiseSource, make_plan, rollout
+    from osp_megatron.rl.windows import Window
+
+    par = initialize_parallel(ParallelConfig(ulysses=2))  # one context-parallel group of both ranks
+    group = par.cp.cp_group
+    out = {}
+    seeded = NoiseSource(seed=7, iteration=3, mode="seed", group=group)
+    out["seed_initial_equal"] = _gather_equal(seeded.initial((16, 1, 4, 4), [0, 0, 1]))
+    out["seed_sde_equal"] = _gather_equal(seeded.sde((16, 1, 4, 4), [0, 1, 2], step=2))
+    own = NoiseSource(seed=7, iteration=3, mode="broadcast", group=None, rank_seed=rank)
+    out["unbroadcast_differs"] = not _gather_equal(own.sde((16, 1, 4, 4), [0, 1, 2], step=2))
+    bc = NoiseSource(seed=7, iteration=3, mode="broadcast", group=group, rank_seed=rank)
+    out["broadcast_initial_equal"] = _gather_equal(bc.initial((16, 1, 4, 4), [0, 1, 2]))
+    out["broadcast_sde_equal"] = _gather_equal(bc.sde((16, 1, 4, 4), [0, 1, 2], step=5))
+    plan = make_plan(10, 3.0, Window(2, 4), (2, 3, 4, 5))
+    x0 = seeded.initial((16, 1, 4, 4), [0, 1])
+    res = rollout(lambda x, s: 0.3 * x + s.view(-1, 1, 1, 1, 1), x0, plan,
+                  lambda step: seeded.sde((16, 1, 4, 4), [0, 1], step))
+    out["rollout_equal"] = _gather_equal(res.final) and _gather_equal(res.log_probs)
+    return out
+
+
+def case_lora_tp(rank):
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from osp_megatron.config import ParallelConfig
+    from osp_megatron.parallel.groups import initialize_parallel
+    from osp_megatron.rl.lora import _init_a, apply_lora, lora_state_dict, merge_lora
+
+    par = initialize_parallel(ParallelConfig(tensor_parallel=2))
+    tp, r = par.tp, par.tp_rank
+    cfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, use_cpu_initialization=True,
+                            params_dtype=torch.float64, gradient_accumulation_fusion=False, tensor_model_parallel_size=2)
+    init = nn.init.zeros_
+    g = torch.Generator().manual_seed(0)
+    w1, w2 = torch.randn(12, 8, generator=g, dtype=torch.float64), torch.randn(8, 12, generator=g, dtype=torch.float64)
+    b1, b2 = torch.randn(12, 2, generator=g, dtype=torch.float64), torch.randn(8, 2, generator=g, dtype=torch.float64)
+    x = torch.randn(3, 2, 8, generator=g, dtype=torch.float64)
+    wy = torch.randn(3, 2, 8, generator=g, dtype=torch.float64)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.col = ColumnParallelLinear(8, 12, config=cfg, init_method=init, bias=False, gather_output=False,
+                                            tp_group=par.tp_group)
+            self.row = RowParallelLinear(12, 8, config=cfg, init_method=init, bias=False, input_is_parallel=True,
+                                         skip_bias_add=False, tp_group=par.tp_group)
+
+        def forward(self, x):
+            return self.row(F.gelu(self.col(x)[0]))[0]
+
+    net = Net()
+    sl = slice(r * 6, (r + 1) * 6)
+    with torch.no_grad():
+        net.col.weight.copy_(w1[sl])
+        net.row.weight.copy_(w2[:, sl])
+    names = apply_lora(net, rank=2, alpha=4.0, targets=["col", "row"], seed=0)
+    with torch.no_grad():
+        net.col.lora_B.copy_(b1[sl].float())
+        net.row.lora_B.copy_(b2.float())
+    # full-matrix reference (fp64); LoRA params are fp32 and the delta runs in the input dtype (fp64)
+    a1 = _init_a(2, 8, 0).double().requires_grad_()
+    a2 = _init_a(2, 12, 1).double().requires_grad_()
+    rb1, rb2 = b1.float().double().requires_grad_(), b2.float().double().requires_grad_()
+    xr = x.clone().requires_grad_()
+    h = xr @ w1.T + 2.0 * (xr @ a1.T) @ rb1.T
+    hg = F.gelu(h)
+    y_ref = hg @ w2.T + 2.0 * (hg @ a2.T) @ rb2.T
+    (y_ref * wy).sum().backward()
+    xt = x.clone().requires_grad_()
+    y = net(xt)
+    (y * wy).sum().backward()
+    err = lambda a, b: float((a.double() - b.double()).abs().max() / (b.double().abs().max() + 1e-12))  # noqa: E731
+    out = {
+        "names": names,
+        "y": err(y, y_ref),
+        "dx": err(xt.grad, xr.grad),
+        "dA_col": err(net.col.lora_A.grad, a1.grad),
+        "dB_col": err(net.col.lora_B.grad, rb1.grad[sl]),
+        "dA_row": err(net.row.lora_A.grad, a2.grad[:, sl]),
+        "dB_row": err(net.row.lora_B.grad, rb2.grad),
+        "A_row_is_shard": err(net.row.lora_A, a2.detach()[:, sl]),
+    }
+    sd = {**{k: v for k, v in net.state_dict().items() if k.endswith("weight")}, **lora_state_dict(net)}
+    merged = merge_lora(sd)
+    w1_merged = w1 + 2.0 * b1.float().double() @ a1.detach()
+    out["merge_col"] = err(merged["col.weight"], w1_merged[sl])
+    w2_merged = w2 + 2.0 * b2.float().double() @ a2.detach()
+    out["merge_row"] = err(merged["row.weight"], w2_merged[:, sl])
+    return out
+
+
+def case_dp_grpo(rank):
+    from osp_megatron.config import Config
+    from osp_megatron.parallel.groups import initialize_parallel
+    from osp_megatron.rl.config import grpo_config_from_dict
+    from osp_megatron.rl.lora import lora_parameters
+    from osp_megatron.rl.trainer import GRPOTrainer
+
+    cfg = Config()
+    cfg.data.kind = "synthetic"
+    cfg.model.num_layers, cfg.model.schedule = 2, "full"
+    cfg.train.run_dir = sys.argv[2] + "/run"
+    cfg.tracking.backend = "none"
+    par = initialize_parallel(cfg.parallel)
+    torch.manual_seed(0)
+    from osp_megatron.models import build_model
+
+    model = build_model(cfg, parallel=par, device="cpu")
+    g = grpo_config_from_dict(dict(iterations=2, steps=6, window=dict(strategy="fixed", size=2), group_size=4,
+                                   prompts_per_iteration=2, rollout_batch=2, train_batch=2, lr=1e-3,
+                                   latent_shape=[1, 4, 4], prompts=["p", "q"], lora=dict(rank=4, alpha=4)))
+    t = GRPOTrainer(cfg, g, model=model, parallel=par)
+    hist = t.fit(track=False)
+    flat = torch.cat([p.detach().reshape(-1) for p in lora_parameters(model)])
+    return {"lora_equal": _gather_equal(flat), "lora_changed": float(flat.abs().sum()) > 0,
+            "reward_mean": [h["reward/combined/mean"] for h in hist if "reward/combined/mean" in h],
+            "local": t.local_ids()}
+
+
+if __name__ == "__main__":
+    case, out_dir = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    result = globals()[f"case_{case}"](rank)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(result, fh)
+    dist.barrier()
+    dist.destroy_process_group()
