@@ -320,8 +320,8 @@ def _validate_train(t: TrainConfig, errors: List[str]) -> None:
         errors.append(f"train.global_batch_size={t.global_batch_size}: must be >= 0 (0 = micro_batch_size x DP)")
     if t.min_lr < 0 or t.min_lr > t.lr:
         errors.append(f"train.min_lr={t.min_lr}: must be in [0, train.lr={t.lr}]")
-    if t.warmup_steps < 0 or t.warmup_steps > t.steps:
-        errors.append(f"train.warmup_steps={t.warmup_steps}: must be in [0, train.steps={t.steps}]")
+    if t.warmup_steps < 0 or (t.warmup_steps and t.warmup_steps >= t.steps):
+        errors.append(f"train.warmup_steps={t.warmup_steps}: must be in [0, train.steps={t.steps}) (lower it)")
     for name in ("save_interval", "sample_interval", "exit_after_steps", "weight_decay", "clip_grad"):
         if getattr(t, name) < 0:
             errors.append(f"train.{name}={getattr(t, name)}: must be >= 0 (0 disables it)")

@@ -144,6 +144,7 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.updates = 0
         self.tracking_run_id: Optional[str] = None
+        self.last_sample_step = -1
         self.stop = signals.StopRequest()
 
     def info(self, msg: str) -> None:
@@ -253,7 +254,7 @@ class Trainer:
                 self.vae = load_vae(cfg.encoders.vae, self.device, torch.float32)
             if need_text:
                 self.text_encoder = load_text_encoder(cfg.encoders.text_encoder, self.device, torch.float32,
-                                                      cfg.data.text_len)
+                                                      cfg.data.text_len, text_dim=self.dims["text_dim"])
 
     def _log_run_start(self, resumed: bool) -> None:
         cfg = self.cfg
@@ -533,14 +534,14 @@ class Trainer:
         t = self.cfg.train
         if not (force or (t.sample_interval and self.step % t.sample_interval == 0)):
             return
+        self.last_sample_step = self.step
         if self.pp_size > 1:
             self.info("[osp-train] sample videos need parallel.pipeline_parallel=1; skipped")
             return
         from osp_megatron.training.samples import make_sample_videos
 
         b = self.cfg.data.buckets[0]
-        vae_t, vae_s = 4, 8
-        latent_shape = (self.dims["in_channels"], (b.frames - 1) // vae_t + 1, b.height // vae_s, b.width // vae_s)
+        latent_shape = tuple(self.vae.latent_shape(b.frames, b.height, b.width))
         net = self.ema.module if self.ema is not None else unwrap(self.model)
         paths = make_sample_videos(
             net, self.vae, self.text_encoder, t.sample_prompts, latent_shape, t.sample_steps, t.sample_guidance,
@@ -594,8 +595,8 @@ class Trainer:
             if self.checkpointer.last_committed != self.step:
                 self.save()
             self.checkpointer.finalize(blocking=True)
-            if t.sample_interval:
-                self.maybe_sample(force=self.step % t.sample_interval != 0)
+            if t.sample_interval and self.last_sample_step != self.step:
+                self.maybe_sample(force=True)
             self.info(f"[osp-train] done: {self.step} steps, {self.nonfinite_total} non-finite steps skipped")
             return code
         except NonFiniteStop as exc:
