@@ -311,7 +311,7 @@ class GRPOTrainer:
                             _, mean_ref, _ = transition_log_prob(fn, x, x_next, plan, step)
                         kl = kl_penalty(mean, mean_ref, std, g.kl_beta)
                         loss = loss + kl
-                        stats["kl"].append(float(kl) / g.kl_beta)
+                        stats["kl"].append(float(kl.detach()) / g.kl_beta)
                     (loss * scale).backward()
                     for key in ("ratio_mean", "clip_frac", "approx_kl", "policy_loss"):
                         stats[key].append(getattr(st, key))

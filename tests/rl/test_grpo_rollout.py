@@ -1,0 +1,142 @@
+"""Mixed ODE–SDE rollouts: plans, shared initial noise, Flash tail accuracy, ratio = 1, KL to the reference."""
+import pytest
+import torch
+
+from osp_megatron.config import Config
+from osp_megatron.diffusion import samplers as S
+from osp_megatron.rl.config import grpo_config_from_dict
+from osp_megatron.rl.lora import lora_disabled
+from osp_megatron.rl.rollout import NoiseSource, make_plan, rollout, transition_log_prob
+from osp_megatron.rl.trainer import GRPOTrainer
+from osp_megatron.rl.windows import Window
+
+
+def gaussian_velocity(mean, std):
+    def fn(x, sigma):
+        s = sigma.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        a = 1.0 - s
+        x0_hat = mean + a * std * std / (a * a * std * std + s * s) * (x - a * mean)
+        return (x - x0_hat) / s
+
+    return fn
+
+
+def test_plan_kinds_and_noise_levels():
+    p = make_plan(10, 3.0, Window(2, 4), (2, 3, 4, 5), "flow_grpo", 0.7)
+    assert p.kinds == ["ode"] * 2 + ["sde"] * 4 + ["ode"] * 4
+    assert all(g > 0 for g in p.g[2:6]) and p.g[:2] == [0.0, 0.0] and p.g[6:] == [0.0] * 4
+    f = make_plan(25, 3.0, Window(0, 4), (0, 1, 2, 3), flash=True, compression=0.4)
+    assert f.kinds == ["sde"] * 4 + ["dpm"] * 7 and f.num_steps == 11
+    o = make_plan(25, 3.0, Window(0, 10), tuple(range(10)), "osp_next")
+    assert o.g[3] == pytest.approx(float(o.sigmas[3]))
+    with pytest.raises(ValueError, match="outside the SDE window"):
+        make_plan(10, 3.0, Window(2, 4), (1, 2))
+
+
+def test_same_initial_noise_identical_until_window_then_diverge():
+    vel = gaussian_velocity(torch.zeros(16, 1, 4, 4), torch.ones(16, 1, 4, 4) * 0.5)
+    src = NoiseSource(seed=1, iteration=0)
+    shape = (16, 1, 4, 4)
+    x0 = src.initial(shape, [0, 0, 0])  # one group: same initial noise
+    called = []
+
+    def noise(step):
+        called.append(step)
+        return src.sde(shape, [0, 1, 2], step)
+
+    plan = make_plan(10, 3.0, Window(3, 3), (3, 4, 5))
+    res = rollout(vel, x0, plan, noise)
+    assert called == [3, 4, 5]  # SDE noise only inside the window
+    assert res.latents.shape == (3, 3, *shape) and res.log_probs.shape == (3, 3)
+    assert torch.equal(res.latents[0, 0], res.latents[1, 0]) and torch.equal(res.latents[1, 0], res.latents[2, 0])
+    assert not torch.allclose(res.next_latents[0, 0], res.next_latents[1, 0])
+    assert not torch.allclose(res.final[0], res.final[1])
+    # stored transitions chain: next of step k is the input of step k+1
+    assert torch.equal(res.next_latents[:, 0], res.latents[:, 1])
+
+
+def test_flash_tail_close_to_fine_ode():
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    std = 0.6 + torch.rand(8, 6, generator=g, dtype=torch.float64)
+    vel = gaussian_velocity(mean, std)
+    x0 = torch.randn(4, 8, 6, generator=g, dtype=torch.float64)
+    zero = lambda step: torch.zeros_like(x0)  # noqa: E731  (SDE off: noise 0, tiny eta)
+    ref = S.sample(vel, x0, steps=4000, shift=3.0, solver="euler")
+    flash = make_plan(25, 3.0, Window(0, 4), (0, 1, 2, 3), eta=1e-8, flash=True, compression=0.4)
+    out = rollout(vel, x0, flash, zero).final.double()
+    # same NFE with Euler on the same compressed grid
+    x = x0.clone()
+    for i in range(flash.num_steps):
+        s = float(flash.sigmas[i])
+        x = S.euler_step(x, vel(x, torch.full((4,), s, dtype=torch.float64)), s, flash.sigmas[i + 1])
+    full = rollout(vel, x0, make_plan(25, 3.0, Window(0, 4), (0,), eta=1e-8), zero).final.double()
+    err_flash, err_euler, err_full = ((out - ref).abs().max().item(), (x - ref).abs().max().item(),
+                                      (full - ref).abs().max().item())
+    assert err_flash < 0.6 * err_euler, (err_flash, err_euler)
+    assert err_flash < 1.5 * err_full, (err_flash, err_full)  # 11 NFE about as good as 25 Euler NFE
+    # the tail alone (from an accurate state at the window end): DPM-Solver++ 2 vs Euler on the compressed grid
+    e = 4
+    x_e = S.sample(vel, x0, solver="euler",
+                   sigmas=S.shift_sigmas(torch.linspace(1, 1 - e / 25, 2001, dtype=torch.float64), 3.0))
+    tail = flash.sigmas[e:]
+    ref_tail = S.sample(vel, x_e, solver="euler", sigmas=S.shift_sigmas(
+        torch.linspace(1 - e / 25, 0, 4001, dtype=torch.float64), 3.0))
+    dpm, xe = S.DPMSolverPP(2), x_e.clone()
+    for i in range(len(tail) - 1):
+        xe = dpm.step(xe, vel(xe, torch.full((4,), float(tail[i]), dtype=torch.float64)), tail[i], tail[i + 1])
+    eul = S.sample(vel, x_e, solver="euler", sigmas=tail)
+    assert (xe - ref_tail).abs().max() < 0.6 * (eul - ref_tail).abs().max()
+
+
+def tiny_trainer(tmp_path, **over):
+    cfg = Config()
+    cfg.data.kind = "synthetic"
+    cfg.model.num_layers, cfg.model.schedule = 2, "full"
+    cfg.train.run_dir = str(tmp_path / "run")
+    cfg.tracking.backend = "none"
+    g = dict(iterations=2, steps=6, window=dict(strategy="fixed", start=1, size=3), group_size=3,
+             prompts_per_iteration=2, rollout_batch=3, train_batch=3, lr=1e-2, clip_range=1e-2, latent_shape=[1, 4, 4],
+             prompts=["one", "two"], lora=dict(rank=4, alpha=4))
+    g.update(over)
+    torch.manual_seed(0)
+    return GRPOTrainer(cfg, grpo_config_from_dict(g), device="cpu")
+
+
+def test_ratio_exactly_one_before_first_update(tmp_path):
+    t = tiny_trainer(tmp_path)
+    plan = t.plan_for(0)
+    batch = t.collect(0, plan)
+    assert batch["old_log_probs"].shape == (6, 3)
+    t.model.train()
+    for k in range(0, 6, 3):
+        idx = torch.arange(k, k + 3)
+        fn = t.velocity_fn(t.text.encode([batch["prompts"][i] for i in idx]))
+        for ki, step in enumerate(plan.trained):
+            lp, _, _ = transition_log_prob(fn, batch["latents"][idx, ki], batch["next_latents"][idx, ki], plan, step)
+            assert torch.equal(lp, batch["old_log_probs"][idx, ki])
+    adv, _, _ = t.advantages(0, batch["scores"])
+    stats = t.train_on(batch, adv, plan)
+    assert stats["ratio_mean"] == 1.0 and stats["clip_frac"] == 0.0
+
+
+def test_kl_zero_at_start_positive_after_update(tmp_path):
+    t = tiny_trainer(tmp_path, kl_beta=0.01)
+    plan = t.plan_for(0)
+    batch = t.collect(0, plan)
+    idx = torch.arange(3)
+
+    def kl():
+        fn = t.velocity_fn(t.text.encode([batch["prompts"][i] for i in idx]))
+        x, xn = batch["latents"][idx, 0], batch["next_latents"][idx, 0]
+        with torch.no_grad():
+            _, mean, std = transition_log_prob(fn, x, xn, plan, plan.trained[0])
+            with lora_disabled(t.model):
+                _, ref, _ = transition_log_prob(fn, x, xn, plan, plan.trained[0])
+        return float(((mean - ref) ** 2).mean() / (2 * std * std))
+
+    assert kl() == 0.0
+    adv, _, _ = t.advantages(0, batch["scores"])
+    stats = t.train_on(batch, adv, plan)
+    assert stats["kl"] == 0.0  # measured before the (only) update
+    assert kl() > 0.0
