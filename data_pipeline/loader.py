@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, Dict, Iterator, Optional
+import warnings
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
@@ -23,7 +24,7 @@ from data_pipeline.buckets import bucket_frames_message
 from data_pipeline.config import DataConfig
 from data_pipeline.decode import to_unit_range
 from data_pipeline.shardlist import read_manifest, resolve_shards
-from data_pipeline.stream import COUNTERS, ShardDataset
+from data_pipeline.stream import COUNTERS, ShardDataset, fresh_role_state
 from data_pipeline.synthetic_loader import SyntheticLoader
 
 STATE_VERSION = 1
@@ -98,19 +99,49 @@ class ShardLoader:
         return {"version": STATE_VERSION, "consumed_batches": self._consumed, "identity": self._identity(),
                 "roles": {str(k): v for k, v in sorted(self._role_states.items())}}
 
+    TOPOLOGY_FIELDS = ("rank", "world_size", "num_workers")
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Continue exactly where `state` was taken; the config must match (else a clear error)."""
+        """Continue exactly where `state` was taken.
+
+        The data definition (shards, seed, buckets, fps, batch size, shuffle) must match, else a clear error.
+        If only the topology changed (DP size, rank, data.num_workers), the exact order cannot carry over:
+        the loader warns and restarts the saved epoch under the new split (see `load_resharded_state`).
+        """
         if state.get("version") != STATE_VERSION:
             raise LoaderConfigError(f"loader state version {state.get('version')} != {STATE_VERSION}")
         saved, now = state["identity"], self._identity()
         diffs = [k for k in now if _norm(saved.get(k)) != _norm(now[k])]
-        if diffs:
-            parts = ", ".join(f"{k}: saved {saved.get(k)!r} now {now[k]!r}" for k in diffs)
+        hard = [k for k in diffs if k not in self.TOPOLOGY_FIELDS]
+        if hard:
+            parts = ", ".join(f"{k}: saved {saved.get(k)!r} now {now[k]!r}" for k in hard)
             raise LoaderConfigError(
-                f"cannot resume the data loader exactly: {parts}. Use the saved values (data.* / parallel sizes) "
-                "or start the data stream fresh without load_state_dict")
+                f"cannot resume the data loader: the data definition changed ({parts}). Use the saved data.* "
+                "values, or start the data stream fresh (do not load the loader state)")
+        if diffs:
+            self.load_resharded_state([state])
+            return
         self._consumed = int(state["consumed_batches"])
         self._role_states = {int(k): v for k, v in state["roles"].items()}
+
+    def load_resharded_state(self, states: List[Dict[str, Any]]) -> None:
+        """Resume from the states of a run with another DP size / worker count (one state per old DP rank).
+
+        Positions inside an epoch do not map between splits, so the stream restarts at the beginning of the
+        earliest epoch that some old rank had not finished: nothing is skipped; samples of that epoch that were
+        already seen are seen once more. Skip counters carry over (summed).
+        """
+        epochs = [int(r["epoch"]) for st in states if st for r in st.get("roles", {}).values()]
+        start = min(epochs) if epochs else 0
+        warnings.warn(
+            f"data loader rank {self.rank}: resuming with a different topology (DP size / data.num_workers); "
+            f"exact resume is not possible, restarting epoch {start} under the new split", stacklevel=2)
+        self._consumed = 0
+        self._role_states = {}
+        for role in range(self.num_roles):
+            st = fresh_role_state(role)
+            st["epoch"] = start
+            self._role_states[role] = st
 
     def metrics(self) -> Dict[str, int]:
         """Counters summed over all workers (samples read/used, batches, skipped by reason, epochs)."""

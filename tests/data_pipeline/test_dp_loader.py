@@ -145,13 +145,29 @@ def test_bad_configs_are_rejected_with_the_field_named(raw_shards, tmp_path):
         build_loader(DataConfig(kind="raw", shards=""))
 
 
-def test_resume_state_must_match_config(raw_shards):
+def test_resume_state_must_match_the_data_definition(raw_shards):
     loader = build_loader(raw_config(raw_shards, num_workers=0))
     next(iter(loader))
     state = json.loads(json.dumps(loader.state_dict()))
-    other = build_loader(raw_config(raw_shards, num_workers=2))
-    with pytest.raises(LoaderConfigError, match="num_workers: saved 0 now 2"):
+    other = build_loader(raw_config(raw_shards, num_workers=0, seed=99))
+    with pytest.raises(LoaderConfigError, match="seed: saved 11 now 99"):
         other.load_state_dict(state)
+
+
+def test_topology_change_restarts_the_saved_epoch_without_skipping(raw_shards, all_keys):
+    """DP size 1 -> 2 mid-epoch 1: both new ranks start epoch 1 of the new split; together they cover it."""
+    loader = build_loader(raw_config(raw_shards, num_workers=0))
+    for i, _ in enumerate(loader):
+        if i == NUM_CLIPS + 2:  # 3 batches into epoch 1
+            break
+    state = json.loads(json.dumps(loader.state_dict()))
+    seen = []
+    for rank in range(2):
+        new = build_loader(raw_config(raw_shards, num_workers=0), rank, 2, epochs=2)
+        with pytest.warns(UserWarning, match="restarting epoch 1"):
+            new.load_state_dict(state)
+        seen += [k for b in new for k in b["key"]]
+    assert sorted(seen) == sorted(all_keys)
 
 
 def test_synthetic_kind_shapes_determinism_and_resume():
