@@ -293,6 +293,13 @@ def _validate_precision(pr: PrecisionConfig, model: ModelConfig, errors: List[st
         errors.append("precision.scale_max_fwd/scale_max_bwd must be > 0")
     if pr.bf16_first_blocks < 0 or pr.bf16_last_blocks < 0:
         errors.append("precision.bf16_first_blocks/bf16_last_blocks must be >= 0")
+    if pr.interval < 1:
+        errors.append(f"precision.interval={pr.interval}: must be >= 1 (delayed scaling recomputes the scale every N steps)")
+    if pr.recipe.startswith("hif8") and model.spec == "te":
+        errors.append(
+            f"precision.recipe={pr.recipe} with model.spec=te: the HiF8 linears are built by the local spec; "
+            "set model.spec=local (or use an fp8_* recipe with TE)"
+        )
 
 
 def _validate_train(t: TrainConfig, errors: List[str]) -> None:

@@ -141,3 +141,20 @@ def test_te_custom_recipe_runs_a_te_linear_like_the_hif8_linear():
     want = torch.matmul(qdq(x.detach(), 15.0), qdq(lin.weight.detach(), 15.0).t())
     assert torch.allclose(y.float(), want.float(), rtol=1e-2, atol=1e-2)
     assert math.isfinite(y.float().sum().item())
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["precision.interval=0"], "precision.interval=0"),
+        (["precision.recipe=hif8_current", "model.spec=te"], "model.spec=local"),
+        (["precision.amax_compute_algo=mean"], "precision.amax_compute_algo"),
+        (["precision.backward_rounding=sr"], "precision.backward_rounding"),
+    ],
+)
+def test_precision_validation_names_the_field(overrides, needle):
+    from osp_megatron.config import ConfigError, load_config
+
+    cfg = load_config(None, ["data.kind=synthetic", *overrides])
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        cfg.validate()
