@@ -1,0 +1,30 @@
+"""The explicit FLOPs formula: hand-checked terms, sparse attention counted as executed (with padding)."""
+from osp_megatron.config import ModelConfig
+from osp_megatron.training.flops import forward_flops, model_flops_per_sample, train_flops_per_sample
+
+
+def test_dense_tiny_matches_hand_count():
+    m = ModelConfig(size="tiny", schedule="full")
+    c, f, layers, text_dim = 64, 128, 8, 32
+    lt = 8
+    n = 2 * 4 * 4  # latents [16, 2, 8, 8] -> patch 1x2x2
+    out = forward_flops(m, [16, 2, 8, 8], lt)
+    per_block = (6 * 2 * n * c * c + 2 * 2 * lt * c * c) + 4 * n * n * c + 4 * n * lt * c + 4 * n * c * f
+    expect = layers * per_block + 2 * n * 64 * c + 2 * n * c * 64 + 2 * lt * (text_dim * c + c * c)
+    assert out["total"] == expect
+    assert train_flops_per_sample(m, [16, 2, 8, 8], lt) == 3 * expect
+    assert train_flops_per_sample(m, [16, 2, 8, 8], lt, recompute=True) == 4 * expect
+    assert model_flops_per_sample(m, [16, 2, 8, 8], lt) == 3 * expect
+
+
+def test_sparse_blocks_count_padding_and_divide_attention_by_p_squared():
+    shape = [16, 21, 60, 104]  # 81x480x832 latents: grid 21x30x52, padded to 21x32x52 for P=2
+    dense = forward_flops(ModelConfig(size="wan_1_3b", schedule="full"), shape, 512)
+    sparse = forward_flops(ModelConfig(size="wan_1_3b", schedule="dual_end"), shape, 512)
+    assert dense["tokens"] == 21 * 30 * 52 and sparse["tokens_padded"] == 21 * 32 * 52
+    n, npad, c = dense["tokens"], sparse["tokens_padded"], 1536
+    # 8 full blocks on raster n, 22 sparse blocks on npad with P^2 = 4 classes
+    expect_attn = 8 * 4 * n * n * c + 22 * 4 * npad * npad * c / 4
+    assert abs(sparse["self_attention"] - expect_attn) / expect_attn < 1e-12
+    assert sparse["ffn"] > dense["ffn"]  # padded tokens run through the FFN too
+    assert 1.4 < dense["total"] / sparse["total"] < 1.7
