@@ -166,7 +166,7 @@ def validate(c: GRPOConfig) -> GRPOConfig:
     elif w.size > limit:
         e.append(f"grpo.window.size={w.size} exceeds the window limit {limit} (grpo.window.limit or grpo.steps - 2): "
                  "lower the size or raise grpo.window.limit")
-    if w.start < 0 or (w.size >= 1 and w.start + w.size > limit):
+    if w.start < 0 or (1 <= w.size <= limit and w.start + w.size > limit):
         e.append(f"grpo.window.start={w.start}: the window [start, start+size) must lie in [0, {limit})")
     if w.shift_interval < 1:
         e.append(f"grpo.window.shift_interval={w.shift_interval}: must be >= 1 iterations")

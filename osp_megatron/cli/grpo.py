@@ -1,0 +1,173 @@
+"""`osp-grpo CONFIG [key=value ...] [--dry-run]`: Mix-GRPO post-training (LoRA) of an OSP-Next / Wan DiT.
+
+The `grpo:` section of CONFIG (see configs/grpo_*.yaml and osp_megatron/rl/config.py) sets sampling, the SDE
+window, group size, rewards and LoRA; model/parallel/precision/train/tracking/encoders are the usual sections
+(`train.init_from` loads the base weights, `train.run_dir` holds checkpoints and the MLflow store).
+Launch like osp-train: torchrun / srun for several processes (gloo on CPU, nccl with CUDA), or plainly.
+`--dry-run` validates everything, prints the resolved config, the window schedule and NFE per iteration, and exits.
+
+Exit codes: 0 done, 1 error, 2 invalid config/arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+EXIT_BAD_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="osp-grpo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="YAML config with a grpo: section (e.g. configs/grpo_demo_cpu.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. grpo.lr=1e-4 grpo.window.size=3")
+    p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and plan, exit")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --dry-run: plan for this many processes (default: the launched world size)")
+    return p
+
+
+def resolve(config: str, overrides: Sequence[str], world_size: int = 1):
+    """-> (Config, GRPOConfig), validated. GRPO reads prompts, not a dataset: without data.shards the data section
+    is set to `synthetic` so that its validation does not ask for shards."""
+    from osp_megatron.config import load_config
+    from osp_megatron.rl.config import grpo_config_from
+
+    cfg = load_config(config, overrides)
+    if not cfg.data.shards:
+        cfg.data.kind = "synthetic"
+    gcfg = grpo_config_from(cfg)
+    cfg.validate(world_size)
+    if cfg.parallel.pipeline_parallel != 1:
+        from osp_megatron.config import ConfigError
+
+        raise ConfigError("parallel.pipeline_parallel must be 1 for osp-grpo (rollouts step the whole model); "
+                          "use tensor_parallel / ssp / ulysses instead")
+    return cfg, gcfg
+
+
+def plan_text(cfg, gcfg, world_size: int) -> str:
+    """Window schedule, rollout plan and NFE per iteration, as printed by --dry-run."""
+    from osp_megatron.rl.rollout import make_plan
+    from osp_megatron.rl.windows import WindowSchedule, count_nfe
+
+    sched = WindowSchedule.from_config(gcfg)
+    p = cfg.parallel
+    mp = p.tensor_parallel * p.pipeline_parallel * p.context_parallel
+    dp = max(world_size // mp, 1)
+    n = gcfg.prompts_per_iteration * gcfg.group_size
+    lines = [f"world {world_size}: TP={p.tensor_parallel} CP={p.context_parallel} (SSP={p.ssp} x Ulysses={p.ulysses}) "
+             f"DP={dp}; {n} samples/iteration ({gcfg.prompts_per_iteration} prompts x G={gcfg.group_size}), "
+             f"{n // dp if n % dp == 0 else 'NOT DIVISIBLE'} per DP rank"]
+    marks = sorted({0, 1, gcfg.window.shift_interval, gcfg.iterations // 2, gcfg.iterations - 1})
+    for it in marks:
+        if it < 0 or it >= gcfg.iterations:
+            continue
+        w = sched.window(it)
+        plan = make_plan(gcfg.steps, gcfg.shift, w, sched.trained_steps(it), gcfg.noise_level, gcfg.eta,
+                         gcfg.flash.enabled, gcfg.flash.compression, gcfg.flash.order)
+        nfe = count_nfe(gcfg.steps, w, len(plan.trained), plan.count("dpm") if gcfg.flash.enabled else None,
+                        gcfg.cfg_scale, gcfg.kl_beta > 0, n)
+        kinds = "".join({"ode": "o", "sde": "S", "dpm": "d"}[k] for k in plan.kinds)
+        lines.append(f"iteration {it}: window {w.steps[0]}..{w.steps[-1]} trained {list(plan.trained)} "
+                     f"steps [{kinds}] NFE/sample {nfe.per_sample} NFE/iteration {nfe.per_iteration}")
+    return "\n".join(lines)
+
+
+def init_base_weights(model, cfg, log=print) -> None:
+    """Load `train.init_from` (megatron checkpoint, diffusers or Wan weights) into the model before LoRA."""
+    from osp_megatron.training.checkpoint import Checkpointer
+    from osp_megatron.training.trainer import read_weight_files, resolve_init_format
+
+    path = Path(cfg.train.init_from)
+    fmt = resolve_init_format(path, cfg.train.init_format)
+    if fmt == "megatron":
+        ckpt = path
+        if (path / "checkpoints" / "latest").is_file():
+            ckpt = Checkpointer(path).latest_dir()
+        elif (path / "latest").is_file():
+            ckpt = path / (path / "latest").read_text().strip()
+        loaded = Checkpointer(ckpt.parent).load(ckpt, {"model": model.sharded_state_dict()})
+        model.load_state_dict(loaded["model"], strict=False)
+    else:
+        raw = read_weight_files(path)
+        if fmt == "diffusers":
+            from osp_megatron.models.adapters.diffusers import from_diffusers as convert
+        else:
+            from osp_megatron.models.adapters.wan import from_wan as convert
+        model.load_full_state_dict(convert(raw, cfg.model))
+    log(f"[osp-grpo] base weights from {path} ({fmt})")
+
+
+def run(cfg, gcfg, env) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from osp_megatron import cpu_shims
+    from osp_megatron.models import build_model
+    from osp_megatron.parallel.groups import initialize_parallel
+    from osp_megatron.rl.trainer import GRPOTrainer
+    from osp_megatron.training.trainer import seed_everything
+
+    cpu_shims.apply()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(env["local_rank"])
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{env['master_addr']}:{env['master_port']}",
+                                rank=env["rank"], world_size=env["world_size"], timeout=datetime.timedelta(minutes=30))
+    parallel = initialize_parallel(cfg.parallel)
+    seed_everything(cfg.train.seed)
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    model = build_model(cfg, parallel=parallel, device=device)
+    log = print if env["rank"] == 0 else (lambda *_: None)
+    if cfg.train.init_from:
+        init_base_weights(model, cfg, log)
+    trainer = GRPOTrainer(cfg, gcfg, model=model, parallel=parallel, device=device)
+    log(f"[osp-grpo] {parallel.describe()} | LoRA r={gcfg.lora.rank} on {len(trainer.lora_names)} linears, "
+        f"{sum(p.numel() for p in trainer.params)} trainable params | run_dir {cfg.train.run_dir}")
+    trainer.fit(resume=cfg.train.resume)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from osp_megatron.cli.train import dist_env
+    from osp_megatron.config import ConfigError
+
+    args = _parser().parse_args(argv)
+    try:
+        env = dist_env()
+        if args.world_size is not None:
+            if not args.dry_run:
+                raise ValueError("--world-size is only for --dry-run; launch N processes with torchrun/srun instead")
+            env["world_size"] = args.world_size
+        cfg, gcfg = resolve(args.config, args.overrides, env["world_size"])
+    except (ConfigError, ValueError) as exc:
+        print(f"osp-grpo: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    if args.dry_run:
+        import yaml
+        from dataclasses import asdict
+
+        out = {k: v for k, v in cfg.to_dict().items() if k in ("model", "parallel", "precision", "train", "tracking",
+                                                              "encoders")}
+        out["grpo"] = asdict(gcfg)
+        print(yaml.safe_dump(out, sort_keys=False))
+        print(plan_text(cfg, gcfg, env["world_size"]))
+        return 0
+    try:
+        return run(cfg, gcfg, env)
+    except Exception:  # every rank reports its own failure with its id
+        print(f"[osp-grpo rank {os.environ.get('RANK', 0)}] failed:\n{traceback.format_exc()}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
