@@ -62,3 +62,21 @@ class DataConfig:
             errors.append(f"{prefix}.micro_batch_size={self.micro_batch_size}: must be >= 1")
         if self.num_workers < 0:
             errors.append(f"{prefix}.num_workers={self.num_workers}: must be >= 0")
+        seen = set()
+        for i, b in enumerate(self.buckets):
+            if (b.frames, b.height, b.width) in seen:
+                errors.append(f"{prefix}.buckets[{i}] {b.frames}x{b.height}x{b.width}: listed twice; remove the copy")
+            seen.add((b.frames, b.height, b.width))
+        if self.shuffle_buffer < 0:
+            errors.append(f"{prefix}.shuffle_buffer={self.shuffle_buffer}: must be >= 0 (0 or 1 = no sample shuffle)")
+        if self.text_len < 1:
+            errors.append(f"{prefix}.text_len={self.text_len}: must be >= 1 (Wan uses 512)")
+        if self.max_consecutive_errors < 0:
+            errors.append(f"{prefix}.max_consecutive_errors={self.max_consecutive_errors}: must be >= 0")
+        if self.kind == "synthetic":
+            shape = list(self.synthetic_latent_shape)
+            if len(shape) != 4 or any(int(x) < 1 for x in shape):
+                errors.append(f"{prefix}.synthetic_latent_shape={shape}: give 4 positive sizes [C, T, H, W], "
+                              "e.g. [16, 5, 16, 16]")
+            if self.synthetic_num_samples < 1:
+                errors.append(f"{prefix}.synthetic_num_samples={self.synthetic_num_samples}: must be >= 1")

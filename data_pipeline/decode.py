@@ -51,25 +51,30 @@ def center_crop(frames: np.ndarray, width: int, height: int) -> np.ndarray:
     return frames[:, top: top + height, left: left + width]
 
 
-def _decode_decord(data: bytes, indices: Sequence[int], size: Tuple[int, int]) -> np.ndarray:
+def _decode_decord(data: bytes, indices: Sequence[int], size: Optional[Tuple[int, int]]) -> np.ndarray:
+    """`size=None` keeps the native size (an in-decoder resize to the same size still costs a scaler pass)."""
     import decord
 
-    vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), width=size[0], height=size[1], num_threads=1)
+    resize = {} if size is None else {"width": size[0], "height": size[1]}
+    vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1, **resize)
     try:
         return vr.get_batch(list(indices)).asnumpy()
     finally:
         del vr
 
 
-def _decode_av(data: bytes, indices: Sequence[int], size: Tuple[int, int]) -> np.ndarray:
+def _decode_av(data: bytes, indices: Sequence[int], size: Optional[Tuple[int, int]]) -> np.ndarray:
     import av
 
     wanted = sorted(set(indices))
     got: Dict[int, np.ndarray] = {}
+    resize = {} if size is None else {"width": size[0], "height": size[1]}
     with av.open(io.BytesIO(data)) as container:
-        for i, frame in enumerate(container.decode(video=0)):
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1  # one core per loader worker
+        for i, frame in enumerate(container.decode(stream)):
             if i in wanted:
-                got[i] = frame.to_ndarray(width=size[0], height=size[1], format="rgb24")
+                got[i] = frame.to_ndarray(format="rgb24", **resize)
             if i >= wanted[-1]:
                 break
     if len(got) != len(wanted):
@@ -151,12 +156,14 @@ def decode_clip(data: bytes, buckets: Sequence[BucketSpec], fps: float, window: 
     bucket = buckets[index]
     indices = frame_indices(n, src_fps, bucket.frames, fps, window, rng)
     size = cover_size(w, h, bucket.width, bucket.height)
+    resize = None if size == (w, h) else size
     try:
         try:
             import decord  # noqa: F401
-            frames = _decode_decord(data, indices, size)
         except ImportError:
-            frames = _decode_av(data, indices, size)
+            frames = _decode_av(data, indices, resize)
+        else:
+            frames = _decode_decord(data, indices, resize)
     except SkipSample:
         raise
     except Exception as exc:  # noqa: BLE001

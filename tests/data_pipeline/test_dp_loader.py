@@ -143,6 +143,12 @@ def test_bad_configs_are_rejected_with_the_field_named(raw_shards, tmp_path):
         build_loader(raw_config(tmp_path))
     with pytest.raises(LoaderConfigError, match="data.shards is empty"):
         build_loader(DataConfig(kind="raw", shards=""))
+    with pytest.raises(LoaderConfigError, match=r"data.buckets\[1\] 17x64x64: listed twice"):
+        build_loader(raw_config(raw_shards, buckets=[BucketSpec(17, 64, 64), BucketSpec(17, 64, 64)]))
+    with pytest.raises(LoaderConfigError, match=r"data.synthetic_latent_shape=\[16, 5\]"):
+        build_loader(DataConfig(kind="synthetic", synthetic_latent_shape=[16, 5]))
+    with pytest.raises(LoaderConfigError, match="rank=2, world_size=2"):
+        build_loader(raw_config(raw_shards), rank=2, world_size=2)
 
 
 def test_resume_state_must_match_the_data_definition(raw_shards):

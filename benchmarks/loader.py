@@ -1,0 +1,219 @@
+"""Loader throughput on this machine's CPU: clips/s per worker for 81 frames at 480P and 720P (decode + resize +
+crop, the loader's real path), end-to-end loader clips/s with one worker, and samples/s from latent shards.
+
+    python benchmarks/loader.py [--repeats 3] [--step-time SECONDS] [--out benchmarks/results]
+
+Baselines measured in the same run: PyAV decoding every frame up to the window's end with its own resize
+(the torchvision.io-style path peers used), and, for latent shards, the raw 480P decode path.
+`--step-time` (seconds per training step of OSP-Next-1.3B at 480P, micro-batch 1, from the model's block
+benchmark on one H100) turns the rates into "workers needed to keep one GPU busy".
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import math
+import os
+import platform
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from data_pipeline.config import BucketSpec, DataConfig  # noqa: E402
+from data_pipeline.decode import center_crop, cover_size, decode_clip  # noqa: E402
+from data_pipeline.synthetic import ffmpeg_exe  # noqa: E402
+
+SIZES = {"480p": (854, 480, BucketSpec(81, 480, 832)), "720p": (1280, 720, BucketSpec(81, 720, 1280))}
+SRC_FPS, SRC_SECONDS = 24, 6  # 144 source frames; 81 frames at 16 fps span 5 s
+
+
+def cpu_name() -> str:
+    name = platform.processor() or "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return "cpu-" + re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+
+
+def make_clip(path: Path, width: int, height: int) -> bytes:
+    """A textured H.264 clip like real footage (testsrc2 + noise), GOP 2 s, yuv420p."""
+    if not path.exists():
+        cmd = [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
+               f"testsrc2=size={width}x{height}:rate={SRC_FPS}:duration={SRC_SECONDS}",
+               "-vf", "noise=alls=12:allf=t", "-c:v", "libx264", "-preset", "veryfast", "-crf", "23",
+               "-g", str(2 * SRC_FPS), "-pix_fmt", "yuv420p", "-movflags", "+faststart", str(path) + ".tmp.mp4"]
+        subprocess.run(cmd, check=True, timeout=600)
+        os.replace(str(path) + ".tmp.mp4", path)
+    return path.read_bytes()
+
+
+def time_it(fn, repeats: int) -> float:
+    """Median seconds of `fn()` over `repeats` runs (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def pyav_baseline(data: bytes, bucket: BucketSpec, indices, src_w: int, src_h: int) -> np.ndarray:
+    import av
+
+    size = cover_size(src_w, src_h, bucket.width, bucket.height)
+    wanted, got = set(indices), {}
+    resize = {} if size == (src_w, src_h) else {"width": size[0], "height": size[1]}
+    with av.open(io.BytesIO(data)) as c:
+        stream = c.streams.video[0]
+        stream.codec_context.thread_count = 1  # per-worker numbers: one core each, like the decord path
+        for i, frame in enumerate(c.decode(stream)):
+            if i in wanted:
+                got[i] = frame.to_ndarray(format="rgb24", **resize)
+            if i >= max(indices):
+                break
+    return center_crop(np.stack([got[i] for i in indices]), bucket.width, bucket.height)
+
+
+def row(name, value, unit, baseline, baseline_value, goal, higher_is_better=True):
+    ratio = (value / baseline_value if higher_is_better else baseline_value / value) if baseline_value else None
+    return {"name": name, "value": round(value, 4), "unit": unit, "baseline": baseline,
+            "baseline_value": None if baseline_value is None else round(baseline_value, 4),
+            "ratio": None if ratio is None else round(ratio, 3), "goal": goal}
+
+
+def write_latent_shard(path: Path, n: int, shape, text_tokens: int, dtype: torch.dtype) -> None:
+    import webdataset as wds
+
+    g = torch.Generator().manual_seed(0)
+    with open(path, "wb") as f:
+        w = wds.TarWriter(f, mtime=0.0)
+        for i in range(n):
+            def b(t):
+                buf = io.BytesIO()
+                torch.save(t, buf)
+                return buf.getvalue()
+            w.write({"__key__": f"s{i:05d}", "latents.pth": b(torch.randn(shape, generator=g).to(dtype)),
+                     "text.pth": b(torch.randn(text_tokens, 4096, generator=g).to(dtype)),
+                     "json": {"latent_shape": list(shape)}, "txt": f"sample {i}"})
+        w.close()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--latent-samples", type=int, default=32)
+    p.add_argument("--step-time", type=float, default=None,
+                   help="seconds per OSP-Next-1.3B 480P training step on one H100 (micro-batch 1)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--work", default=None, help="scratch folder for clips and shards (default: a temp dir)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    work = Path(args.work or tempfile.mkdtemp(prefix="osp-loader-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    results, rates = [], {}
+
+    for label, (w, h, bucket) in SIZES.items():
+        data = make_clip(work / f"clip-{label}.mp4", w, h)
+        meta = {"frames": SRC_FPS * SRC_SECONDS, "fps": float(SRC_FPS), "width": w, "height": h}
+        rng = random.Random(0)
+        _, _, info = decode_clip(data, [bucket], 16.0, "center", rng, meta)
+        ours = time_it(lambda: decode_clip(data, [bucket], 16.0, "random", rng, meta), args.repeats)
+        base = time_it(lambda: pyav_baseline(data, bucket, info["frame_indices"], w, h), args.repeats)
+        rates[label] = 1.0 / ours
+        results.append(row(f"decode_{label}_81f_clips_per_s_per_worker", 1.0 / ours, "clips/s",
+                           "pyav_decode_resize", 1.0 / base, "keep the GPU fed with few workers per GPU"))
+        print(f"{label}: decord {ours * 1000:.0f} ms/clip, PyAV {base * 1000:.0f} ms/clip", flush=True)
+
+    # end to end through the loader (one DataLoader worker, float conversion in the main process)
+    from data_pipeline import build_loader
+    from data_pipeline.inputs import list_inputs
+    from data_pipeline.sharding import build_shards
+
+    clips480 = work / "clips480"
+    clips480.mkdir(exist_ok=True)
+    for i in range(4):
+        dst = clips480 / f"c{i}.mp4"
+        if not dst.exists():
+            dst.write_bytes((work / "clip-480p.mp4").read_bytes())
+        (clips480 / f"c{i}.txt").write_text("a test pattern")
+    shards480 = work / "shards480"
+    if not (shards480 / "manifest.json").exists():
+        build_shards(list_inputs(str(clips480)), str(shards480), workers=1, progress=False)
+    cfg = DataConfig(kind="raw", shards=str(shards480), buckets=[SIZES["480p"][2]], num_workers=1,
+                     micro_batch_size=1, shuffle_buffer=0)
+    n_batches = max(4, args.repeats * 2)
+    it = iter(build_loader(cfg))
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        next(it)
+    e2e = n_batches / (time.perf_counter() - t0)
+    del it
+    results.append(row("loader_480p_81f_clips_per_s_1_worker", e2e, "clips/s", "decode_only_same_worker",
+                       rates["480p"], "end-to-end overhead small vs decode"))
+    print(f"loader 480p end-to-end (1 worker): {e2e:.2f} clips/s", flush=True)
+
+    # latent shards: OSP-Next-1.3B 480P, 81 frames -> [16, 21, 60, 104] bf16, ~120 text tokens of 4096
+    lat = work / "latents"
+    lat.mkdir(exist_ok=True)
+    shard = lat / "shard-000000.tar"
+    if not shard.exists():
+        write_latent_shard(shard, args.latent_samples, (16, 21, 60, 104), 120, torch.bfloat16)
+    (lat / "manifest.json").write_text(json.dumps({"kind": "latent", "num_samples": args.latent_samples}))
+    lcfg = DataConfig(kind="latent", shards=str(lat), num_workers=0, micro_batch_size=1, shuffle_buffer=0)
+    loader = build_loader(lcfg, epochs=1)
+    t0 = time.perf_counter()
+    count = sum(1 for _ in loader)
+    latent_rate = count / (time.perf_counter() - t0)
+    results.append(row("latent_480p_samples_per_s_per_worker", latent_rate, "samples/s", "raw_480p_decode",
+                       rates["480p"], "caching removes the decode bottleneck"))
+    print(f"latent shards 480p: {latent_rate:.1f} samples/s per worker", flush=True)
+
+    if args.step_time:
+        need = 1.0 / args.step_time
+        for label, rate in (("raw_480p", rates["480p"]), ("latent_480p", latent_rate)):
+            workers = math.ceil(need / rate)
+            results.append(row(f"workers_to_feed_one_h100_{label}", workers, "workers", None, None,
+                               f"step {args.step_time:.3f} s at micro-batch 1", higher_is_better=False))
+            print(f"workers to keep one H100 busy ({label}, step {args.step_time:.3f} s): {workers}")
+
+    device = cpu_name()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    out = {"benchmark": "loader", "device": device, "torch": torch.__version__,
+           "command": " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:])),
+           "date": date, "cores": os.cpu_count(), "results": results}
+    print()
+    print(f"{'name':48s} {'value':>10s} {'unit':10s} {'baseline':24s} {'base':>9s} {'ratio':>7s}")
+    for r in results:
+        bv = "" if r["baseline_value"] is None else f"{r['baseline_value']:.3f}"
+        ra = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        print(f"{r['name']:48s} {r['value']:10.3f} {r['unit']:10s} {str(r['baseline'] or ''):24s} {bv:>9s} {ra:>7s}")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) / f"loader-{device}-{date}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=2) + "\n")
+    os.replace(tmp, path)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
