@@ -16,6 +16,8 @@ before it can be rounded), so current scaling costs 2 reads + 1 write. With a kn
 `qdq_with_scale(..., amax_out=...)` is one pass: quantize with the given scale and record this call's amax in
 the same kernel (1 read + 1 write, like a copy).
 
+NaN inputs give NaN outputs; the NaN bit pattern (payload) is not specified and differs between devices.
+
 Exactness on GPU: multiplications are plain fp32 `mul.rn` (FMA contraction disabled), divisions use the
 IEEE `div.rn.f32` instruction (Triton's `/` is an approximate division), casts to bf16/fp16 round to nearest
 even, exactly as torch does on the CPU. Set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors.
@@ -95,34 +97,30 @@ if HAVE_TRITON:
         return x
 
     @triton.jit
-    def _hif8_round_fp32(v, offs, seed_mix, HYBRID: tl.constexpr, SATURATE: tl.constexpr):
-        """fp32 tensor -> nearest HiF8 value (fp32); bit arithmetic identical to hif8._round_bits."""
+    def _hif8_round_fp32(v, offs, seed_mix, lut_ptr, sr_ptr, HYBRID: tl.constexpr, SATURATE: tl.constexpr):
+        """fp32 tensor -> nearest HiF8 value (fp32), equal to hif8._round_bits for every non-NaN input.
+
+        One table lookup per element on the fp32 exponent byte gives the rounding add and keep-mask (see
+        `round_tables`), so the rounding itself is `(|bits| + add) & mask`, about a dozen integer ops in all.
+        """
         bits = v.to(tl.int32, bitcast=True)
         ab = bits & 0x7FFFFFFF
-        is_nan = ab > 0x7F800000
-        ab = tl.minimum(ab, 0x7F800000)
-        e = (ab >> 23) - 127
-        ae = tl.abs(e)
-        keep = (ae <= 3).to(tl.int32) + (ae <= 7).to(tl.int32) + (ae <= 15).to(tl.int32)
-        drop = 23 - keep
-        step = tl.full(drop.shape, 1, tl.int32) << drop
-        add = step >> 1
+        eb = ab >> 23
+        packed = tl.load(lut_ptr + eb)  # int64: add << 32 | mask
+        mask = packed.to(tl.int32)
+        add = (packed >> 32).to(tl.int32)
         if HYBRID:
-            key = (offs + seed_mix).to(tl.uint32)
-            h = _lowbias32(key)
-            sr_add = (h >> (32 - drop).to(tl.uint32)).to(tl.int32)
-            use_sr = (ae >= 4) & (e <= 14) & (e >= -22)
-            add = tl.where(use_sr, sr_add, add)
-        r = (ab + add) & (-step)
-        r = tl.where(e < -23, 0, r)
-        r = tl.where(e == -23, (127 - 22) << 23, r)
+            sh = tl.load(sr_ptr + eb)  # 32 - dropped bits in the stochastic region, else 0
+            h = _lowbias32((offs + seed_mix).to(tl.uint32))
+            add = tl.where(sh != 0, (h >> sh.to(tl.uint32)).to(tl.int32), add)
+        r = ((ab + add) & mask).to(tl.float32, bitcast=True)
         if SATURATE:
-            r = tl.where(r > ((127 + 15) << 23), (127 + 15) << 23, r)
+            r = tl.where(r > 32768.0, 32768.0, r)
         else:
-            r = tl.where(r > ((127 + 15) << 23), 0x7F800000, r)
-        r = tl.where(is_nan, 0x7FC00000, r)
-        r = tl.where((bits < 0) & (r != 0), r | (-2147483648), r)
-        return r.to(tl.float32, bitcast=True)
+            r = tl.where(r > 32768.0, float("inf"), r)
+        rb = r.to(tl.int32, bitcast=True)
+        rb = rb | (bits & (tl.minimum(rb, 1) << 31))  # sign of x, except that zero stays +0
+        return rb.to(tl.float32, bitcast=True)
 
     @triton.jit
     def _amax_kernel(x_ptr, amax_bits_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
@@ -140,6 +138,8 @@ if HAVE_TRITON:
     def _qdq_kernel(
         x_ptr,
         y_ptr,
+        lut_ptr,  # int64 [256] rounding table (round_tables)
+        sr_ptr,  # int32 [256] stochastic-rounding shifts (round_tables)
         scale_src_ptr,  # fp32 amax (SCALE_FROM_AMAX) or fp32 scale
         amax_out_bits_ptr,  # int32 amax bits accumulator (RECORD_AMAX)
         scale_max,
@@ -168,7 +168,7 @@ if HAVE_TRITON:
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if RECORD_AMAX:
             tl.atomic_max(amax_out_bits_ptr, tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=0))
-        q = _hif8_round_fp32(x * scale, offs, seed_mix, HYBRID, SATURATE)
+        q = _hif8_round_fp32(x * scale, offs, seed_mix, lut_ptr, sr_ptr, HYBRID, SATURATE)
         y = _div_rn(q, scale, ASM_DIV)
         if MANUAL_BF16:  # y_ptr is an int16 view of a bf16 output: round-to-nearest-even by hand
             b = y.to(tl.uint32, bitcast=True)
@@ -177,6 +177,46 @@ if HAVE_TRITON:
             tl.store(y_ptr + offs, rne.to(tl.int16), mask=mask)
         else:
             tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+_TABLES: dict = {}
+
+
+def round_tables(device: torch.device | str = "cpu") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per fp32 exponent byte (0..255): int64 `add << 32 | mask` and int32 stochastic shift (cached per device).
+
+    With e = byte - 127 the binade of the (scaled) input, HiF8 keeps 3 / 2 / 1 / 0 fraction bits for
+    |e| <= 3 / <= 7 / <= 15 / e in [-22, -16]; dropping d = 23 - kept bits, TA rounding is
+    `(|bits| + 2^(d-1)) & -2^d`. Special rows: e = -23 -> add 2^23, mask = exponent field (every value of the
+    binade becomes 2^-22); e < -23 (and zeros/subnormals) -> mask 0 (flush to +0); e >= 16, Inf, NaN -> add 0,
+    mask -1 (unchanged; the caller maps anything above 32768 to Inf or 32768 and NaN stays NaN). Stochastic
+    shift = 32 - d where hybrid rounding uses SR (|e| >= 4, -22 <= e <= 14), else 0.
+    """
+    key = str(device)
+    if key not in _TABLES:
+        lut, sr = [], []
+        for eb in range(256):
+            e = eb - 127
+            shift = 0
+            if eb == 255 or e >= 16:
+                add, mask = 0, -1
+            elif e < -23:
+                add, mask = 0, 0
+            elif e == -23:
+                add, mask = 1 << 23, 0x7F800000
+            else:
+                keep = (abs(e) <= 3) + (abs(e) <= 7) + (abs(e) <= 15)
+                drop = 23 - keep
+                add, mask = 1 << (drop - 1), -(1 << drop)
+                if abs(e) >= 4 and -22 <= e <= 14:
+                    shift = 32 - drop
+            lut.append((add << 32) | (mask & 0xFFFFFFFF))
+            sr.append(shift)
+        _TABLES[key] = (
+            torch.tensor(lut, dtype=torch.int64, device=device),
+            torch.tensor(sr, dtype=torch.int32, device=device),
+        )
+    return _TABLES[key]
 
 
 _AMAX_BLOCK = 4096
@@ -247,9 +287,12 @@ def _launch_qdq(
     kwargs = {} if _INTERPRET else {"enable_fp_fusion": False}
     # the interpreter's fp32->bf16 cast is not round-to-nearest-even; GPUs' is (cvt.rn.bf16.f32)
     manual_bf16 = _INTERPRET and out_dtype == torch.bfloat16
+    lut, sr = round_tables(x.device)
     _qdq_kernel[grid](
         xc.view(-1),
         y.view(-1).view(torch.int16) if manual_bf16 else y.view(-1),
+        lut,
+        sr,
         src.float().reshape(1).contiguous(),
         dummy,
         float(scale_max),

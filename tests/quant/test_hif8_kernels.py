@@ -35,6 +35,39 @@ def test_torch_path_equals_reference(dtype, scale_max):
     assert torch.equal(hif8_round(x.float() * s) / s, K.qdq_current(x, scale_max, torch.float32, backend="torch")[0])
 
 
+def _lut_round(x: torch.Tensor, saturate: bool = False) -> torch.Tensor:
+    """The Triton kernel's table-driven rounding, re-done with torch int ops (no Triton needed)."""
+    lut, _ = K.round_tables()
+    bits = x.view(torch.int32)
+    ab = bits & 0x7FFFFFFF
+    packed = lut[(ab >> 23).long()]
+    mask = (packed & 0xFFFFFFFF).to(torch.int64)
+    mask = torch.where(mask >= 2**31, mask - 2**32, mask).to(torch.int32)
+    add = (packed >> 32).to(torch.int32)
+    r = ((ab + add) & mask).view(torch.float32)
+    r = torch.where(r > 32768.0, torch.full_like(r, 32768.0 if saturate else math.inf), r)
+    rb = r.view(torch.int32)
+    rb = rb | (bits & (torch.clamp(rb, max=1) << 31))
+    return rb.view(torch.float32)
+
+
+@pytest.mark.parametrize("saturate", [False, True])
+def test_kernel_rounding_table_equals_codec(saturate):
+    g = torch.Generator().manual_seed(11)
+    bits = torch.randint(-(2**31), 2**31 - 1, (400_000,), generator=g, dtype=torch.int64).to(torch.int32)
+    x = bits.view(torch.float32)
+    x = x[~torch.isnan(x)]
+    from osp_megatron.quant.hif8 import decode_table
+
+    grid = decode_table()
+    grid = grid[torch.isfinite(grid) & (grid >= 0)].sort().values.double()
+    grid = torch.cat([grid, torch.tensor([49152.0], dtype=torch.float64)])
+    mids = ((grid[:-1] + grid[1:]) / 2).float()
+    near = torch.cat([mids, torch.nextafter(mids, torch.zeros_like(mids)), torch.nextafter(mids, mids * 2)])
+    x = torch.cat([x, near, -near, torch.tensor([0.0, -0.0, math.inf, -math.inf, 2.0**-23, 1e-45])])
+    assert torch.equal(_lut_round(x, saturate).view(torch.int32), hif8_round(x, saturate=saturate).view(torch.int32))
+
+
 def test_scale_edge_cases():
     assert K.scale_from_amax(torch.tensor(0.0), 15.0).item() == 1.0
     assert K.scale_from_amax(torch.tensor(math.inf), 15.0).item() == 1.0
