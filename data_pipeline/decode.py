@@ -82,31 +82,44 @@ def _decode_av(data: bytes, indices: Sequence[int], size: Optional[Tuple[int, in
     return np.stack([got[i] for i in indices])
 
 
+def mp4_box_problem(f, total: int) -> Optional[str]:
+    """Walk the top-level MP4/MOV boxes of file-like `f` (`total` bytes) by seeking; a reason if they do not
+    fit the data (truncated or corrupt), None if fine or not an MP4."""
+    f.seek(0)
+    head = f.read(8)
+    if len(head) < 8 or head[4:8] != b"ftyp":
+        return None
+    pos = 0
+    while pos + 8 <= total:
+        f.seek(pos)
+        hdr = f.read(16)
+        size = int.from_bytes(hdr[0:4], "big")
+        box = hdr[4:8].decode("latin-1")
+        if size == 1:
+            if len(hdr) < 16:
+                break
+            size = int.from_bytes(hdr[8:16], "big")
+        elif size == 0:
+            return None  # extends to the end of the file
+        if size < 8:
+            return f"corrupt mp4: box {box!r} at {pos} has size {size}"
+        if pos + size > total:
+            return f"truncated mp4: box {box!r} needs {pos + size} bytes, {total} present"
+        pos += size
+    if pos != total:
+        return f"truncated mp4: {total - pos} trailing bytes after the last box"
+    return None
+
+
 def check_mp4_boxes(data: bytes) -> None:
-    """Cheap truncation check for MP4/MOV bytes: the top-level boxes must fit the data (no decode).
+    """Cheap truncation check for MP4/MOV bytes (no decode).
 
     A truncated file can still open and decode the frames before the cut, which would silently train on
     a partial clip; raises SkipSample(decode_error) instead. Non-MP4 data is left to the decoder.
     """
-    if len(data) < 8 or data[4:8] != b"ftyp":
-        return
-    pos, n = 0, len(data)
-    while pos + 8 <= n:
-        size = int.from_bytes(data[pos: pos + 4], "big")
-        box = data[pos + 4: pos + 8].decode("latin-1")
-        if size == 1:
-            if pos + 16 > n:
-                break
-            size = int.from_bytes(data[pos + 8: pos + 16], "big")
-        elif size == 0:
-            return  # extends to the end of the file
-        if size < 8:
-            raise SkipSample("decode_error", f"corrupt mp4: box {box!r} at {pos} has size {size}")
-        if pos + size > n:
-            raise SkipSample("decode_error", f"truncated mp4: box {box!r} needs {pos + size} bytes, {n} present")
-        pos += size
-    if pos != n:
-        raise SkipSample("decode_error", f"truncated mp4: {n - pos} trailing bytes after the last box")
+    problem = mp4_box_problem(io.BytesIO(data), len(data))
+    if problem:
+        raise SkipSample("decode_error", problem)
 
 
 def _open_info(data: bytes) -> Tuple[int, float, int, int]:

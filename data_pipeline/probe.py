@@ -87,6 +87,12 @@ def probe_video(path: str) -> Dict[str, Any]:
         raise ProbeError(f"unreadable: {exc.strerror or exc}") from None
     if size == 0:
         raise ProbeError("zero_length: empty file")
+    from data_pipeline.decode import mp4_box_problem
+
+    with open(path, "rb") as f:
+        problem = mp4_box_problem(f, size)
+    if problem:
+        raise ProbeError(f"truncated: {problem}")
     try:
         import decord  # noqa: F401
 

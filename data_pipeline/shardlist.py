@@ -36,7 +36,7 @@ def resolve_shards(spec: str) -> List[str]:
             urls.extend(sorted(glob.glob(part)))
         else:
             urls.append(part)
-    missing = [u for u in urls if "://" not in u and not os.path.exists(u)]
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
     if not urls:
         raise ShardListError(f"data.shards={spec!r}: no shard-*.tar files found; run osp-shards (or osp-cache) "
                              "first or fix the path")

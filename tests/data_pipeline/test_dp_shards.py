@@ -66,7 +66,7 @@ def test_corrupt_inputs_are_skipped_counted_and_named(clips_dir, tmp_path):
     assert by_path["nocaption.mp4"]["category"] == "missing_caption"
     assert by_path["broken-empty.mp4"]["category"] == "zero_length"
     assert by_path["broken-garbage.mp4"]["category"] in ("not_a_video", "decode_failed")
-    assert by_path["broken-truncated.mp4"]["category"] in ("not_a_video", "decode_failed")
+    assert by_path["broken-truncated.mp4"]["category"] == "truncated"
     assert all(r["reason"] for r in rejects)
     assert m["filter_stats"]["rejected"] == 4 and sum(m["filter_stats"]["by_reason"].values()) == 4
 
@@ -128,6 +128,20 @@ def test_manifest_inputs_csv_jsonl_with_unsafe_names(clips_dir, tmp_path):
     assert sanitize_key("../x/evil clip.v1.mp4") == "x_evil_clip_v1"
     used = set()
     assert [unique_key(n, used) for n in ["a.b.mp4", "a b.mp4", "a/b.mkv"]] == ["a_b", "a_b_1", "a_b_2"]
+
+
+def test_manifest_rows_with_missing_files_are_rejected(clips_dir, tmp_path):
+    m = tmp_path / "m.jsonl"
+    rows = [{"path": str(clips_dir / "clip-000000.mp4"), "caption": "ok"},
+            {"path": "does/not/exist.mp4", "caption": "gone"},
+            {"path": str(clips_dir / "clip-000001.mp4")}]
+    m.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert shards_main(["--input", str(m), "--output", str(out), "--workers", "1", "--no-progress"]) == 0
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(os.path.basename(r["path"]), r["category"]) for r in rejects] == [
+        ("exist.mp4", "unreadable"), ("clip-000001.mp4", "missing_caption")]
+    assert read_json(out / "manifest.json")["num_samples"] == 1
 
 
 def test_bad_inputs_have_clear_errors(tmp_path):
