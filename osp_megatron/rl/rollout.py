@@ -8,7 +8,8 @@ and the old log-probs `[b,K]`.
 Noise: every sample has a global id; its initial noise is drawn from (seed, iteration, id) (with
 `init_same_noise` the id is its prompt slot, so a group starts from one noise) and its SDE noise at step i from
 (seed, iteration, id, i). Every rank that holds the sample (all ranks of a context-parallel group) therefore draws
-identical noise with no communication. `mode="broadcast"` instead draws on the group's first rank and broadcasts.
+identical noise with no communication (values are drawn on the target device, so CPU and CUDA runs differ, all
+CUDA ranks agree). `mode="broadcast"` instead draws on the group's first rank and broadcasts.
 """
 from __future__ import annotations
 
@@ -46,10 +47,16 @@ class NoiseSource:
         self.seed, self.iteration, self.mode, self.group = int(seed), int(iteration), mode, group
         self._rank_gen = torch.Generator().manual_seed(hash_ints(seed, iteration, rank_seed, 0xB00))
 
-    def _draw(self, shape: Sequence[int], ids: Sequence[int], tag: int) -> Tensor:
+    def _draw(self, shape: Sequence[int], ids: Sequence[int], tag: int, device) -> Tensor:
+        device = torch.device(device)
         if self.mode == "seed":
-            return torch.stack([seeded_noise(shape, hash_ints(self.seed, self.iteration, int(i), tag)) for i in ids])
-        out = torch.randn((len(ids), *shape), generator=self._rank_gen)
+            out = torch.empty((len(ids), *shape), dtype=torch.float32, device=device)
+            gen = torch.Generator(device=device)
+            for k, i in enumerate(ids):  # drawn on the target device: same values on every rank of one device type
+                gen.manual_seed(hash_ints(self.seed, self.iteration, int(i), tag))
+                out[k].normal_(generator=gen)
+            return out
+        out = torch.randn((len(ids), *shape), generator=self._rank_gen).to(device)
         if self.group is not None and dist.is_initialized() and dist.get_world_size(self.group) > 1:
             src = dist.get_global_rank(self.group, 0)
             dist.broadcast(out, src=src, group=self.group)
@@ -57,11 +64,11 @@ class NoiseSource:
 
     def initial(self, shape: Sequence[int], ids: Sequence[int], device="cpu") -> Tensor:
         """`[len(ids), *shape]` float32 noise at σ=1."""
-        return self._draw(shape, ids, -1).to(device)
+        return self._draw(shape, ids, -1, device)
 
     def sde(self, shape: Sequence[int], ids: Sequence[int], step: int, device="cpu") -> Tensor:
         """`[len(ids), *shape]` float32 noise of SDE step `step`."""
-        return self._draw(shape, ids, int(step)).to(device)
+        return self._draw(shape, ids, int(step), device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,25 +50,35 @@ class RandomTextEmbedder:
 
     def __init__(self, text_len: int, text_dim: int) -> None:
         self.text_len, self.text_dim = text_len, text_dim
+        self._cache: Dict[str, Tensor] = {}
+
+    def _one(self, prompt: str) -> Tensor:
+        if prompt not in self._cache:
+            self._cache[prompt] = seeded_noise((self.text_len, self.text_dim), zlib.crc32(prompt.encode("utf-8")))
+        return self._cache[prompt]
 
     def encode(self, prompts: Sequence[str]) -> Tensor:
-        return torch.stack([seeded_noise((self.text_len, self.text_dim), zlib.crc32(p.encode("utf-8")))
-                            for p in prompts])
+        return torch.stack([self._one(p) for p in prompts])
 
     def null(self) -> Tensor:
         return torch.zeros(1, self.text_len, self.text_dim)
 
 
 class EncoderTextEmbedder:
-    """umT5 (or the tiny stand-in) from `osp_megatron.encoders`; null embedding = encoding of ""."""
+    """umT5 (or the tiny stand-in) from `osp_megatron.encoders`, cached per prompt; null embedding = encoding of ""."""
 
     def __init__(self, spec: str, device, text_len: int, text_dim: int) -> None:
         from osp_megatron.encoders import load_text_encoder
 
         self.enc = load_text_encoder(spec, device=device, dtype=torch.float32, text_len=text_len, text_dim=text_dim)
+        self._cache: Dict[str, Tensor] = {}
 
     def encode(self, prompts: Sequence[str]) -> Tensor:
-        return self.enc.encode(list(prompts)).float().cpu()
+        new = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if new:
+            for p, e in zip(new, self.enc.encode(new).float().cpu()):
+                self._cache[p] = e
+        return torch.stack([self._cache[p] for p in prompts])
 
     def null(self) -> Tensor:
         return self.enc.encode([""]).float().cpu()

@@ -1,0 +1,190 @@
+"""GRPO iteration cost: MixGRPO (SDE window 4 of 25), MixGRPO-Flash, and an all-steps-SDE baseline (DanceGRPO style).
+
+One command; the three methods run in the same process on the same model size, group size and prompts:
+    python benchmarks/grpo.py                      # wan_1_3b on the GPU (bf16), 17 frames 480x832 latents
+    python benchmarks/grpo.py --size tiny          # tiny model on CPU (checks the script)
+Per method: wall time of one GRPO iteration (rollouts + reward + PPO updates, after warm-up) and model evaluations
+(NFE) per iteration. Baseline (DanceGRPO style): SDE on steps 0..23 of 25 (the last is ODE), 14 of them trained at
+random (int(24 x 0.6)), constant noise 0.3. MixGRPO: SDE window 0..3 (Flow-GRPO noise 0.7), 4 trained, Euler
+elsewhere. Flash: the same window, then DPM-Solver++ (2M) on the compressed grid (ratio 0.4: 7 steps).
+Goal (issue 8): MixGRPO <= 55% of the baseline's time, Flash <= 40% (MixGRPO reports ~52% and ~38%).
+The reward here is the brightness of a fixed latent->RGB preview (cheap, identical for all methods); a VAE decode
+and a large reward model add the same constant to every method and move the ratios towards 1.
+
+Prints a table and writes benchmarks/results/grpo-<device>-<date>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SIZES = {
+    # latent [T, H, W]: 17 frames x 480 x 832 after the Wan VAE; text 512 x 4096 (umT5) as random embeddings
+    "wan_1_3b": dict(latent=[5, 60, 104], text_len=512, group=4, prompts=1, batch=2, dtype="bf16"),
+    "tiny": dict(latent=[1, 8, 8], text_len=16, group=8, prompts=2, batch=8, dtype="fp32"),
+}
+
+
+def methods(steps: int) -> Dict[str, Dict]:
+    base = dict(steps=steps, shift=3.0)
+    return {
+        "dancegrpo_all_sde": dict(base, noise_level="dance_grpo", eta=0.3,
+                                  window=dict(strategy="fixed", start=0, size=steps - 1, limit=steps - 1,
+                                              trained_steps=int((steps - 1) * 0.6), trained_select="random")),
+        "mixgrpo": dict(base, noise_level="flow_grpo", eta=0.7,
+                        window=dict(strategy="progressive", size=4, shift_interval=25, stride=1)),
+        "mixgrpo_flash": dict(base, noise_level="flow_grpo", eta=0.7,
+                              window=dict(strategy="progressive", size=4, shift_interval=20, stride=1),
+                              flash=dict(enabled=True, compression=0.4, order=2)),
+    }
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    m = re.search(r"(h100|h200|a100|b200|gb200|l40s|h20)", name)
+    return m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_method(name: str, over: Dict, size: str, spec: Dict, args, device) -> Dict[str, float]:
+    from osp_megatron.config import Config
+    from osp_megatron.rl.config import grpo_config_from_dict
+    from osp_megatron.rl.trainer import GRPOTrainer
+
+    cfg = Config()
+    cfg.data.kind = "synthetic"
+    cfg.model.size = size
+    cfg.model.schedule = args.schedule
+    cfg.model.recompute = args.recompute
+    cfg.precision.dtype = spec["dtype"]
+    cfg.train.run_dir = str(Path(args.run_dir) / name)
+    cfg.tracking.backend = "none"
+    g = dict(iterations=args.warmup + args.iters, group_size=args.group or spec["group"],
+             prompts_per_iteration=args.prompts or spec["prompts"], rollout_batch=args.batch or spec["batch"],
+             train_batch=args.batch or spec["batch"], lr=1e-5, latent_shape=spec["latent"], text_len=spec["text_len"],
+             prompts=["a red fox running through snow", "a city street at night"], eval_interval=0, save_interval=0,
+             lora=dict(rank=32, alpha=64), rewards=[dict(name="brightness")])
+    g.update(over)
+    from osp_megatron.training.trainer import seed_everything
+
+    seed_everything(0)
+    trainer = GRPOTrainer(cfg, grpo_config_from_dict(g), device=device)
+    times, rollout_t, train_t, metrics = [], [], [], {}
+    for i in range(args.warmup + args.iters):
+        sync(device)
+        t0 = time.perf_counter()
+        m = trainer.step()
+        sync(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+            rollout_t.append(m["time/rollout_s"])
+            train_t.append(m["time/train_s"])
+            metrics = m
+        print(f"  {name} iteration {i}{' (warm-up)' if i < args.warmup else ''}: {time.perf_counter() - t0:.2f} s "
+              f"(rollout {m['time/rollout_s']:.2f} s, train {m['time/train_s']:.2f} s), "
+              f"NFE {int(m['nfe/nfe_per_iteration'])}", flush=True)
+    out = {"time": sum(times) / len(times), "nfe": metrics["nfe/nfe_per_iteration"],
+           "nfe_sample": metrics["nfe/nfe_per_sample"], "rollout": sum(rollout_t) / len(rollout_t),
+           "train": sum(train_t) / len(train_t)}
+    if device.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del trainer
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", choices=sorted(SIZES), default=None, help="wan_1_3b (GPU default) or tiny (CPU)")
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--iters", type=int, default=2, help="timed iterations per method")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--group", type=int, default=0, help="samples per prompt (default per size)")
+    ap.add_argument("--prompts", type=int, default=0, help="prompts per iteration (default per size)")
+    ap.add_argument("--batch", type=int, default=0, help="rollout/train micro-batch (default per size)")
+    ap.add_argument("--schedule", default="dual_end", choices=["full", "dual_end", "uniform"])
+    ap.add_argument("--recompute", action="store_true", help="full activation recompute in the training forward")
+    ap.add_argument("--run-dir", default="/tmp/osp_grpo_bench")
+    ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    size = args.size or ("wan_1_3b" if cuda else "tiny")
+    if size != "tiny" and not cuda:
+        print(f"--size {size} needs a CUDA GPU; use --size tiny on CPU", file=sys.stderr)
+        return 2
+    if args.iters < 1 or args.warmup < 0 or args.steps < 6:
+        ap.error("--iters >= 1, --warmup >= 0, --steps >= 6")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    if not cuda:
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    spec = SIZES[size]
+    res = {}
+    for name, over in methods(args.steps).items():
+        res[name] = run_method(name, over, size, spec, args, device)
+
+    base = res["dancegrpo_all_sde"]
+    goals = {"dancegrpo_all_sde": "baseline", "mixgrpo": "<= 55% of baseline time (ratio >= 1.82)",
+             "mixgrpo_flash": "<= 40% of baseline time (ratio >= 2.5)"}
+    rows = []
+    for name, r in res.items():
+        rows.append(dict(name=f"{name}/time_per_iteration", value=r["time"], unit="s",
+                         baseline="dancegrpo_all_sde/time_per_iteration", baseline_value=base["time"],
+                         ratio=base["time"] / r["time"], goal=goals[name]))
+        rows.append(dict(name=f"{name}/nfe_per_iteration", value=r["nfe"], unit="NFE",
+                         baseline="dancegrpo_all_sde/nfe_per_iteration", baseline_value=base["nfe"],
+                         ratio=base["nfe"] / r["nfe"], goal="fewer model evaluations"))
+        rows.append(dict(name=f"{name}/time_fraction_of_baseline", value=r["time"] / base["time"], unit="fraction",
+                         baseline="dancegrpo_all_sde", baseline_value=1.0, ratio=base["time"] / r["time"],
+                         goal=goals[name]))
+    print(f"\nsize {size}, {args.steps} steps, G={args.group or spec['group']}, device "
+          f"{torch.cuda.get_device_name(device) if cuda else 'cpu'}")
+    print(f"{'method':<20} {'s/iter':>9} {'rollout s':>10} {'train s':>9} {'NFE/iter':>9} {'NFE/sample':>11} "
+          f"{'vs base':>8}")
+    for name, r in res.items():
+        print(f"{name:<20} {r['time']:>9.3f} {r['rollout']:>10.3f} {r['train']:>9.3f} {int(r['nfe']):>9d} "
+              f"{int(r['nfe_sample']):>11d} {r['time'] / base['time']:>8.1%}")
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    out = dict(
+        benchmark="grpo",
+        device=(torch.cuda.get_device_name(device) if cuda else "cpu"),
+        torch=torch.__version__,
+        command="python benchmarks/grpo.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        size=size,
+        details=res,
+        results=rows,
+    )
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"grpo-{device_slug(device)}{'-' + size if size == 'tiny' else ''}-{date}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=2))
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
