@@ -256,7 +256,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     results = []
     results += bench_quantize(device, tokens, hidden, warmup, iters)
     results += bench_linear(device, tokens, shapes, warmup, iters)
-    sources = {"tiny-DiT": capture_model_tensors(device)}
+    sources = {}
+    try:
+        sources["tiny-DiT"] = capture_model_tensors(device)
+    except Exception as exc:  # keep the kernel/linear numbers even if the model cannot be built here
+        print(f"warning: could not capture tensors from the tiny DiT ({type(exc).__name__}: {exc}); "
+              "SNR rows use synthetic tensors only", file=sys.stderr)
     sources["synthetic"] = synthetic_tensors(device, min(tokens, 8192), min(hidden, 5120))
     results += bench_snr(device, sources)
 

@@ -31,7 +31,6 @@ from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megatron.core.tensor_parallel.mappings import _gather_along_first_dim, _reduce_scatter_along_first_dim
 
 from osp_megatron.quant.recipes import active_recipe
 
@@ -42,6 +41,20 @@ def _tp_size(group: Optional[torch.distributed.ProcessGroup]) -> int:
     if group is None or not torch.distributed.is_initialized():
         return 1
     return torch.distributed.get_world_size(group)
+
+
+def _gather_along_first_dim(x: torch.Tensor, group: torch.distributed.ProcessGroup) -> torch.Tensor:
+    """[s, ...] per rank -> [s * tp, ...] (rank order), allocated on x's device."""
+    out = torch.empty((x.shape[0] * _tp_size(group), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    torch.distributed.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+def _reduce_scatter_along_first_dim(x: torch.Tensor, group: torch.distributed.ProcessGroup) -> torch.Tensor:
+    """[s * tp, ...] per rank -> sum over ranks, this rank's [s, ...] slice."""
+    out = torch.empty((x.shape[0] // _tp_size(group), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    torch.distributed.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    return out
 
 
 class _HiF8LinearFn(torch.autograd.Function):

@@ -17,7 +17,8 @@ def _free_port() -> int:
 
 def test_tp2_equals_tp1():
     port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    # CPU + gloo even on a GPU machine (megatron's SP collectives allocate on the current CUDA device otherwise)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKER), str(rank), "2", str(port)],
