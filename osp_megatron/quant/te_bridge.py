@@ -20,11 +20,11 @@ import torch
 
 try:  # TE >= 2.16
     from transformer_engine.pytorch.quantized_tensor import QuantizedTensorStorage, Quantizer
-except ImportError:  # TE 2.9 - 2.15
-    from transformer_engine.pytorch.tensor.quantized_tensor import (  # type: ignore
-        QuantizedTensorBase as QuantizedTensorStorage,
-        Quantizer,
-    )
+except ImportError:  # TE 2.9 - 2.15 (the class was renamed from QuantizedTensorBase)
+    import transformer_engine.pytorch.tensor.quantized_tensor as _qt
+
+    Quantizer = _qt.Quantizer
+    QuantizedTensorStorage = getattr(_qt, "QuantizedTensorStorage", None) or _qt.QuantizedTensorBase
 
 
 @dataclasses.dataclass
