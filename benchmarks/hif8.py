@@ -32,6 +32,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -171,7 +172,9 @@ def capture_model_tensors(device) -> Dict[str, List[torch.Tensor]]:
     t = torch.tensor([0.3, 0.7], device=device)
     xt = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * eps
     loss = torch.nn.functional.mse_loss(model(xt, t * 1000, text), eps - x0)
-    loss.backward()
+    with warnings.catch_warnings():  # "full backward hook ... no inputs require gradients": expected here
+        warnings.simplefilter("ignore", UserWarning)
+        loss.backward()
     for h in hooks:
         h.remove()
     return got
