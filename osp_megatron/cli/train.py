@@ -35,16 +35,21 @@ def dist_env(environ=None) -> Dict[str, object]:
         rank, world, local = 0, 1, 0
     addr = env.get("MASTER_ADDR", "127.0.0.1")
     port = env.get("MASTER_PORT")
-    if port is None:
-        if world > 1:
-            raise ValueError(
-                "MASTER_PORT is not set for a multi-process launch: use torchrun, slurm/launcher.sh, "
-                "or export MASTER_ADDR and MASTER_PORT"
-            )
-        with socket.socket() as s:  # single process: any free port
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    return {"rank": rank, "world_size": world, "local_rank": local, "master_addr": addr, "master_port": int(port)}
+    return {"rank": rank, "world_size": world, "local_rank": local, "master_addr": addr,
+            "master_port": None if port is None else int(port)}
+
+
+def _resolve_port(env: Dict[str, object]) -> int:
+    if env["master_port"] is not None:
+        return int(env["master_port"])
+    if int(env["world_size"]) > 1:
+        raise ValueError(
+            "MASTER_PORT is not set for a multi-process launch: use torchrun, slurm/launcher.sh, "
+            "or export MASTER_ADDR and MASTER_PORT"
+        )
+    with socket.socket() as s:  # single process: any free port
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def parallel_plan(cfg, world_size: int) -> str:
@@ -125,6 +130,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("# parallel plan")
             print(parallel_plan(cfg, env["world_size"]))
         return 0
+    try:
+        env["master_port"] = _resolve_port(env)
+    except ValueError as exc:
+        print(f"osp-train: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     return run(cfg, env)
 
 

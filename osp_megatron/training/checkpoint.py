@@ -284,7 +284,8 @@ class Checkpointer:
             raise CheckpointError(problem[0])
         try:
             strategy = get_default_load_sharded_strategy(str(ckpt_dir))
-            if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1:
+            # the fully-parallel loader exchanges shards through CUDA tensors: GPU only
+            if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1 and torch.cuda.is_available():
                 strategy = FullyParallelLoadStrategyWrapper(strategy, self.dp_group)
             return dist_checkpointing.load(sharded_state, str(ckpt_dir), sharded_strategy=strategy)
         except CheckpointError:

@@ -540,8 +540,11 @@ class Trainer:
             return
         from osp_megatron.training.samples import make_sample_videos
 
-        b = self.cfg.data.buckets[0]
-        latent_shape = tuple(self.vae.latent_shape(b.frames, b.height, b.width))
+        if self.cfg.data.kind == "synthetic":
+            latent_shape = tuple(self.cfg.data.synthetic_latent_shape)
+        else:
+            b = self.cfg.data.buckets[0]
+            latent_shape = tuple(self.vae.latent_shape(b.frames, b.height, b.width))
         net = self.ema.module if self.ema is not None else unwrap(self.model)
         paths = make_sample_videos(
             net, self.vae, self.text_encoder, t.sample_prompts, latent_shape, t.sample_steps, t.sample_guidance,
