@@ -102,6 +102,18 @@ def test_current_scaling_is_per_call():
         HiF8CurrentScaling(scale_max_fwd=0)
 
 
+def test_current_scaling_reuses_an_unchanged_input():
+    r = HiF8CurrentScaling()
+    x = torch.randn(32, 8)
+    y1 = r.quantize(x, "input")
+    assert r.quantize(x, "input") is y1  # shared input of Q/K/V: quantized once
+    assert r.quantize(x.clone(), "input") is not y1
+    x.mul_(3.0)  # in-place change bumps the version: recomputed
+    y2 = r.quantize(x, "input")
+    assert y2 is not y1 and torch.equal(y2, r.quantize(x.clone(), "input"))
+    assert r.quantize(x, "weight") is not y2  # only the "input" role is cached
+
+
 def test_recipe_from_config():
     assert recipe_from_config(PrecisionConfig(recipe="none")) is None
     cur = recipe_from_config(PrecisionConfig(recipe="hif8_current", scale_max_fwd=7.0, backward_rounding="hybrid"))
