@@ -201,6 +201,17 @@ class HiF8RowParallelLinear(RowParallelLinear):
         )
 
 
+def assign_hif8_keys(model: torch.nn.Module, prefix: str = "") -> int:
+    """Name every HiF8 linear's delayed-scaling key after its module path (stable across processes, so
+    `HiF8DelayedScaling.state_dict()` can be checkpointed and resumed). Returns how many were named."""
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, (HiF8ColumnParallelLinear, HiF8RowParallelLinear)):
+            module.hif8_key = prefix + name
+            count += 1
+    return count
+
+
 # ------------------------------------------------------------------------------------------------
 # attention Q/K/V
 # ------------------------------------------------------------------------------------------------
@@ -246,6 +257,7 @@ def hif8_qkv(
 
 
 __all__ = [
+    "assign_hif8_keys",
     "HiF8ColumnParallelLinear",
     "HiF8RowParallelLinear",
     "hif8_linear",

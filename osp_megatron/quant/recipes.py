@@ -165,6 +165,37 @@ class HiF8DelayedScaling:
             self._slots[(key, role)] = s
         return s
 
+    def state_dict(self) -> Dict[str, Any]:
+        """Checkpointable state: step counter and every slot's history / scale (tensors on CPU)."""
+        return {
+            "step": self.step,
+            "slots": {
+                f"{key}|{role}": {
+                    "history": s.history.detach().cpu().clone(),
+                    "scale": s.scale.detach().cpu().clone(),
+                    "recorded_step": s.recorded_step,
+                    "updates": s.updates,
+                }
+                for (key, role), s in self._slots.items()
+            },
+        }
+
+    def load_state_dict(self, state: Dict[str, Any], device: torch.device | str = "cpu") -> None:
+        """Restore `state_dict()`; slot keys are "<module key>|<role>" (module keys must be strings)."""
+        self.step = int(state["step"])
+        self._slots = {}
+        for name, v in state["slots"].items():
+            key, _, role = name.rpartition("|")
+            if v["history"].numel() != self.amax_history_len:
+                raise ValueError(
+                    f"HiF8DelayedScaling.load_state_dict: slot {name} has an amax history of {v['history'].numel()}, "
+                    f"this recipe keeps {self.amax_history_len}: use the same precision.amax_history_len"
+                )
+            self._slots[(key, role)] = _DelayedSlot(
+                history=v["history"].to(device).clone(), scale=v["scale"].to(device).clone(),
+                recorded_step=int(v["recorded_step"]), updates=int(v["updates"]),
+            )
+
     def _compute_amax(self, history: torch.Tensor) -> torch.Tensor:
         if callable(self.amax_compute_algo):
             return self.amax_compute_algo(history).float().reshape(())

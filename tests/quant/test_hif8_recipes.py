@@ -84,6 +84,42 @@ def test_delayed_scaling_amax_within_one_step_is_the_max_and_not_applied_until_n
     assert callable_r.slot("c", "input").scale.item() == pytest.approx(15.0)
 
 
+def test_delayed_scaling_state_dict_round_trip():
+    r = HiF8DelayedScaling(amax_history_len=3)
+    for a in (2.0, 6.0):
+        with autocast(recipe=r):
+            r.quantize(_tensor_with_amax(a, 4), "input", key="blocks.0.linear_q")
+    state = r.state_dict()
+    r2 = HiF8DelayedScaling(amax_history_len=3)
+    r2.load_state_dict(state)
+    x = _tensor_with_amax(5.0, 6)
+    with autocast(recipe=r):
+        y1 = r.quantize(x, "input", key="blocks.0.linear_q")
+    with autocast(recipe=r2):
+        y2 = r2.quantize(x, "input", key="blocks.0.linear_q")
+    assert torch.equal(y1, y2) and r2.slot("blocks.0.linear_q", "input").scale.item() == pytest.approx(2.5)
+    with pytest.raises(ValueError, match="amax_history_len"):
+        HiF8DelayedScaling(amax_history_len=4).load_state_dict(state)
+
+
+def test_assign_keys_names_hif8_linears_by_path():
+    from megatron.core import parallel_state
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    from osp_megatron.parallel.groups import ensure_single_process
+    from osp_megatron.quant.modules import HiF8ColumnParallelLinear, assign_hif8_keys
+
+    ensure_single_process()
+    assert parallel_state.model_parallel_is_initialized()
+    cfg = ModelParallelConfig(use_cpu_initialization=True)
+    net = torch.nn.Sequential(
+        HiF8ColumnParallelLinear(4, 4, config=cfg, init_method=torch.nn.init.zeros_),
+        torch.nn.Sequential(HiF8ColumnParallelLinear(4, 4, config=cfg, init_method=torch.nn.init.zeros_)),
+    )
+    assert assign_hif8_keys(net, "m.") == 2
+    assert [net[0].hif8_key, net[1][0].hif8_key] == ["m.0", "m.1.0"]
+
+
 def test_delayed_scaling_saturates_instead_of_inf():
     r = HiF8DelayedScaling()
     with autocast(recipe=r):
