@@ -6,7 +6,8 @@ window, group size, rewards and LoRA; model/parallel/precision/train/tracking/en
 Launch like osp-train: torchrun / srun for several processes (gloo on CPU, nccl with CUDA), or plainly.
 `--dry-run` validates everything, prints the resolved config, the window schedule and NFE per iteration, and exits.
 
-Exit codes: 0 done, 1 error, 2 invalid config/arguments.
+Exit codes: 0 done, 1 error, 2 invalid config/arguments, 3 stopped by SIGTERM/SIGUSR1 after a checkpoint
+(requeue: the next launch resumes from `<run_dir>/grpo_checkpoints/latest`).
 """
 from __future__ import annotations
 
@@ -134,7 +135,9 @@ def run(cfg, gcfg, env) -> int:
     trainer.fit(resume=cfg.train.resume)
     dist.barrier()
     dist.destroy_process_group()
-    return 0
+    from osp_megatron.training.signals import EXIT_OK, EXIT_REQUEUE
+
+    return EXIT_REQUEUE if trainer.stopped else EXIT_OK
 
 
 def main(argv: Optional[List[str]] = None) -> int:

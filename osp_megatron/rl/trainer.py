@@ -200,6 +200,7 @@ class GRPOTrainer:
         self.ckpt_root = self.run_dir / CKPT_SUBDIR
         self.tracker = tracker
         self.iteration = 0
+        self.stopped = False  # set by fit() when SIGTERM/SIGUSR1 stopped the run after a checkpoint
         self.history: List[Dict[str, float]] = []
 
     # ------------------------------------------------------------------ setup helpers
@@ -460,25 +461,40 @@ class GRPOTrainer:
                 self.tracker.log_params(params)
         tr = self.tracker
         run_id = getattr(tr, "run_id", None)
-        while self.iteration < total:
-            it = self.iteration
-            metrics: Dict[str, float] = {}
-            if g.eval_interval and it % g.eval_interval == 0:
-                metrics.update(self.evaluate())
-            metrics.update(self.step())
-            self.history.append(metrics)
-            if tr is not None:
-                tr.log_metrics(metrics, step=it)
-                if it % g.log_interval == 0:
-                    tr.console(format_grpo_progress(it, total, metrics))
-            if g.save_interval and self.iteration % g.save_interval == 0 and self.iteration < total:
-                self.save(run_id)
-        final: Dict[str, float] = {}
+        from osp_megatron.training import signals
+
+        stop = signals.StopRequest().install()
+        self.stopped = False
+        try:
+            while self.iteration < total:
+                it = self.iteration
+                metrics: Dict[str, float] = {}
+                if g.eval_interval and it % g.eval_interval == 0:
+                    metrics.update(self.evaluate())
+                metrics.update(self.step())
+                self.history.append(metrics)
+                if tr is not None:
+                    tr.log_metrics(metrics, step=it)
+                    if it % g.log_interval == 0:
+                        tr.console(format_grpo_progress(it, total, metrics))
+                if signals.agree_on_stop(stop.requested, self.device):
+                    self.save(run_id)
+                    if self.dist.is_main:
+                        print(f"[osp-grpo] stop signal: checkpointed iteration {self.iteration}; requeue to continue "
+                              f"(exit code {signals.EXIT_REQUEUE})", flush=True)
+                    self.stopped = True
+                    if tr is not None:
+                        tr.finish("KILLED")
+                    return self.history
+                if g.save_interval and self.iteration % g.save_interval == 0 and self.iteration < total:
+                    self.save(run_id)
+        finally:
+            stop.uninstall()
         if g.eval_interval:
             final = self.evaluate()
+            self.history.append(final)
             if tr is not None:
                 tr.log_metrics(final, step=self.iteration)
-        self.history.append(final) if final else None
         self.save(run_id)
         if tr is not None:
             tr.finish()
@@ -508,3 +524,18 @@ def format_grpo_progress(it: int, total: int, m: Dict[str, float]) -> str:
     parts.append(f"nfe {int(m.get('nfe/nfe_per_iteration', 0))}")
     parts.append(f"{m.get('time/iteration_s', 0.0):.2f} s/it")
     return " | ".join(parts)
+
+
+def merge_grpo_checkpoint(base_state_dict: Dict[str, Tensor], ckpt_dir, tp_rank: int = 0) -> Dict[str, Tensor]:
+    """Export: fold the LoRA of a GRPO checkpoint (`<ckpt_dir>/lora_tpXX.pt`) into a base model state dict (the
+    same TP shard) -> plain weights with the base keys (what the converter writes out)."""
+    from osp_megatron.rl.lora import merge_lora
+
+    path = Path(ckpt_dir) / f"lora_tp{tp_rank:02d}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: give a grpo_checkpoints/iter_XXXXXXX directory (and its tp rank)")
+    lora = torch.load(path, map_location="cpu", weights_only=False)["lora"]
+    missing = sorted({k.rsplit(".", 1)[0] + ".weight" for k in lora} - set(base_state_dict))
+    if missing:
+        raise KeyError(f"base state dict lacks {missing[:5]}: export with the model the GRPO run adapted")
+    return merge_lora({**base_state_dict, **lora})

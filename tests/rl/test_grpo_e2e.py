@@ -9,7 +9,9 @@ from osp_megatron.cli.grpo import main as grpo_main
 from osp_megatron.config import Config
 from osp_megatron.rl.config import grpo_config_from_dict
 from osp_megatron.rl.lora import lora_parameters
-from osp_megatron.rl.trainer import GRPOTrainer
+from osp_megatron.rl.rewards import MultiReward
+from osp_megatron.rl.config import RewardSpec
+from osp_megatron.rl.trainer import GRPOTrainer, merge_grpo_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -95,3 +97,42 @@ def test_cli_dry_run_and_bad_override(capsys):
     assert grpo_main([str(ROOT / "configs/grpo_demo_cpu.yaml"), "parallel.pipeline_parallel=2", "--dry-run",
                       "--world-size", "2"]) == 2
     assert "pipeline_parallel" in capsys.readouterr().err
+
+
+def test_sigterm_checkpoints_and_stops_then_export_merges(tmp_path):
+    import os
+    import signal
+
+    small = dict(iterations=5, steps=6, group_size=2, prompts_per_iteration=1, rollout_batch=2, train_batch=2,
+                 eval_interval=0, latent_shape=[1, 4, 4], window=dict(strategy="fixed", size=2), lr=1e-2)
+    calls = []
+    base_reward = MultiReward([RewardSpec("brightness")])
+
+    class SignalOnSecondCall:
+        weights = base_reward.weights
+
+        def __call__(self, videos, prompts):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # like a SLURM preemption during iteration 1
+            return base_reward(videos, prompts)
+
+    t = make_trainer(tmp_path, layers=2, schedule="full", **small)
+    t.reward = SignalOnSecondCall()
+    t.fit(track=False)
+    assert t.stopped and t.iteration == 2
+    ckpt = tmp_path / "grpo_checkpoints" / "iter_0000002"
+    assert (tmp_path / "grpo_checkpoints" / "latest").read_text().strip() == ckpt.name
+    # export: base weights + the checkpoint's LoRA == the adapted model
+    fresh = make_trainer(tmp_path / "other", layers=2, schedule="full", **small)
+    base = {k: v for k, v in fresh.model.state_dict().items() if "lora" not in k}
+    merged = merge_grpo_checkpoint(base, ckpt)
+    torch.manual_seed(0)
+    from osp_megatron.models import build_model
+
+    plain = build_model(t.cfg, device="cpu")
+    plain.load_state_dict(merged)
+    x, ts, txt = torch.randn(2, 16, 1, 4, 4), torch.tensor([200.0, 800.0]), torch.randn(2, 16, 32)
+    with torch.no_grad():
+        assert torch.allclose(plain(x, ts, txt), t.model(x, ts, txt), atol=1e-5)
+        assert not torch.allclose(plain(x, ts, txt), fresh.model(x, ts, txt), atol=1e-5)
