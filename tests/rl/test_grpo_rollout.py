@@ -140,3 +140,30 @@ def test_kl_zero_at_start_positive_after_update(tmp_path):
     stats = t.train_on(batch, adv, plan)
     assert stats["kl"] == 0.0  # measured before the (only) update
     assert kl() > 0.0
+
+
+@pytest.mark.parametrize("over", [
+    dict(),
+    dict(cfg_scale=3.0, kl_beta=0.01),
+    dict(flash=dict(enabled=True, compression=0.5), window=dict(strategy="fixed", start=0, size=2)),
+])
+def test_reported_nfe_equals_model_evaluations(tmp_path, over):
+    """Sum of batch sizes over every model call of one iteration == the NFE the trainer reports."""
+    t = tiny_trainer(tmp_path, **over)
+    seen = []
+    handle = t.model.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    m = t.step()
+    handle.remove()
+    assert sum(seen) == m["nfe/nfe_per_iteration"]
+    plan = t.plan_for(0)
+    per_sample = plan.num_steps + len(plan.trained) * (2 if t.g.kl_beta > 0 else 1)
+    assert m["nfe/nfe_per_iteration"] == per_sample * 6 * (2 if t.g.cfg_scale != 1 else 1)
+
+
+def test_encoder_text_and_vae_decoder(tmp_path):
+    """The tiny umT5 and tiny Wan VAE from osp_megatron.encoders behind the same trainer."""
+    t = tiny_trainer(tmp_path, text_source="encoder", decoder="vae", cfg_scale=2.0, text_len=8, group_size=2,
+                     prompts_per_iteration=1, rollout_batch=2, train_batch=2)
+    m = t.step()
+    assert m["nfe/nfe_per_iteration"] > 0 and 0.0 <= m["reward/brightness/mean"] <= 1.0
+    assert t.text.encode(["one"]).shape == (1, 8, 32)
