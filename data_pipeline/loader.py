@@ -50,6 +50,8 @@ class ShardLoader:
         self.cfg, self.rank, self.world_size, self.epochs = cfg, rank, world_size, epochs
         self.urls = resolve_shards(cfg.shards)
         manifest = read_manifest(cfg.shards)
+        self.expected_counts = {s["name"]: int(s["num_samples"]) for s in (manifest or {}).get("shards", [])
+                                if "name" in s and "num_samples" in s}
         if manifest is not None:
             kind = manifest.get("kind", "raw")
             if kind != cfg.kind:
@@ -66,7 +68,7 @@ class ShardLoader:
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         dataset = ShardDataset(self.cfg, self.urls, self.rank, self.world_size, dict(self._role_states),
-                               self._consumed % self.num_roles, self.epochs)
+                               self._consumed % self.num_roles, self.epochs, self.expected_counts)
         workers = self.cfg.num_workers
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=workers,
@@ -75,6 +77,8 @@ class ShardLoader:
         for batch in loader:
             state = batch.pop("__state__")
             self._role_states[int(state["role"])] = state
+            if batch.get("__final__"):  # end of a finite stream: counters only
+                continue
             self._consumed += 1
             if "video" in batch:
                 batch["video"] = to_unit_range(batch["video"])
@@ -150,6 +154,7 @@ class ShardLoader:
             for k, v in st["counters"].items():
                 out[k] = out.get(k, 0) + int(v)
         out["skipped_total"] = sum(v for k, v in out.items() if k.startswith("skipped_"))
+        # not a skip: samples of partly filled buckets when a finite (epochs=N) stream ends
         out["consumed_batches"] = self._consumed
         return out
 

@@ -10,12 +10,14 @@ Every batch carries `__state__`: the role, epoch, how many shuffled samples of t
 ("position"), where the samples waiting in partly filled buckets came from, and the counters. Restoring a
 role replays the epoch's tar stream up to the position without decoding (cheap) and re-reads the waiting
 samples by key, so a resumed run yields exactly the batches the uninterrupted run would have yielded.
-Epochs loop forever unless `epochs` is given.
+Epochs loop forever unless `epochs` is given; a finite stream ends with a batch-less `__final__` item that
+carries the last counters (partly filled buckets are dropped and counted as `dropped_partial_batch`).
 """
 from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import warnings
 from collections import Counter, OrderedDict
@@ -30,7 +32,8 @@ from data_pipeline.shardlist import split_for
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi", "m4v")
 COUNTERS = ("samples_read", "samples_used", "batches", "epochs_completed", "skipped_read_error",
-            "skipped_decode_error", "skipped_too_short", "skipped_missing_field", "skipped_load_error")
+            "skipped_decode_error", "skipped_too_short", "skipped_missing_field", "skipped_load_error",
+            "dropped_partial_batch")
 
 
 def fresh_role_state(role: int) -> Dict[str, Any]:
@@ -80,8 +83,10 @@ class RoleStream:
     """Batches of one (rank, role); see the module docstring."""
 
     def __init__(self, cfg: DataConfig, urls: List[str], rank: int, world_size: int, role: int,
-                 num_roles: int, state: Optional[Dict[str, Any]] = None, epochs: Optional[int] = None):
+                 num_roles: int, state: Optional[Dict[str, Any]] = None, epochs: Optional[int] = None,
+                 expected_counts: Optional[Dict[str, int]] = None):
         self.cfg, self.urls = cfg, urls
+        self.expected_counts = expected_counts or {}
         self.rank, self.world_size = rank, world_size
         self.role, self.num_roles = role, num_roles
         self.state = state or fresh_role_state(role)
@@ -104,10 +109,25 @@ class RoleStream:
         cfg = self.cfg
         split = split_for(self.urls, cfg.seed, epoch, cfg.shard_shuffle, self.rank, self.world_size,
                           self.role, self.num_roles)
-        tars = wds.tarfile_to_samples(handler=self._on_read_error)(iter([{"url": u} for u in split.shards]))
+        # a shard that is shorter than its manifest says was cut (tar reading stops silently at a truncated
+        # header): count the missing samples once (by the process that owns them, or process 0 when every
+        # process reads every shard and keeps a residue class of positions)
+        owner = split.sample_modulo == 1 or split.sample_residue == 0
+
+        def tars():
+            for url in split.shards:
+                n = 0
+                for sample in wds.tarfile_to_samples(handler=self._on_read_error)(iter([{"url": url}])):
+                    n += 1
+                    yield sample
+                expected = self.expected_counts.get(os.path.basename(url))
+                if expected is not None and n < expected and owner and not self._replaying:
+                    self.counters["skipped_read_error"] += expected - n
+                    warnings.warn(f"data loader rank {self.rank} worker {self.role}: {url} holds {n} of its "
+                                  f"{expected} samples (truncated shard?)", stacklevel=2)
 
         def kept():
-            for i, sample in enumerate(tars):
+            for i, sample in enumerate(tars()):
                 if split.keeps(i):
                     yield sample
 
@@ -248,14 +268,21 @@ class RoleStream:
             skip = 0
             epoch += 1
             self.counters["epochs_completed"] += 1
+        # finite run: report the final counters (skips after the last batch) without a batch
+        dropped = sum(len(v) for v in pending.values())
+        self.counters["dropped_partial_batch"] += dropped
+        yield {"__final__": True, "__state__": {"role": self.role, "epoch": epoch, "position": 0, "pending": [],
+                                                "counters": dict(self.counters)}}
 
 
 class ShardDataset(IterableDataset):
     """IterableDataset over RoleStreams: worker `w` plays role `(w + role_offset) % num_workers`."""
 
     def __init__(self, cfg: DataConfig, urls: List[str], rank: int, world_size: int,
-                 role_states: Dict[int, Dict[str, Any]], role_offset: int, epochs: Optional[int]):
+                 role_states: Dict[int, Dict[str, Any]], role_offset: int, epochs: Optional[int],
+                 expected_counts: Optional[Dict[str, int]] = None):
         super().__init__()
+        self.expected_counts = expected_counts or {}
         self.cfg, self.urls, self.rank, self.world_size = cfg, urls, rank, world_size
         self.role_states, self.role_offset, self.epochs = role_states, role_offset, epochs
 
@@ -264,7 +291,7 @@ class ShardDataset(IterableDataset):
         wid, num = (info.id, info.num_workers) if info is not None else (0, 1)
         role = (wid + self.role_offset) % num
         stream = RoleStream(self.cfg, self.urls, self.rank, self.world_size, role, num,
-                            self.role_states.get(role), self.epochs)
+                            self.role_states.get(role), self.epochs, self.expected_counts)
         return iter(stream)
 
 
