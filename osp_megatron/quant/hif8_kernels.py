@@ -293,7 +293,7 @@ def _launch_qdq(
         y.view(-1).view(torch.int16) if manual_bf16 else y.view(-1),
         lut,
         sr,
-        src.float().reshape(1).contiguous(),
+        src.to(device=x.device, dtype=torch.float32).reshape(1).contiguous(),
         dummy,
         float(scale_max),
         n,

@@ -163,6 +163,8 @@ class HiF8DelayedScaling:
                 scale=torch.ones((), dtype=torch.float32, device=device),
             )
             self._slots[(key, role)] = s
+        elif s.scale.device != torch.device(device):  # e.g. restored from a CPU checkpoint
+            s.history, s.scale = s.history.to(device), s.scale.to(device)
         return s
 
     def state_dict(self) -> Dict[str, Any]:
