@@ -62,6 +62,12 @@ class ShardLoader:
                 if msg:
                     raise LoaderConfigError(msg)
         self.num_roles = max(1, cfg.num_workers)
+        readers = world_size * self.num_roles
+        if len(self.urls) < readers and rank == 0:
+            warnings.warn(
+                f"data.shards: {len(self.urls)} shard(s) for {readers} reader processes (DP {world_size} x "
+                f"data.num_workers {cfg.num_workers}): every process reads every shard and keeps 1/{readers} of "
+                "the samples; for large data write more, smaller shards (osp-shards --shard-size)", stacklevel=2)
         self._role_states: Dict[int, Dict[str, Any]] = {}
         self._consumed = 0
 
