@@ -93,7 +93,8 @@ def parallel_plan(cfg, world_size: int) -> str:
     f = forward_flops(cfg.model, shape, cfg.data.text_len)
     lines.append(
         f"per sample (latents {shape}): {int(f['tokens'])} tokens ({int(f['tokens_padded'])} padded), "
-        f"forward {f['total'] / 1e12:.3f} TFLOP, training {3 * f['total'] / 1e12:.3f} TFLOP"
+        f"forward {f['total'] / 1e12:.3f} TFLOP, training {(4 if cfg.model.recompute else 3) * f['total'] / 1e12:.3f} "
+        f"TFLOP executed{' (with recompute)' if cfg.model.recompute else ''}"
     )
     return "\n".join(lines)
 
