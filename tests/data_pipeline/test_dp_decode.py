@@ -62,7 +62,7 @@ def test_frames_match_pyav_native_size(ramp, clips_dir):
     ref = _pyav_frames(data, info["frame_indices"])  # [T, H, W, 3]
     ours = video.permute(1, 2, 3, 0).numpy()
     diff = np.abs(ours.astype(int) - ref.astype(int))
-    assert diff.mean() < 1.0 and diff.max() <= 6, (diff.mean(), diff.max())
+    assert diff.mean() < 0.05 and diff.max() <= 1, (diff.mean(), diff.max())  # bit-exact here; allow rounding
 
 
 def test_resize_and_centre_crop_match_pyav(clips_dir):
@@ -77,7 +77,7 @@ def test_resize_and_centre_crop_match_pyav(clips_dir):
     ref = ref[:, top: top + 32, left: left + 32]
     diff = np.abs(video.permute(1, 2, 3, 0).numpy().astype(int) - ref.astype(int))
     assert video.shape == (3, 5, 32, 32)
-    assert diff.mean() < 4.0, diff.mean()
+    assert diff.mean() < 1.5, diff.mean()  # 0.36 here: both swscale, different filters at the edges
     x = to_unit_range(video)
     assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
 
