@@ -106,7 +106,7 @@ class _Dist:
         self.is_main = self.rank == 0
 
     def all_gather_1d(self, t: Tensor) -> Tensor:
-        if not self.on or self.dp == 1:
+        if not self.on or self.dp == 1 or self.dp_group is None:
             return t
         parts = [torch.empty_like(t) for _ in range(self.dp)]
         dist.all_gather(parts, t.contiguous(), group=self.dp_group)
@@ -114,7 +114,7 @@ class _Dist:
 
     def reduce_grads(self, params: List[torch.nn.Parameter]) -> None:
         """Sum over DP x CP (CP ranks hold partial grads of one sample), divide by DP."""
-        if not self.on:
+        if not self.on or self.dp_cp_group is None or dist.get_world_size(self.dp_cp_group) == 1:
             return
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
@@ -140,7 +140,7 @@ class _Dist:
                 shard += sq
             else:
                 rep += sq
-        if self.on and self.tp > 1:
+        if self.on and self.tp > 1 and self.tp_group is not None:
             dist.all_reduce(shard, group=self.tp_group)
         return (rep + shard).sqrt()
 

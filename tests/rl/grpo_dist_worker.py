@@ -151,6 +151,51 @@ def case_dp_grpo(rank):
             "local": t.local_ids()}
 
 
+def case_cp_grpo(rank):
+    """CP=2 (SSP=2, sparse dual_end model) GRPO iteration vs the same iteration in a single-rank model on each rank."""
+    from osp_megatron.config import Config, ParallelConfig
+    from osp_megatron.models import build_model
+    from osp_megatron.parallel.groups import ParallelState, initialize_parallel
+    from osp_megatron.rl.config import grpo_config_from_dict
+    from osp_megatron.rl.lora import lora_parameters
+    from osp_megatron.rl.trainer import GRPOTrainer
+
+    cfg = Config()
+    cfg.data.kind = "synthetic"
+    cfg.model.num_layers, cfg.model.schedule, cfg.model.num_full_blocks = 6, "dual_end", 4
+    cfg.parallel.ssp = 2
+    cfg.train.run_dir = sys.argv[2] + "/run"
+    cfg.tracking.backend = "none"
+    par = initialize_parallel(cfg.parallel)
+    g = grpo_config_from_dict(dict(iterations=1, steps=6, window=dict(strategy="fixed", start=1, size=2),
+                                   group_size=2, prompts_per_iteration=2, rollout_batch=2, train_batch=2, lr=0.0,
+                                   latent_shape=[1, 8, 8], prompts=["p", "q"], lora=dict(rank=4, alpha=4),
+                                   cfg_scale=2.0))
+    out = {}
+    runs = {}
+    for name, p in (("cp", par), ("single", ParallelState())):
+        torch.manual_seed(0)
+        model = build_model(cfg, parallel=p, device="cpu")
+        t = GRPOTrainer(cfg, g, model=model, parallel=p)
+        with torch.no_grad():  # LoRA B = 0 gives no signal through A: start from a non-trivial adapter
+            gen = torch.Generator().manual_seed(1)
+            for q in lora_parameters(model):
+                q.copy_(torch.randn(q.shape, generator=gen) * 0.05)
+        plan = t.plan_for(0)
+        batch = t.collect(0, plan)
+        adv, _, _ = t.advantages(0, batch["scores"])
+        t.train_on(batch, adv, plan)
+        runs[name] = (batch, adv, [q.grad.detach().clone() for q in lora_parameters(model)])
+    (bc, ac, gc), (bs, as_, gs) = runs["cp"], runs["single"]
+    rel = lambda a, b: float((a - b).abs().max() / (b.abs().max() + 1e-12))  # noqa: E731
+    out["final"] = rel(bc["final"], bs["final"])
+    out["old_log_probs"] = rel(bc["old_log_probs"], bs["old_log_probs"])
+    out["advantages"] = float((ac - as_).abs().max())
+    out["grads"] = max(rel(a, b) for a, b in zip(gc, gs))
+    out["grad_norm"] = float(torch.cat([x.reshape(-1) for x in gs]).norm())
+    return out
+
+
 if __name__ == "__main__":
     case, out_dir = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")

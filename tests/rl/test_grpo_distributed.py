@@ -59,3 +59,12 @@ def test_grpo_data_parallel_two_ranks(tmp_path):
     assert r0["lora_equal"] and r1["lora_equal"] and r0["lora_changed"]
     assert r0["reward_mean"] == r1["reward_mean"]  # rewards were gathered: same global statistics
     assert r0["local"] == [0, 1, 2, 3] and r1["local"] == [4, 5, 6, 7]
+
+
+@pytest.mark.slow
+def test_grpo_context_parallel_equals_single_rank(tmp_path):
+    """SSP=2 on the sparse tiny model: same rollouts, log-probs, advantages and LoRA gradients as one rank."""
+    for res in run_two_ranks("cp_grpo", tmp_path):
+        assert res["grad_norm"] > 0
+        assert res["final"] < 1e-5 and res["old_log_probs"] < 1e-5 and res["advantages"] < 1e-4, res
+        assert res["grads"] < 1e-4, res  # measured 2.4e-6
