@@ -431,31 +431,42 @@ class Trainer:
         pt, ph, pw = self.dims["patch_size"]
         return {"seq_length": (t // pt) * (h // ph) * (w // pw), "micro_batch_size": mbs}
 
-    def train_step(self) -> Dict[str, float]:
+    def next_microbatches(self, step: int) -> List[Dict[str, torch.Tensor]]:
+        """The `num_microbatches` model-ready micro-batches of optimizer step `step` (1-based)."""
+        return [self.preparer.prepare(self.data.next(), step, i) for i in range(self.num_microbatches)]
+
+    def _work(self, micro: List[Dict[str, torch.Tensor]]):
+        """(executed FLOPs, model FLOPs, tokens, samples) of these micro-batches on this DP rank."""
+        cfg = self.cfg
+        flops_exec = flops_model = tokens = samples = 0.0
+        pt, ph, pw = self.dims["patch_size"]
+        for mb in micro:
+            shape = tuple(mb["x_t"].shape[1:])
+            b, text_len = mb["x_t"].shape[0], mb["text"].shape[1]
+            flops_exec += b * train_flops_per_sample(cfg.model, shape, text_len, cfg.model.recompute)
+            flops_model += b * model_flops_per_sample(cfg.model, shape, text_len)
+            tokens += b * (shape[1] // pt) * (shape[2] // ph) * (shape[3] // pw)
+            samples += b
+        return flops_exec, flops_model, tokens, samples
+
+    def train_step(self, micro: Optional[List[Dict[str, torch.Tensor]]] = None) -> Dict[str, float]:
+        """One optimizer step; `micro` (benchmarks) replaces the loader's micro-batches. Returns its metrics."""
         from megatron.core import parallel_state
         from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         step = self.step + 1
         t0 = time.perf_counter()
-        micro = []
-        flops_exec = flops_model = tokens = 0.0
-        for i in range(self.num_microbatches):
-            batch = self.data.next()
-            mb = self.preparer.prepare(batch, step, i)
-            shape = tuple(mb["x_t"].shape[1:])
-            b = mb["x_t"].shape[0]
-            flops_exec += b * train_flops_per_sample(cfg.model, shape, mb["text"].shape[1], cfg.model.recompute)
-            flops_model += b * model_flops_per_sample(cfg.model, shape, mb["text"].shape[1])
-            tokens += b * (shape[1] * shape[2] * shape[3]) / (self.dims["patch_size"][1] * self.dims["patch_size"][2])
-            micro.append(mb)
+        if micro is None:
+            micro = self.next_microbatches(step)
+        flops_exec, flops_model, tokens, samples = self._work(micro)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         fb = get_forward_backward_func()
         losses = fb(
             forward_step_func=partial(self._forward_step, inject_nan=step in t.debug_nonfinite_steps),
-            data_iterator=iter(micro), model=[self.model], num_microbatches=self.num_microbatches,
+            data_iterator=iter(micro), model=[self.model], num_microbatches=len(micro),
             forward_only=False, **self._pipeline_shape(micro[0]["x_t"].shape[1:]),
         )
         # mean MSE over the global batch, known on every rank
@@ -488,8 +499,7 @@ class Trainer:
             self.nonfinite_in_row += 1
         self.step = step
 
-        stats = torch.tensor([flops_exec, flops_model, tokens, float(sum(m["x_t"].shape[0] for m in micro))],
-                             dtype=torch.float64, device=self.device)
+        stats = torch.tensor([flops_exec, flops_model, tokens, samples], dtype=torch.float64, device=self.device)
         dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
         if self.device.type == "cuda":
             torch.cuda.synchronize()
