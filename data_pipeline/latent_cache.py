@@ -49,6 +49,7 @@ class CacheConfig:
     device: str = "auto"
     dtype: str = "float32"  # encoder compute dtype
     save_dtype: str = "float32"  # stored latents / embeddings
+    workers: int = 2  # decode processes feeding the encoders
 
     def validate(self, errors: List[str], prefix: str = "osp-cache") -> None:
         for name in ("dtype", "save_dtype"):
@@ -69,6 +70,8 @@ class CacheConfig:
             if b.height % 16 or b.width % 16:
                 errors.append(f"{prefix} --buckets {b.frames}x{b.height}x{b.width}: height and width must be "
                               "multiples of 16")
+        if self.workers < 0:
+            errors.append(f"{prefix} --workers={self.workers}: must be >= 0 (0 = decode in the main process)")
         if self.text_dim is not None and self.text_encoder != "tiny":
             errors.append(f"{prefix} --text-dim is only for --text-encoder tiny (a real encoder has its own width)")
 
@@ -147,62 +150,50 @@ class LatentCacher:
         self.maybe_write_manifest()
         return summary
 
-    def encode_sample(self, raw: Dict[str, Any]) -> Dict[str, Any]:
-        """One raw sample -> the latent sample's members (raises SkipSample)."""
-        key = raw["__key__"]
-        meta: Dict[str, Any] = {}
-        if "json" in raw:
-            try:
-                meta = json.loads(raw["json"])
-            except ValueError:
-                meta = {}
-        caption = raw["txt"].decode("utf-8", "replace").strip() if "txt" in raw else str(meta.get("caption") or "")
-        if not caption:
-            raise SkipSample("missing_field", "no caption")
-        data = next((raw[e] for e in VIDEO_EXTS if e in raw), None)
-        if data is None:
-            raise SkipSample("missing_field", "no video member")
-        rng = random.Random(f"osp-cache/{self.cfg.seed}/{key}")
-        video, bucket, info = decode_clip(data, self.cfg.buckets, self.cfg.fps, self.cfg.sample_window, rng, meta)
+    def encode_sample(self, item: Dict[str, Any]) -> Dict[str, Any]:
+        """A decoded item (from `decode_for_cache`) -> the latent sample's tar members."""
+        video, caption, meta, info = item["video"], item["caption"], dict(item["meta"]), item["info"]
         latents = self.vae.encode(to_unit_range(video[None]))[0]
         text, lengths = self.text.encode([caption], return_lengths=True)
         n = int(lengths[0])
         sd = _dtype(self.cfg.save_dtype)
-        b = self.cfg.buckets[bucket]
+        b = self.cfg.buckets[info["bucket"]]
         meta.update({
-            "key": key, "caption": caption, "latent_shape": list(latents.shape), "latent_dtype": self.cfg.save_dtype,
-            "latent_normalized": True, "latents_mean": self.vae.latents_mean, "latents_std": self.vae.latents_std,
-            "vae": self.cfg.vae, "text_encoder": self.cfg.text_encoder, "text_tokens": n,
-            "text_dim": int(text.shape[-1]), "text_len": self.cfg.text_len, "frames": b.frames, "height": b.height,
-            "width": b.width, "sample_fps": self.cfg.fps, "frame_indices": info["frame_indices"],
+            "key": item["key"], "caption": caption, "latent_shape": list(latents.shape),
+            "latent_dtype": self.cfg.save_dtype, "latent_normalized": True, "latents_mean": self.vae.latents_mean,
+            "latents_std": self.vae.latents_std, "vae": self.cfg.vae, "text_encoder": self.cfg.text_encoder,
+            "text_tokens": n, "text_dim": int(text.shape[-1]), "text_len": self.cfg.text_len, "frames": b.frames,
+            "height": b.height, "width": b.width, "sample_fps": self.cfg.fps, "frame_indices": info["frame_indices"],
             "src_frames": info["src_frames"], "src_fps": info["src_fps"], "src_size": info["src_size"],
         })
-        return {"__key__": key, "latents.pth": _tensor_bytes(latents.to(sd)),
+        return {"__key__": item["key"], "latents.pth": _tensor_bytes(latents.to(sd)),
                 "text.pth": _tensor_bytes(text[0, :n].to(sd)), "json": meta, "txt": caption}
 
     def encode_shard(self, url: str) -> Dict[str, Any]:
+        """Decode (in `workers` DataLoader processes) and encode (here, on the device) one shard."""
         import webdataset as wds
 
         name = os.path.basename(url)
         rejects: List[Dict[str, Any]] = []
-
-        def on_error(exn: BaseException) -> bool:
-            rejects.append({"path": url, "key": None, "reason": f"read_error: {type(exn).__name__}: {str(exn)[:200]}",
-                            "category": "read_error"})
-            return True
-
+        workers = self.cfg.workers
+        items = torch.utils.data.DataLoader(
+            _ShardDecoder(url, self.cfg), batch_size=None, num_workers=workers,
+            prefetch_factor=2 if workers > 0 else None)
         tmp = self.out / f"{name}.tmp"
         count = 0
         with open(tmp, "wb") as stream:
             writer = wds.TarWriter(stream, mtime=0.0)
-            for raw in wds.tarfile_to_samples(handler=on_error)(iter([{"url": url}])):
-                key = raw.get("__key__", "?")
+            for item in items:
+                if not item["ok"]:
+                    rejects.append({"path": url, "key": item["key"], "reason": item["reason"],
+                                    "category": item["category"]})
+                    continue
                 try:
-                    writer.write(self.encode_sample(raw))
+                    writer.write(self.encode_sample(item))
                     count += 1
                 except Exception as exc:  # noqa: BLE001 - skip, count, name it in rejects
-                    category = exc.category if isinstance(exc, SkipSample) else "encode_error"
-                    rejects.append({"path": url, "key": key, "reason": str(exc)[:300], "category": category})
+                    rejects.append({"path": url, "key": item["key"], "reason": str(exc)[:300],
+                                    "category": "encode_error"})
             writer.close()
         os.replace(tmp, self.out / name)
         stats = {"name": name, "source": url, "num_samples": count, "bytes": (self.out / name).stat().st_size,
@@ -252,6 +243,57 @@ class LatentCacher:
         _atomic(self.out / "rejects.jsonl", buf, tag)
         _atomic(self.out / "manifest.json", json.dumps(manifest, indent=2) + "\n", tag)
         return manifest
+
+
+def decode_for_cache(raw: Dict[str, Any], cfg: CacheConfig) -> Dict[str, Any]:
+    """One raw sample -> {"ok", "key", "video" uint8 [3,T,H,W], "caption", "meta", "info"} or a failure record."""
+    key = raw.get("__key__", "?")
+    try:
+        meta: Dict[str, Any] = {}
+        if "json" in raw:
+            try:
+                meta = json.loads(raw["json"])
+            except ValueError:
+                meta = {}
+        caption = raw["txt"].decode("utf-8", "replace").strip() if "txt" in raw else str(meta.get("caption") or "")
+        if not caption:
+            raise SkipSample("missing_field", "no caption")
+        data = next((raw[e] for e in VIDEO_EXTS if e in raw), None)
+        if data is None:
+            raise SkipSample("missing_field", "no video member")
+        rng = random.Random(f"osp-cache/{cfg.seed}/{key}")
+        video, _, info = decode_clip(data, cfg.buckets, cfg.fps, cfg.sample_window, rng, meta)
+        return {"ok": True, "key": key, "video": video, "caption": caption, "meta": meta, "info": info}
+    except Exception as exc:  # noqa: BLE001 - becomes a reject
+        category = exc.category if isinstance(exc, SkipSample) else "decode_error"
+        return {"ok": False, "key": key, "reason": str(exc)[:300], "category": category}
+
+
+class _ShardDecoder(torch.utils.data.IterableDataset):
+    """Decoded items of one shard in tar order: worker w of n decodes samples i with i % n == w, and the
+    DataLoader's round-robin hands them back in order. Tar read errors are reported once, by worker 0."""
+
+    def __init__(self, url: str, cfg: CacheConfig):
+        super().__init__()
+        self.url, self.cfg = url, cfg
+
+    def __iter__(self):
+        import webdataset as wds
+
+        info = torch.utils.data.get_worker_info()
+        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        errors: List[str] = []
+
+        def on_error(exn: BaseException) -> bool:
+            errors.append(f"read_error: {type(exn).__name__}: {str(exn)[:200]}")
+            return True
+
+        for i, raw in enumerate(wds.tarfile_to_samples(handler=on_error)(iter([{"url": self.url}]))):
+            if i % n == wid:
+                yield decode_for_cache(raw, self.cfg)
+        if wid == 0:
+            for e in errors:
+                yield {"ok": False, "key": None, "reason": e, "category": "read_error"}
 
 
 def _atomic(path: Path, text: str, tag: str) -> None:

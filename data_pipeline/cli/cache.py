@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:N")
     p.add_argument("--dtype", default="float32", help="encoder compute dtype: float32, bfloat16, float16")
     p.add_argument("--save-dtype", default="float32", help="stored dtype: float32, bfloat16, float16")
+    p.add_argument("--workers", type=int, default=2, help="decode processes per rank feeding the encoders (0 = none)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -49,7 +50,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             input=args.input, output=args.output, vae=args.vae, text_encoder=args.text_encoder,
             tokenizer=args.tokenizer, buckets=parse_buckets(args.buckets), fps=args.fps,
             sample_window=args.sample_window, seed=args.seed, text_len=args.text_len, text_dim=args.text_dim,
-            device=args.device, dtype=args.dtype, save_dtype=args.save_dtype,
+            device=args.device, dtype=args.dtype, save_dtype=args.save_dtype, workers=args.workers,
         )
         cacher = LatentCacher(cfg, rank, world, local)
     except (ValueError, ShardListError, FileNotFoundError) as exc:

@@ -26,7 +26,7 @@ def latent_shards(raw_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("latents")
     rc = cache_main(["--input", str(raw_shards), "--output", str(out), "--vae", "tiny", "--text-encoder", "tiny",
                      "--buckets", BUCKET_ARG, "--text-len", str(TEXT_LEN), "--text-dim", str(TEXT_DIM),
-                     "--device", "cpu", "--no-progress"])
+                     "--device", "cpu", "--workers", "2", "--no-progress"])
     assert rc == 0
     return out
 
@@ -84,8 +84,9 @@ def test_rerun_skips_finished_shards(raw_shards, latent_shards, tmp_path):
     victim = sorted(out.glob("shard-*.tar"))[1]
     old = victim.read_bytes()
     (out / ".osp-cache" / f"{victim.name}.json").unlink()
+    # the fixture decoded in 2 worker processes; redo in-process: the bytes must not depend on that
     cfg = CacheConfig(input=str(raw_shards), output=str(out), buckets=list(BUCKETS), text_len=TEXT_LEN,
-                      text_dim=TEXT_DIM, device="cpu")
+                      text_dim=TEXT_DIM, device="cpu", workers=0)
     summary = LatentCacher(cfg).run(progress=False)
     assert summary == {"shards_done": 1, "shards_skipped": 3, "samples": 3, "rejected": 0}
     for p in out.glob("shard-*.tar"):
@@ -98,7 +99,7 @@ def test_rerun_skips_finished_shards(raw_shards, latent_shards, tmp_path):
 def test_ranks_take_disjoint_shards_and_last_writes_manifest(raw_shards, tmp_path):
     out = tmp_path / "lat"
     cfg = CacheConfig(input=str(raw_shards), output=str(out), buckets=list(BUCKETS), text_len=8, text_dim=16,
-                      device="cpu")
+                      device="cpu", workers=0)
     r1 = LatentCacher(cfg, rank=1, world_size=2)
     assert [os.path.basename(u) for u in r1.mine] == ["shard-000001.tar", "shard-000003.tar"]
     r1.run(progress=False)
@@ -116,7 +117,8 @@ def test_torchrun_two_ranks(raw_shards, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29731",
            "-m", "data_pipeline.cli.cache", "--input", str(raw_shards), "--output", str(out),
-           "--buckets", BUCKET_ARG, "--text-len", "8", "--text-dim", "16", "--device", "cpu", "--no-progress"]
+           "--buckets", BUCKET_ARG, "--text-len", "8", "--text-dim", "16", "--device", "cpu", "--workers", "0",
+           "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=str(root))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0/2" in proc.stdout and "rank 1/2" in proc.stdout
@@ -141,3 +143,19 @@ def test_help(capsys):
         cache_main(["--help"])
     assert e.value.code == 0
     assert "--vae" in capsys.readouterr().out
+
+
+def test_bad_samples_become_named_rejects(raw_shards, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    good = list(wds.tarfile_to_samples()(iter([{"url": str(raw_shards / "shard-000000.tar")}])))
+    with wds.TarWriter(str(src / "shard-000000.tar")) as w:
+        w.write({"__key__": good[0]["__key__"], "mp4": good[0]["mp4"], "txt": good[0]["txt"], "json": good[0]["json"]})
+        w.write({"__key__": "garbage", "mp4": os.urandom(2000), "txt": b"noise", "json": b"{}"})
+        w.write({"__key__": "nocap", "mp4": good[1]["mp4"], "json": good[1]["json"]})
+    cfg = CacheConfig(input=str(src), output=str(tmp_path / "out"), buckets=list(BUCKETS), text_len=8,
+                      text_dim=16, device="cpu", workers=2)
+    summary = LatentCacher(cfg).run(progress=False)
+    assert summary["samples"] == 1 and summary["rejected"] == 2
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["key"], r["category"]) for r in rejects] == [("garbage", "decode_error"), ("nocap", "missing_field")]
