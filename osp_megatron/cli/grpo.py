@@ -44,11 +44,19 @@ def resolve(config: str, overrides: Sequence[str], world_size: int = 1):
         cfg.data.kind = "synthetic"
     gcfg = grpo_config_from(cfg)
     cfg.validate(world_size)
-    if cfg.parallel.pipeline_parallel != 1:
-        from osp_megatron.config import ConfigError
+    from osp_megatron.config import ConfigError
 
-        raise ConfigError("parallel.pipeline_parallel must be 1 for osp-grpo (rollouts step the whole model); "
-                          "use tensor_parallel / ssp / ulysses instead")
+    problems = []
+    if cfg.parallel.pipeline_parallel != 1:
+        problems.append("parallel.pipeline_parallel must be 1 for osp-grpo (rollouts step the whole model); "
+                        "use tensor_parallel / ssp / ulysses instead")
+    if cfg.model.spec != "local":
+        problems.append(f"model.spec={cfg.model.spec}: LoRA adapters wrap nn.Linear and megatron Column/Row linears; "
+                        "use model.spec=local for osp-grpo")
+    if cfg.parallel.sequence_parallel:
+        problems.append("parallel.sequence_parallel=true is not supported by the LoRA adapters: set it false")
+    if problems:
+        raise ConfigError("invalid configuration for osp-grpo:\n  - " + "\n  - ".join(problems))
     return cfg, gcfg
 
 

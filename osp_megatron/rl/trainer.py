@@ -65,20 +65,30 @@ class RandomTextEmbedder:
 
 
 class EncoderTextEmbedder:
-    """umT5 (or the tiny stand-in) from `osp_megatron.encoders`, cached per prompt; null embedding = encoding of ""."""
+    """umT5 (or the tiny stand-in) from `osp_megatron.encoders` (bf16 on CUDA), with an LRU cache of `cache_size`
+    prompts (CPU, float32); null embedding = encoding of ""."""
 
-    def __init__(self, spec: str, device, text_len: int, text_dim: int) -> None:
+    def __init__(self, spec: str, device, text_len: int, text_dim: int, cache_size: int = 256) -> None:
+        from collections import OrderedDict
+
         from osp_megatron.encoders import load_text_encoder
 
-        self.enc = load_text_encoder(spec, device=device, dtype=torch.float32, text_len=text_len, text_dim=text_dim)
-        self._cache: Dict[str, Tensor] = {}
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        self.enc = load_text_encoder(spec, device=device, dtype=dtype, text_len=text_len, text_dim=text_dim)
+        self._cache: "OrderedDict[str, Tensor]" = OrderedDict()
+        self.cache_size = cache_size
 
     def encode(self, prompts: Sequence[str]) -> Tensor:
         new = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if new:
             for p, e in zip(new, self.enc.encode(new).float().cpu()):
                 self._cache[p] = e
-        return torch.stack([self._cache[p] for p in prompts])
+        out = torch.stack([self._cache[p] for p in prompts])
+        for p in prompts:
+            self._cache.move_to_end(p)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return out
 
     def null(self) -> Tensor:
         return self.enc.encode([""]).float().cpu()
