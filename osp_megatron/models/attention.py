@@ -41,6 +41,18 @@ class HeadsRMSNorm(torch.nn.Module):
         self.weight.partition_dim = 0
         self.weight.partition_stride = 1
 
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """The weight is split over TP along heads, like the q/k projections it normalises."""
+        from megatron.core import parallel_state as mps
+        from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
+
+        metadata = metadata or {}
+        dp_cp = metadata.get("dp_cp_group") or mps.get_data_parallel_group(with_context_parallel=True)
+        tp_group = self.tp_group or mps.get_tensor_model_parallel_group()
+        key = f"{prefix}weight"
+        return {key: make_tp_sharded_tensor_for_checkpoint(
+            self.weight, key, 0, prepend_offsets=sharded_offsets, tp_group=tp_group, dp_cp_group=dp_cp)}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ss = x.float().pow(2).sum(-1, keepdim=True)
         if self.tp_group is not None and self.tp_group.size() > 1:

@@ -169,9 +169,11 @@ class OSPNextDiT(MegatronModule):
     def forward(self, hidden_states, timestep, encoder_hidden_states, target=None):
         """latents [b, c, T, H, W], timestep [b] (0..1000), text [b, L, text_dim].
 
-        Returns velocity [b, c_out, T, H, W]; with `target` (same shape) the loss on this rank's own tokens
-        (CP-scaled: averaging it over the DP x CP group gives the mean squared error); on a pipeline stage
-        that is not the last, the packed activation for the next stage.
+        Returns velocity [b, c_out, T, H, W]; with `target` (same shape) this rank's share of the MSE loss:
+        sum of squared errors over its own valid tokens / all valid elements of the micro-batch, so the sum
+        over the context-parallel group is the MSE (megatron's schedules multiply a loss by the CP size
+        before backward, matching DDP's averaging of gradients over DP x CP); on a pipeline stage that is
+        not the last, the packed activation for the next stage.
         """
         shape = tuple(hidden_states.shape)
         b = shape[0]
@@ -214,7 +216,7 @@ class OSPNextDiT(MegatronModule):
         se = (out.float() - tgt.float()).pow(2).sum(-1).view(out.shape[0], g, b)
         se = (se * valid[:, :, None]).sum()
         count = b * plan.num_tokens * out.shape[-1]
-        loss = se * plan.cp.size / count
+        loss = se / count  # this rank's share: summed over the CP group it is the micro-batch MSE
         if self._sp():  # value = the whole sequence's loss on every TP rank; gradient = this chunk's share
             full = loss.detach().clone()
             torch.distributed.all_reduce(full, group=self.parallel.tp_group)
@@ -238,6 +240,23 @@ class OSPNextDiT(MegatronModule):
         temb = carrier[n_x + 6, :b]
         txt = carrier[n_x + 7 :, :b]
         return x, e, temb, txt
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """megatron dist-checkpointing view: TP shards from the linears/norms, blocks under their *global*
+        index (so checkpoints load under any PP split), everything else replicated over TP/DP/CP."""
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, sharded_state_dict_default
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        tp_group = self.parallel.tp_group if self.parallel else None
+        out = {}
+        for name, module in self.named_children():
+            if name == "blocks":
+                for i, blk in enumerate(module):
+                    out.update(sharded_state_dict_default(
+                        blk, f"{prefix}blocks.{self.layer_offset + i}.", sharded_offsets, metadata, tp_group=tp_group))
+            else:
+                out.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=tp_group))
+        return out
 
     # ------------------------------------------------------------------ full (unsharded) weights
     def global_name(self, local_name: str) -> str:

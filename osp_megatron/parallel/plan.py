@@ -292,10 +292,10 @@ class _GatherShards(torch.autograd.Function):
     def forward(ctx, x, group, size, rank):
         ctx.rank = rank
         x = x.contiguous()
-        out = x.new_empty((size,) + tuple(x.shape))
+        out = x.new_empty((size * x.shape[0],) + tuple(x.shape[1:]))
         comm_stats.record("all_gather", x.numel() * x.element_size() * size, size)
         dist.all_gather_into_tensor(out, x, group=group)
-        return out
+        return out.view((size,) + tuple(x.shape))
 
     @staticmethod
     def backward(ctx, grad):
