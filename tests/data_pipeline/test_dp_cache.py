@@ -152,7 +152,7 @@ def test_bad_samples_become_named_rejects(raw_shards, tmp_path):
     with wds.TarWriter(str(src / "shard-000000.tar")) as w:
         w.write({"__key__": good[0]["__key__"], "mp4": good[0]["mp4"], "txt": good[0]["txt"], "json": good[0]["json"]})
         w.write({"__key__": "garbage", "mp4": os.urandom(2000), "txt": b"noise", "json": b"{}"})
-        w.write({"__key__": "nocap", "mp4": good[1]["mp4"], "json": good[1]["json"]})
+        w.write({"__key__": "nocap", "mp4": good[1]["mp4"], "json": b"{}"})  # no .txt, no caption in json
     cfg = CacheConfig(input=str(src), output=str(tmp_path / "out"), buckets=list(BUCKETS), text_len=8,
                       text_dim=16, device="cpu", workers=2)
     summary = LatentCacher(cfg).run(progress=False)
