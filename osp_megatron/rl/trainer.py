@@ -397,9 +397,12 @@ class GRPOTrainer:
         return f"lora_tp{self.dist.tp_rank:02d}.pt"
 
     def save(self, run_id: Optional[str] = None) -> Path:
-        """`<run_dir>/grpo_checkpoints/iter_XXXXXXX/` (written to a tmp dir, then renamed) + atomic `latest`."""
+        """`<run_dir>/grpo_checkpoints/iter_XXXXXXX/` (written to a tmp dir, then renamed) + atomic `latest`;
+        keeps the newest `train.keep_last` checkpoints. A checkpoint of the same iteration is not rewritten."""
         name = f"iter_{self.iteration:07d}"
         final = self.ckpt_root / name
+        if final.is_dir() and (final / "meta.json").is_file():
+            return final  # same iteration, same state (e.g. the end of a resumed, already finished run)
         tmp = self.ckpt_root / f".tmp_{name}"
         writer = self.dist.dp_rank == 0 and self.dist.cp_rank == 0
         if self.dist.is_main:
@@ -413,16 +416,18 @@ class GRPOTrainer:
         self.dist.barrier()
         if self.dist.is_main:
             meta = {"iteration": self.iteration, "window": self.schedule.state_dict(), "run_id": run_id,
-                    "python_random": repr(random.getstate()), "grpo": asdict(self.g), "tp": self.dist.tp,
+                    "grpo": asdict(self.g), "tp": self.dist.tp,
                     "lora_modules": self.lora_names}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
             torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
-            if final.exists():
-                shutil.rmtree(final)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))  # written last: marks complete
             os.replace(tmp, final)
             latest_tmp = self.ckpt_root / "latest.tmp"
             latest_tmp.write_text(name + "\n")
             os.replace(latest_tmp, self.ckpt_root / "latest")
+            keep = max(int(getattr(self.cfg.train, "keep_last", 3)), 1)
+            done = sorted(p for p in self.ckpt_root.glob("iter_*") if (p / "meta.json").is_file())
+            for old in done[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
         self.dist.barrier()
         return final
 
@@ -466,6 +471,8 @@ class GRPOTrainer:
             from osp_megatron.training.tracking import Tracker
 
             self.tracker = Tracker(self.cfg.tracking, self.run_dir, enabled=self.dist.is_main, run_id=run_id)
+            if self.dist.is_main:
+                self.tracker.metrics_log.truncate_after(self.iteration - 1)  # drop lines of iterations lost by a crash
             if self.tracker.active and run_id is None:
                 params = {f"grpo.{k}": v for k, v in _flatten(asdict(g)).items()}
                 self.tracker.log_params(params)

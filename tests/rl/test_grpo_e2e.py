@@ -54,9 +54,11 @@ def test_checkpoint_resume_is_exact_and_metrics_reach_mlflow(tmp_path):
     a.fit()
     a_params = [p.detach().clone() for p in lora_parameters(a.model)]
     # same run in two processes' worth: stop after 2 iterations, then resume in a fresh trainer
-    b = make_trainer(tmp_path / "b", layers=2, schedule="full", **small)
+    b = make_trainer(tmp_path / "b", layers=2, schedule="full", **dict(small, save_interval=1))
+    b.cfg.train.keep_last = 1
     b.fit(iterations=2, track=False)
     assert (tmp_path / "b" / "grpo_checkpoints" / "latest").read_text().strip() == "iter_0000002"
+    assert sorted(p.name for p in (tmp_path / "b" / "grpo_checkpoints").iterdir()) == ["iter_0000002", "latest"]
     c = make_trainer(tmp_path / "b", layers=2, schedule="full", **small)
     c.fit(track=False)
     assert c.iteration == 4
