@@ -134,3 +134,16 @@ def test_corrupt_or_partial_checkpoint_is_refused(world, tmp_path):
     (tmp_path / "checkpoints" / "latest").write_text("step_0000099\n")
     with pytest.raises(CheckpointError, match="names 'step_0000099', which does not exist"):
         ck.latest_dir()
+
+
+def test_async_save_commits_only_after_finalize(world, tmp_path):
+    """The GPU path (async torch_dist writer + finalize callback) also works on CPU."""
+    ck = Checkpointer(tmp_path, async_save=True)
+    ck.save(1, _state(1.0, 1))
+    ck.save(2, _state(2.0, 2))  # waits for step 1 to commit first
+    assert ck.latest_dir().name == "step_0000001"  # step 2 is written in the background, not committed yet
+    assert (tmp_path / "checkpoints" / "step_0000002.tmp").is_dir()
+    ck.finalize(blocking=True)
+    assert ck.latest_dir().name == "step_0000002" and ck.last_committed == 2
+    assert torch.equal(_load(ck, ck.latest_dir())["w"], torch.full((4, 3), 2.0))
+    ck.close()
