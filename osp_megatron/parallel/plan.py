@@ -225,19 +225,35 @@ class SequencePlan:
         s_tot, gb, h, d = q.shape
         b = gb // g
         q5, k5, v5 = (t.view(s_tot, g, b, h, d) for t in (q, k, v))
-        out = q.new_zeros(s_tot, g, b, h, d)
-        bidx = torch.arange(b, device=q.device)
-        for seq_idx, cls_idx in groups:
-            m, n = seq_idx.shape
-            ii, cc, bb = seq_idx[:, None, :], cls_idx[:, None, :], bidx[None, :, None]
-            qg, kg, vg = (t5[ii, cc, bb].reshape(m * b, n, h, d) for t5 in (q5, k5, v5))
-            og = dense_attention(qg, kg, vg, self.backend)
-            out[ii, cc, bb] = og.reshape(m, b, n, h, d)
-        out = out.view(s_tot, gb, h, d)
+        if groups is None:  # every slot valid, one problem per sample: a reshape, no gather
+            qs, ks, vs = (t5.reshape(s_tot * g, b, h, d).transpose(0, 1) for t5 in (q5, k5, v5))
+            if b > 1:
+                qs, ks, vs = qs.contiguous(), ks.contiguous(), vs.contiguous()
+            out = dense_attention(qs, ks, vs, self.backend).transpose(0, 1).reshape(s_tot, gb, h, d)
+        else:
+            out = self._grouped_attention(q5, k5, v5, groups).view(s_tot, gb, h, d)
         if size > 1:
             with comm_stats.scope(kind):
                 out = _head_gather_seq_scatter(out, group, size)
         return out
+
+    def _grouped_attention(self, q5, k5, v5, groups):
+        """Gather each group's valid tokens into [m*b, n, h, d], run the dense kernel, scatter back.
+
+        Gathers/scatters are row copies with unique indices (autograd: copy back, no accumulation)."""
+        s_tot, g, b, h, d = q5.shape
+        rows_total = s_tot * g * b
+        flat = [t.reshape(rows_total, h * d) for t in (q5, k5, v5)]
+        outs, idxs = [], []
+        bidx = torch.arange(b, device=q5.device)
+        for seq_idx, cls_idx in groups:
+            m, n = seq_idx.shape
+            rows = ((seq_idx[:, None, :] * g + cls_idx[:, None, :]) * b + bidx[None, :, None]).reshape(-1)
+            qg, kg, vg = (_RowGather.apply(f, rows).view(m * b, n, h, d) for f in flat)
+            outs.append(dense_attention(qg, kg, vg, self.backend).reshape(-1, h * d))
+            idxs.append(rows)
+        out = _RowScatter.apply(torch.cat(outs), torch.cat(idxs), rows_total)
+        return out.view(s_tot, g, b, h, d)
 
     def _attention_groups(self, layout: str, kind: str):
         """[(seq_idx [m, n], cls_idx [m, n])]: m independent attention problems of n valid tokens each."""
@@ -260,6 +276,9 @@ class SequencePlan:
                 cls = torch.tensor(classes, dtype=torch.long)[:, None].expand_as(seq)
                 groups.append((seq, cls))
         else:
+            if bool(valid.all()):
+                self._groups[key] = None  # dense fast path (see attention)
+                return None
             s_idx, c_idx = valid.nonzero(as_tuple=True)  # every valid token of a sample, any order
             groups.append((s_idx[None, :], c_idx[None, :]))
         groups = [(s.to(self.device), c.contiguous().to(self.device)) for s, c in groups]
@@ -300,3 +319,36 @@ class _GatherShards(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad[ctx.rank].contiguous(), None, None, None
+
+
+class _RowGather(torch.autograd.Function):
+    """x[idx] for unique row indices; backward copies the gradient back (no atomics, no sort)."""
+
+    @staticmethod
+    def forward(ctx, x, idx):
+        ctx.save_for_backward(idx)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        gx = grad.new_zeros((ctx.rows, grad.shape[1]))
+        gx.index_copy_(0, idx, grad)
+        return gx, None
+
+
+class _RowScatter(torch.autograd.Function):
+    """zeros(rows, C) with src copied into rows idx (unique); padding rows stay zero."""
+
+    @staticmethod
+    def forward(ctx, src, idx, rows):
+        ctx.save_for_backward(idx)
+        out = src.new_zeros((rows, src.shape[1]))
+        out.index_copy_(0, idx, src)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        return grad.index_select(0, idx), None, None
