@@ -196,6 +196,69 @@ def case_cp_grpo(rank):
     return out
 
 
+def case_tp_grpo(rank):
+    """TP=2 GRPO iteration on the tiny model vs a TP=1 copy (same base weights and LoRA) on each rank."""
+    import copy
+    import zlib
+
+    from osp_megatron.config import Config
+    from osp_megatron.models import build_model
+    from osp_megatron.parallel.groups import ParallelState, initialize_parallel
+    from osp_megatron.rl.config import grpo_config_from_dict
+    from osp_megatron.rl.trainer import GRPOTrainer
+
+    cfg = Config()
+    cfg.data.kind = "synthetic"
+    cfg.model.num_layers, cfg.model.schedule = 2, "full"
+    cfg.parallel.tensor_parallel = 2
+    cfg.train.run_dir = sys.argv[2] + "/run"
+    cfg.tracking.backend = "none"
+    par = initialize_parallel(cfg.parallel)
+    singles = [dist.new_group([r]) for r in range(dist.get_world_size())]
+    ref_state = ParallelState(tp_group=singles[rank])
+    ref_cfg = copy.deepcopy(cfg)
+    ref_cfg.parallel.tensor_parallel = 1
+    g = grpo_config_from_dict(dict(iterations=1, steps=6, window=dict(strategy="fixed", start=1, size=2),
+                                   group_size=2, prompts_per_iteration=2, rollout_batch=2, train_batch=2, lr=0.0,
+                                   latent_shape=[1, 4, 4], prompts=["p", "q"], lora=dict(rank=4, alpha=4),
+                                   clip_grad=1e9))
+    torch.manual_seed(0)
+    ref_model = build_model(ref_cfg, parallel=ref_state, device="cpu")
+    tp_model = build_model(cfg, parallel=par, device="cpu")
+    tp_model.load_full_state_dict(ref_model.full_state_dict())
+    runs = {}
+    for name, model, p in (("ref", ref_model, ref_state), ("tp", tp_model, par)):
+        t = GRPOTrainer(cfg if name == "tp" else ref_cfg, g, model=model, parallel=p)
+        with torch.no_grad():  # the same non-trivial full LoRA tensors, sliced like the base weights at TP=2
+            for pname, q in model.named_parameters():
+                if not pname.endswith(("lora_A", "lora_B")):
+                    continue
+                full_in = q.shape[1] * (2 if getattr(q, "lora_tp_split", "none") == "in" else 1)
+                full_out = q.shape[0] * (2 if getattr(q, "lora_tp_split", "none") == "out" else 1)
+                gen = torch.Generator().manual_seed(zlib.crc32(pname.encode()))
+                full = torch.randn(full_out, full_in, generator=gen) * 0.05
+                split = getattr(q, "lora_tp_split", "none")
+                part = full.chunk(2, 0)[rank] if split == "out" else full.chunk(2, 1)[rank] if split == "in" else full
+                q.copy_(part)
+        plan = t.plan_for(0)
+        batch = t.collect(0, plan)
+        adv, _, _ = t.advantages(0, batch["scores"])
+        stats = t.train_on(batch, adv, plan)
+        grads = {n: (q.grad.detach().clone(), getattr(q, "lora_tp_split", "none"))
+                 for n, q in model.named_parameters() if n.endswith(("lora_A", "lora_B"))}
+        runs[name] = (batch, adv, grads, stats["grad_norm"])
+    (br, ar, gr, nr), (bt, at, gt, nt) = runs["ref"], runs["tp"]
+    rel = lambda a, b: float((a - b).abs().max() / (b.abs().max() + 1e-12))  # noqa: E731
+    errs = []
+    for n, (grad, split) in gt.items():
+        ref = gr[n][0]
+        ref = ref.chunk(2, 0)[rank] if split == "out" else ref.chunk(2, 1)[rank] if split == "in" else ref
+        errs.append(rel(grad, ref))
+    return {"final": rel(bt["final"], br["final"]), "old_log_probs": rel(bt["old_log_probs"], br["old_log_probs"]),
+            "advantages": float((at - ar).abs().max()), "grads": max(errs), "grad_norm": abs(nt - nr) / nr,
+            "sharded": sum(split != "none" for _, split in gt.values())}
+
+
 if __name__ == "__main__":
     case, out_dir = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")

@@ -68,3 +68,13 @@ def test_grpo_context_parallel_equals_single_rank(tmp_path):
         assert res["grad_norm"] > 0
         assert res["final"] < 1e-5 and res["old_log_probs"] < 1e-5 and res["advantages"] < 1e-4, res
         assert res["grads"] < 1e-4, res  # measured 2.4e-6
+
+
+@pytest.mark.slow
+def test_grpo_tensor_parallel_equals_single_rank(tmp_path):
+    """TP=2 (megatron Column/Row with sharded LoRA) on the tiny model: same rollouts, advantages, LoRA grads and
+    global grad norm as TP=1 with the same weights."""
+    for res in run_two_ranks("tp_grpo", tmp_path):
+        assert res["sharded"] > 0
+        assert res["final"] < 1e-5 and res["old_log_probs"] < 1e-5 and res["advantages"] < 1e-4, res
+        assert res["grads"] < 1e-4 and res["grad_norm"] < 1e-5, res
