@@ -93,6 +93,7 @@ class GRPOConfig:
     adv_unbiased_std: bool = True
     shuffle_advantages: bool = False  # control experiment: permute advantages across samples
     kl_beta: float = 0.0
+    ema_decay: float = 0.0  # EMA of the LoRA weights (OSP-Next keeps one); 0 = off; exported with ema=True
     lora: LoraConfig = field(default_factory=LoraConfig)
     rewards: List[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
     reward_mix: str = "advantage_aggr"  # advantage_aggr | reward_aggr
@@ -198,6 +199,8 @@ def validate(c: GRPOConfig) -> GRPOConfig:
         e.append(f"grpo.adv_norm={c.adv_norm!r}: use group or global")
     if c.adv_eps <= 0:
         e.append(f"grpo.adv_eps={c.adv_eps}: must be > 0")
+    if not 0.0 <= c.ema_decay < 1.0:
+        e.append(f"grpo.ema_decay={c.ema_decay}: must be in [0, 1) (0 = no EMA, e.g. 0.99)")
     if c.kl_beta < 0:
         e.append(f"grpo.kl_beta={c.kl_beta}: must be >= 0")
     if c.lora.rank < 1:

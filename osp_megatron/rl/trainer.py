@@ -195,6 +195,9 @@ class GRPOTrainer:
         self.params = lora_parameters(model)
         self.optimizer = torch.optim.AdamW(self.params, lr=gcfg.lr, betas=(gcfg.adam_beta1, gcfg.adam_beta2),
                                            eps=gcfg.adam_eps, weight_decay=gcfg.weight_decay)
+        self.ema: Optional[Dict[str, Tensor]] = None
+        if gcfg.ema_decay > 0:
+            self.ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         self.schedule = WindowSchedule.from_config(gcfg)
         self.reward = reward if reward is not None else MultiReward(gcfg.rewards)
         self.prompts = self._load_prompts()
@@ -346,7 +349,17 @@ class GRPOTrainer:
             stats["grad_norm"].append(float(norm))
             if math.isfinite(float(norm)):
                 self.optimizer.step()
+                self._update_ema()
         return {k: (sum(v) / len(v)) for k, v in stats.items() if v}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        d = self.g.ema_decay
+        for n, p in self.model.named_parameters():
+            if n in self.ema:
+                self.ema[n].mul_(d).add_(p.detach(), alpha=1.0 - d)
 
     def step(self) -> Dict[str, float]:
         """One GRPO iteration; returns its metrics."""
@@ -411,7 +424,8 @@ class GRPOTrainer:
             tmp.mkdir(parents=True)
         self.dist.barrier()
         if writer:
-            torch.save({"lora": lora_state_dict(self.model), "optimizer": self.optimizer.state_dict()},
+            ema = {k: v.detach().cpu().clone() for k, v in self.ema.items()} if self.ema is not None else None
+            torch.save({"lora": lora_state_dict(self.model), "optimizer": self.optimizer.state_dict(), "lora_ema": ema},
                        tmp / self._shard_name())
         self.dist.barrier()
         if self.dist.is_main:
@@ -450,6 +464,13 @@ class GRPOTrainer:
         shard = torch.load(path / self._shard_name(), map_location="cpu", weights_only=False)
         load_lora_state_dict(self.model, shard["lora"])
         self.optimizer.load_state_dict(shard["optimizer"])
+        if self.ema is not None:
+            saved = shard.get("lora_ema")
+            if saved is None or set(saved) != set(self.ema):
+                raise ValueError(f"checkpoint {path} has no matching LoRA EMA but grpo.ema_decay={self.g.ema_decay}: "
+                                 "resume with the same ema_decay setting (or 0)")
+            for k, v in saved.items():
+                self.ema[k].copy_(v)
         rng = torch.load(path / "rng.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])
         self.iteration = int(meta["iteration"])
@@ -543,15 +564,22 @@ def format_grpo_progress(it: int, total: int, m: Dict[str, float]) -> str:
     return " | ".join(parts)
 
 
-def merge_grpo_checkpoint(base_state_dict: Dict[str, Tensor], ckpt_dir, tp_rank: int = 0) -> Dict[str, Tensor]:
+def merge_grpo_checkpoint(base_state_dict: Dict[str, Tensor], ckpt_dir, tp_rank: int = 0,
+                          ema: bool = False) -> Dict[str, Tensor]:
     """Export: fold the LoRA of a GRPO checkpoint (`<ckpt_dir>/lora_tpXX.pt`) into a base model state dict (the
-    same TP shard) -> plain weights with the base keys (what the converter writes out)."""
+    same TP shard) -> plain weights with the base keys (what the converter writes out). `ema=True` folds the EMA
+    of the LoRA weights instead (runs with grpo.ema_decay > 0)."""
     from osp_megatron.rl.lora import merge_lora
 
     path = Path(ckpt_dir) / f"lora_tp{tp_rank:02d}.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: give a grpo_checkpoints/iter_XXXXXXX directory (and its tp rank)")
-    lora = torch.load(path, map_location="cpu", weights_only=False)["lora"]
+    shard = torch.load(path, map_location="cpu", weights_only=False)
+    lora = dict(shard["lora"])
+    if ema:
+        if not shard.get("lora_ema"):
+            raise ValueError(f"{path} has no LoRA EMA (the run had grpo.ema_decay=0): export with ema=False")
+        lora.update(shard["lora_ema"])
     missing = sorted({k.rsplit(".", 1)[0] + ".weight" for k in lora} - set(base_state_dict))
     if missing:
         raise KeyError(f"base state dict lacks {missing[:5]}: export with the model the GRPO run adapted")

@@ -138,3 +138,27 @@ def test_sigterm_checkpoints_and_stops_then_export_merges(tmp_path):
     with torch.no_grad():
         assert torch.allclose(plain(x, ts, txt), t.model(x, ts, txt), atol=1e-5)
         assert not torch.allclose(plain(x, ts, txt), fresh.model(x, ts, txt), atol=1e-5)
+
+
+def test_lora_ema_follows_the_recursion_and_exports(tmp_path):
+    small = dict(iterations=3, steps=6, group_size=2, prompts_per_iteration=1, rollout_batch=2, train_batch=2,
+                 eval_interval=0, latent_shape=[1, 4, 4], window=dict(strategy="fixed", size=2), lr=1e-2,
+                 ema_decay=0.5)
+    t = make_trainer(tmp_path, layers=2, schedule="full", **small)
+    names = [n for n, p in t.model.named_parameters() if p.requires_grad]
+    expect = {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
+    for _ in range(3):
+        t.step()
+        for n, p in t.model.named_parameters():
+            if n in expect:
+                expect[n] = 0.5 * expect[n] + 0.5 * p.detach()
+    assert all(torch.allclose(t.ema[n], expect[n], atol=1e-7) for n in names)
+    assert any(not torch.equal(t.ema[n], dict(t.model.named_parameters())[n]) for n in names)
+    ckpt = t.save()
+    base = {k: v for k, v in t.model.state_dict().items() if "lora" not in k}
+    plain, smooth = merge_grpo_checkpoint(base, ckpt), merge_grpo_checkpoint(base, ckpt, ema=True)
+    assert any(not torch.equal(plain[k], smooth[k]) for k in plain)
+    # resume restores the EMA
+    r = make_trainer(tmp_path, layers=2, schedule="full", **small)
+    r.load(ckpt)
+    assert all(torch.equal(r.ema[n], t.ema[n]) for n in names)
