@@ -5,10 +5,11 @@ One optimizer step = `num_microbatches = global_batch / (micro_batch x DP)` micr
 DP x CP group, then: non-finite check (loss or grad norm -> skip the update), clip, AdamW step, LR schedule,
 EMA. Checkpoints (full resume state), MLflow, signals and sample videos hang off the loop.
 
-Loss bookkeeping: the model returns on the last stage `CP * SSE_local / N_global` per micro-batch. The
-schedule multiplies a 2-tuple loss by CP and divides by num_microbatches, so `loss_func` hands it `out / CP`;
-DDP averages grads over DP x CP, giving the gradient of the mean MSE. The logged loss is that mean MSE:
-the sum of `out` over DP x CP ranks and micro-batches / (DP * CP * num_microbatches).
+Loss bookkeeping: the model returns on the last stage `SSE_local / N_global` per micro-batch (this CP rank's
+share; summed over the CP group it is the micro-batch MSE; every TP rank holds the same value). The schedule
+multiplies the 2-tuple loss by CP and divides by num_microbatches, and DDP averages grads over DP x CP, which
+gives the gradient of the mean MSE over the global batch. The logged loss is that mean MSE:
+CP * (sum of `out` over last-stage ranks and micro-batches) / (number of those terms).
 """
 from __future__ import annotations
 
@@ -418,7 +419,7 @@ class Trainer:
     def _loss_func(self, inject_nan: bool, out: torch.Tensor):
         if inject_nan:
             out = out * float("nan")
-        return out / self.cp_size, {"loss": out.detach().float().reshape(1)}
+        return out, {"loss": out.detach().float().reshape(1).clone()}  # the schedule scales `out` in place
 
     def _pipeline_shape(self, latent_shape) -> Dict[str, int]:
         model = unwrap(self.model)
@@ -475,7 +476,7 @@ class Trainer:
             loss_sum[0] = sum(float(x["loss"].sum()) for x in losses)
             loss_sum[1] = len(losses)
         dist.all_reduce(loss_sum)
-        loss = float(loss_sum[0] / max(loss_sum[1].item(), 1.0))
+        loss = float(self.cp_size * loss_sum[0] / max(loss_sum[1].item(), 1.0))
 
         # optimizer: non-finite guard -> clip -> step
         opts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
