@@ -48,8 +48,11 @@ class ParallelState:
         )
 
 
-def initialize_parallel(parallel_cfg) -> ParallelState:
-    """Build megatron parallel_state and the SSP/Ulysses groups for `parallel_cfg` (ParallelConfig)."""
+def initialize_parallel(parallel_cfg, seed: int = 1234) -> ParallelState:
+    """Build megatron parallel_state and the SSP/Ulysses groups for `parallel_cfg` (ParallelConfig).
+
+    On GPU this also seeds megatron's CUDA RNG tracker (per-TP-rank streams for weight init / dropout).
+    """
     from megatron.core import parallel_state as mps
 
     if not dist.is_initialized():
@@ -80,6 +83,10 @@ def initialize_parallel(parallel_cfg) -> ParallelState:
             g = dist.new_group(list(ranks[u::ul]))
             if me in ranks[u::ul]:
                 ssp_group = g
+    if torch.cuda.is_available():
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
     cp_rank = mps.get_context_parallel_rank()
     ctx = ContextParallel(
         ssp=ssp, ulysses=ul, ssp_rank=cp_rank // ul, ulysses_rank=cp_rank % ul,
