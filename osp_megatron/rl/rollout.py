@@ -27,7 +27,6 @@ from osp_megatron.diffusion.samplers import (
     predict_x0,
     sde_noise_level,
     sde_step_with_logprob,
-    seeded_noise,
 )
 from osp_megatron.rl.windows import Window, flash_sigmas, hash_ints
 
