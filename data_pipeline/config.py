@@ -27,6 +27,7 @@ class DataConfig:
     shards: str = ""
     fps: float = 16.0
     sample_window: str = "random"  # random | center
+    decoder: str = "decord"  # decord | pyav (both read from bytes in loader workers)
     buckets: List[BucketSpec] = field(default_factory=lambda: [BucketSpec()])
     micro_batch_size: int = 1
     num_workers: int = 2
@@ -46,6 +47,8 @@ class DataConfig:
             errors.append(f"{prefix}.shards is empty: give a shard directory or pattern (or data.kind=synthetic)")
         if self.sample_window not in ("random", "center"):
             errors.append(f"{prefix}.sample_window={self.sample_window!r}: use random or center")
+        if self.decoder not in ("decord", "pyav"):
+            errors.append(f"{prefix}.decoder={self.decoder!r}: use decord or pyav")
         if self.fps <= 0:
             errors.append(f"{prefix}.fps={self.fps}: must be > 0")
         if not self.buckets:

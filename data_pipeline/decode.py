@@ -142,10 +142,12 @@ def _open_info(data: bytes) -> Tuple[int, float, int, int]:
 
 
 def decode_clip(data: bytes, buckets: Sequence[BucketSpec], fps: float, window: str, rng: random.Random,
-                meta: Optional[Dict[str, Any]] = None) -> Tuple[torch.Tensor, int, Dict[str, Any]]:
+                meta: Optional[Dict[str, Any]] = None,
+                decoder: str = "decord") -> Tuple[torch.Tensor, int, Dict[str, Any]]:
     """Bytes -> (uint8 [3, T, H, W], bucket index, info {frame_indices, src_frames, src_fps, src_size}).
 
     `meta` (the shard's json: frames, fps, width, height) saves one open of the clip when present.
+    `decoder`: "decord" (PyAV when decord is not importable) or "pyav".
     Raises SkipSample (too_short / decode_error) for clips that cannot fill any bucket or do not decode.
     """
     check_mp4_boxes(data)
@@ -171,12 +173,13 @@ def decode_clip(data: bytes, buckets: Sequence[BucketSpec], fps: float, window: 
     size = cover_size(w, h, bucket.width, bucket.height)
     resize = None if size == (w, h) else size
     try:
-        try:
-            import decord  # noqa: F401
-        except ImportError:
-            frames = _decode_av(data, indices, resize)
-        else:
-            frames = _decode_decord(data, indices, resize)
+        use_decord = decoder == "decord"
+        if use_decord:
+            try:
+                import decord  # noqa: F401
+            except ImportError:
+                use_decord = False
+        frames = _decode_decord(data, indices, resize) if use_decord else _decode_av(data, indices, resize)
     except SkipSample:
         raise
     except Exception as exc:  # noqa: BLE001

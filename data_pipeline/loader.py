@@ -102,7 +102,8 @@ class ShardLoader:
         return {"kind": c.kind, "rank": self.rank, "world_size": self.world_size, "num_workers": c.num_workers,
                 "seed": c.seed, "micro_batch_size": c.micro_batch_size, "shuffle_buffer": c.shuffle_buffer,
                 "shard_shuffle": c.shard_shuffle, "shards": self._fingerprint(),
-                "buckets": [dataclasses.astuple(b) for b in c.buckets], "fps": c.fps}
+                "buckets": [dataclasses.astuple(b) for b in c.buckets], "fps": c.fps,
+                "sample_window": c.sample_window}
 
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue with the next unseen batch (JSON-serialisable)."""

@@ -174,7 +174,8 @@ class RoleStream:
         if data is None:
             raise SkipSample("missing_field", f"{key}: no video member ({'/'.join(VIDEO_EXTS)})")
         rng = random.Random(f"osp-window/{self.cfg.seed}/{epoch}/{key}")
-        video, bucket, info = decode_clip(data, self.cfg.buckets, self.cfg.fps, self.cfg.sample_window, rng, meta)
+        video, bucket, info = decode_clip(data, self.cfg.buckets, self.cfg.fps, self.cfg.sample_window, rng, meta,
+                                          self.cfg.decoder)
         info["url"] = origin["url"]
         return {"key": key, "bucket_key": ["raw", bucket], "video": video, "caption": caption, "meta": info,
                 "origin": origin}

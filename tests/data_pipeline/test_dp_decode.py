@@ -113,3 +113,12 @@ def test_bucket_frames_message_suggests_a_fit():
     msg = bucket_frames_message([BucketSpec(81, 480, 832)], 16.0, 2.9, "shards/")
     assert "data.buckets" in msg and "81 frames" in msg and "frames <= 45" in msg
     assert bucket_frames_message([BucketSpec(17, 64, 64)], 16.0, 2.9, "shards/") is None
+
+
+def test_pyav_decoder_option_gives_the_same_frames(clips_dir):
+    data = (clips_dir / "clip-000004.mp4").read_bytes()
+    buckets = [BucketSpec(17, 64, 64), BucketSpec(17, 64, 96)]
+    a, ba, ia = decode_clip(data, buckets, 16.0, "random", random.Random(9), decoder="decord")
+    b, bb, ib = decode_clip(data, buckets, 16.0, "random", random.Random(9), decoder="pyav")
+    assert (ba, ia["frame_indices"]) == (bb, ib["frame_indices"]) and a.shape == b.shape
+    assert (a.int() - b.int()).abs().float().mean() < 1.5
