@@ -155,6 +155,25 @@ def main(argv=None) -> int:
         print(f"{label}: loader decord {ours * 1000:.0f} ms/clip, loader pyav {ours_av * 1000:.0f} ms/clip, "
               f"plain PyAV {base * 1000:.0f} ms/clip (best of {args.repeats})", flush=True)
 
+    # leak check (peers saw decoder leaks in workers): RSS growth over many decodes after warm-up
+    import psutil
+
+    proc = psutil.Process()
+    w, h, bucket = SIZES["480p"]
+    data = (work / "clip-480p.mp4").read_bytes()
+    meta = {"frames": SRC_FPS * SRC_SECONDS, "fps": float(SRC_FPS), "width": w, "height": h}
+    small = BucketSpec(17, 240, 416)  # cheap per decode, same reader life cycle
+    for _ in range(3):
+        decode_clip(data, [small], 16.0, "random", random.Random(0), meta)
+    rss0 = proc.memory_info().rss
+    n_leak = 12 * max(1, args.repeats)
+    for i in range(n_leak):
+        decode_clip(data, [small], 16.0, "random", random.Random(i), meta)
+    growth = (proc.memory_info().rss - rss0) / 2**20
+    results.append(row(f"decode_rss_growth_mb_over_{n_leak}_clips", growth, "MiB", None, None,
+                       "about 0: readers are released after each clip", higher_is_better=False))
+    print(f"RSS growth over {n_leak} decodes: {growth:.1f} MiB", flush=True)
+
     # end to end through the loader (one DataLoader worker, float conversion in the main process)
     from data_pipeline import build_loader
     from data_pipeline.inputs import list_inputs

@@ -53,3 +53,10 @@ def test_load_from_a_local_diffusers_folder(vae, tmp_path):
         loaded = load_vae(str(path))
         x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
         assert torch.equal(loaded.encode(x), vae.encode(x))
+
+
+def test_bfloat16_encoder_is_close_to_float32(vae):
+    x = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    z16 = load_vae("tiny", "cpu", torch.bfloat16).encode(x)
+    assert z16.dtype == torch.float32  # normalised latents are handed out in fp32
+    torch.testing.assert_close(z16, vae.encode(x), rtol=0.05, atol=0.05)
