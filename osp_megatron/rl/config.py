@@ -77,6 +77,7 @@ class GRPOConfig:
     group_size: int = 12  # G samples per prompt
     prompts_per_iteration: int = 1  # global, over all data-parallel ranks
     init_same_noise: bool = True
+    share_prefix: bool = True  # with init_same_noise: run the (identical) pre-window ODE steps once per group
     rollout_batch: int = 4  # samples per rollout forward (per rank)
     train_batch: int = 4  # samples per training forward (per rank)
     updates_per_iteration: int = 1  # optimizer steps per iteration (local samples split evenly)

@@ -135,14 +135,30 @@ def _sigma_batch(x: Tensor, sigma: float) -> Tensor:
 
 
 @torch.no_grad()
+def ode_prefix(velocity_fn: VelocityFn, x_init: Tensor, plan: RolloutPlan, end: int) -> Tensor:
+    """Euler steps `[0, end)` of the plan (all must be `ode`: the part before the window) -> x at `sigmas[end]`.
+    With `init_same_noise` this part is identical for every member of a group, so it is run once per group."""
+    if any(k != "ode" for k in plan.kinds[:end]):
+        raise ValueError(f"ode_prefix: steps [0, {end}) are not all ODE steps ({plan.kinds[:end]})")
+    x = x_init.float()
+    for i in range(end):
+        s, sn = float(plan.sigmas[i]), float(plan.sigmas[i + 1])
+        x = euler_step(x, velocity_fn(x, _sigma_batch(x, s)).float(), s, sn)
+    return x
+
+
+@torch.no_grad()
 def rollout(velocity_fn: VelocityFn, x_init: Tensor, plan: RolloutPlan,
-            sde_noise: Callable[[int], Tensor]) -> RolloutResult:
-    """Run the plan from `x_init` (σ=1, float32). `sde_noise(step)` returns the `[b,...]` noise of an SDE step."""
+            sde_noise: Callable[[int], Tensor], start: int = 0) -> RolloutResult:
+    """Run the plan from `x_init` at `sigmas[start]` (σ=1 for start 0; float32). `sde_noise(step)` returns the
+    `[b,...]` noise of an SDE step."""
     x = x_init.float()
     dpm = DPMSolverPP(plan.dpm_order) if "dpm" in plan.kinds else None
     lat, nxt, lps = [], [], []
     sig = plan.sigmas
     for i, kind in enumerate(plan.kinds):
+        if i < start:
+            continue
         s, sn = float(sig[i]), float(sig[i + 1])
         v = velocity_fn(x, _sigma_batch(x, s)).float()
         if kind == "sde":
@@ -164,7 +180,7 @@ def rollout(velocity_fn: VelocityFn, x_init: Tensor, plan: RolloutPlan,
     else:
         latents = next_latents = x.new_zeros((b, 0, *x.shape[1:]))
         log_probs = x.new_zeros((b, 0))
-    return RolloutResult(x, latents, next_latents, log_probs, plan.num_steps)
+    return RolloutResult(x, latents, next_latents, log_probs, plan.num_steps - start)
 
 
 def transition_log_prob(velocity_fn: VelocityFn, latents: Tensor, next_latents: Tensor, plan: RolloutPlan,

@@ -34,8 +34,16 @@ from osp_megatron.rl.config import GRPOConfig
 from osp_megatron.rl.lora import apply_lora, load_lora_state_dict, lora_disabled, lora_parameters, lora_state_dict
 from osp_megatron.rl.loss import kl_penalty, ppo_clip_loss
 from osp_megatron.rl.rewards import LatentPreviewDecoder, MultiReward
-from osp_megatron.rl.rollout import NoiseSource, RolloutPlan, make_plan, ode_sample, rollout, transition_log_prob
-from osp_megatron.rl.windows import WindowSchedule, count_nfe, hash_ints
+from osp_megatron.rl.rollout import (
+    NoiseSource,
+    RolloutPlan,
+    make_plan,
+    ode_prefix,
+    ode_sample,
+    rollout,
+    transition_log_prob,
+)
+from osp_megatron.rl.windows import WindowSchedule, count_nfe, group_prefix_runs, hash_ints
 
 Tensor = torch.Tensor
 CKPT_SUBDIR = "grpo_checkpoints"
@@ -269,6 +277,18 @@ class GRPOTrainer:
         return make_plan(g.steps, g.shift, self.schedule.window(it), self.schedule.trained_steps(it), g.noise_level,
                          g.eta, g.flash.enabled, g.flash.compression, g.flash.order)
 
+    def prefix_steps(self, plan: RolloutPlan) -> int:
+        """Steps before the window that a group runs once (0 when not sharing)."""
+        if not (self.g.init_same_noise and self.g.share_prefix) or "sde" not in plan.kinds:
+            return 0
+        return plan.kinds.index("sde")
+
+    def prefix_runs(self, plan: RolloutPlan) -> int:
+        """Pre-window trajectories per iteration over all DP ranks (a group split over ranks runs once per rank)."""
+        if self.prefix_steps(plan) == 0:
+            return -1
+        return group_prefix_runs(self.num_samples, self.g.group_size, self.dist.dp)
+
     def collect(self, it: int, plan: RolloutPlan):
         """Rollouts of this rank's samples -> dict of stored transitions, prompts, text, per-reward scores."""
         g = self.g
@@ -277,14 +297,27 @@ class GRPOTrainer:
         prompt_of = [self.prompts[slots[j // g.group_size]] for j in ids]
         noise = NoiseSource(g.seed, it, group=self.dist.cp_group)
         self.model.eval()
+        start = self.prefix_steps(plan)
+        prefix: Dict[int, Tensor] = {}
+        if start > 0:  # the group's members are identical until the window: run those steps once per group
+            local_slots = sorted({j // g.group_size for j in ids})
+            for k in range(0, len(local_slots), g.rollout_batch):
+                sb = local_slots[k: k + g.rollout_batch]
+                x0 = noise.initial(self.latent_shape, sb, self.device)
+                text = self.text.encode([self.prompts[slots[s]] for s in sb])
+                for s, x in zip(sb, ode_prefix(self.velocity_fn(text), x0, plan, start)):
+                    prefix[s] = x
         lat, nxt, lps, finals = [], [], [], []
         for k in range(0, len(ids), g.rollout_batch):
             mb = ids[k: k + g.rollout_batch]
-            init_ids = [j // g.group_size for j in mb] if g.init_same_noise else [1_000_000 + j for j in mb]
-            x0 = noise.initial(self.latent_shape, init_ids, self.device)
+            if start > 0:
+                x_start = torch.stack([prefix[j // g.group_size] for j in mb])
+            else:
+                init_ids = [j // g.group_size for j in mb] if g.init_same_noise else [1_000_000 + j for j in mb]
+                x_start = noise.initial(self.latent_shape, init_ids, self.device)
             text = self.text.encode(prompt_of[k: k + g.rollout_batch])
-            res = rollout(self.velocity_fn(text), x0, plan,
-                          lambda step, mb=mb: noise.sde(self.latent_shape, mb, step, self.device))
+            res = rollout(self.velocity_fn(text), x_start, plan,
+                          lambda step, mb=mb: noise.sde(self.latent_shape, mb, step, self.device), start=start)
             lat.append(res.latents)
             nxt.append(res.next_latents)
             lps.append(res.log_probs)
@@ -374,7 +407,7 @@ class GRPOTrainer:
         window = self.schedule.window(it)
         flash_post = plan.count("dpm") if self.g.flash.enabled else None
         nfe = count_nfe(self.g.steps, window, len(plan.trained), flash_post, self.g.cfg_scale, self.g.kl_beta > 0,
-                        self.num_samples)
+                        self.num_samples, self.prefix_runs(plan))
         metrics = {f"grpo/{k}": v for k, v in m.items()}
         metrics.update(reward_stats(gathered))
         metrics["reward/combined/mean"] = float(combined.mean())

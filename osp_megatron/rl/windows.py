@@ -140,7 +140,8 @@ def flash_sigmas(steps: int, shift: float, window: Window, compression: float) -
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class NFECount:
-    """Model evaluations per sample (before the CFG factor) and per iteration (with it)."""
+    """Model evaluations per sample (before the CFG factor, without prefix sharing: MixGRPO's accounting) and per
+    iteration (with CFG and with the pre-window ODE run once per group: `prefix_runs` trajectories)."""
 
     ode_before: int
     sde: int
@@ -149,6 +150,7 @@ class NFECount:
     reference: int  # extra forward passes for the KL reference
     cfg_factor: int
     samples: int
+    prefix_runs: int = -1  # trajectories that run the pre-window ODE steps (-1: every sample)
 
     @property
     def rollout_per_sample(self) -> int:
@@ -160,7 +162,9 @@ class NFECount:
 
     @property
     def per_iteration(self) -> int:
-        return self.per_sample * self.cfg_factor * self.samples
+        runs = self.samples if self.prefix_runs < 0 else self.prefix_runs
+        rest = self.sde + self.ode_after + self.train + self.reference
+        return self.cfg_factor * (self.ode_before * runs + rest * self.samples)
 
     def as_dict(self) -> Dict[str, int]:
         return {"nfe_rollout_per_sample": self.rollout_per_sample, "nfe_train_per_sample": self.train,
@@ -169,12 +173,20 @@ class NFECount:
 
 
 def count_nfe(steps: int, window: Window, trained: int, flash_post_steps: Optional[int], cfg_scale: float,
-              kl: bool, samples: int) -> NFECount:
-    """NFE of one GRPO iteration: Euler before the window, SDE inside, Euler (or `flash_post_steps` DPM steps)
-    after; `trained` forward+backward passes per sample; `trained` reference passes with KL; x2 with CFG."""
+              kl: bool, samples: int, prefix_runs: int = -1) -> NFECount:
+    """NFE of one GRPO iteration: Euler before the window (`prefix_runs` trajectories when groups share it, else
+    every sample), SDE inside, Euler (or `flash_post_steps` DPM steps) after; `trained` forward+backward passes per
+    sample; `trained` reference passes with KL; x2 with CFG."""
     after = steps - window.end if flash_post_steps is None else flash_post_steps
     return NFECount(window.start, window.size, after, trained, trained if kl else 0,
-                    2 if cfg_scale != 1.0 else 1, samples)
+                    2 if cfg_scale != 1.0 else 1, samples, prefix_runs)
+
+
+def group_prefix_runs(num_samples: int, group_size: int, dp: int) -> int:
+    """Pre-window trajectories per iteration when each group runs them once per DP rank that holds members of it
+    (samples split contiguously over DP ranks)."""
+    n = num_samples // dp
+    return sum(len({j // group_size for j in range(r * n, (r + 1) * n)}) for r in range(dp))
 
 
 def window_history(schedule: WindowSchedule, iterations: int) -> List[int]:

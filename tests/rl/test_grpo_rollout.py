@@ -156,8 +156,19 @@ def test_reported_nfe_equals_model_evaluations(tmp_path, over):
     handle.remove()
     assert sum(seen) == m["nfe/nfe_per_iteration"]
     plan = t.plan_for(0)
-    per_sample = plan.num_steps + len(plan.trained) * (2 if t.g.kl_beta > 0 else 1)
-    assert m["nfe/nfe_per_iteration"] == per_sample * 6 * (2 if t.g.cfg_scale != 1 else 1)
+    start = plan.kinds.index("sde")  # pre-window steps: once per group (2 groups of 3 samples)
+    per_sample = plan.num_steps - start + len(plan.trained) * (2 if t.g.kl_beta > 0 else 1)
+    assert m["nfe/nfe_per_iteration"] == (per_sample * 6 + start * 2) * (2 if t.g.cfg_scale != 1 else 1)
+
+
+def test_shared_prefix_matches_per_sample_rollouts(tmp_path):
+    a = tiny_trainer(tmp_path / "a", window=dict(strategy="fixed", start=2, size=2))
+    b = tiny_trainer(tmp_path / "b", window=dict(strategy="fixed", start=2, size=2), share_prefix=False)
+    plan = a.plan_for(0)
+    ra, rb = a.collect(0, plan), b.collect(0, plan)
+    assert torch.allclose(ra["final"], rb["final"], atol=1e-5)
+    assert torch.allclose(ra["old_log_probs"], rb["old_log_probs"], atol=1e-5)
+    assert torch.equal(ra["latents"][0, 0], ra["latents"][1, 0])  # group members identical at the window start
 
 
 def test_encoder_text_and_vae_decoder(tmp_path):

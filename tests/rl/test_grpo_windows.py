@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from osp_megatron.diffusion.samplers import flow_sigmas, shift_sigmas
-from osp_megatron.rl.windows import Window, WindowSchedule, count_nfe, flash_sigmas, window_history
+from osp_megatron.rl.windows import Window, WindowSchedule, count_nfe, flash_sigmas, group_prefix_runs, window_history
 
 
 def test_fixed_window():
@@ -104,3 +104,12 @@ def test_nfe_counts():
     assert flash.per_sample == 15
     moved = count_nfe(25, Window(5, 4), 4, None, cfg_scale=5.0, kl=True, samples=2)
     assert moved.as_dict()["nfe_per_iteration"] == (25 + 4 + 4) * 2 * 2
+
+
+def test_nfe_with_group_shared_prefix():
+    # window at 11 of 25, 2 prompts x G=12 on 2 DP ranks: each rank holds one whole group -> 2 prefix runs
+    assert group_prefix_runs(24, 12, 2) == 2
+    assert group_prefix_runs(24, 12, 3) == 4  # groups split over ranks run once per rank: {0}, {0, 1}, {1}
+    n = count_nfe(25, Window(11, 4), 4, None, cfg_scale=1.0, kl=False, samples=24, prefix_runs=2)
+    assert n.per_iteration == 11 * 2 + (4 + 10 + 4) * 24
+    assert n.per_sample == 29  # MixGRPO's per-sample accounting is unchanged
