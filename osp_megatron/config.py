@@ -106,6 +106,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     ema_decay: float = 0.0  # 0 disables EMA
     ema_interval: int = 1
+    ema_device: str = "auto"  # auto (next to the model) | cpu (host memory, for large models)
     timestep_sampling: str = "logit_normal"  # uniform | logit_normal
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -313,6 +314,8 @@ def _validate_train(t: TrainConfig, errors: List[str]) -> None:
         errors.append(f"train.timestep_sampling={t.timestep_sampling!r}: use uniform or logit_normal")
     if not 0.0 <= t.ema_decay < 1.0:
         errors.append(f"train.ema_decay={t.ema_decay}: must be in [0, 1)")
+    if t.ema_device not in ("auto", "cpu"):
+        errors.append(f"train.ema_device={t.ema_device!r}: use auto or cpu")
     if t.ema_interval < 1:
         errors.append(f"train.ema_interval={t.ema_interval}: must be >= 1")
     if t.shift <= 0:

@@ -3,6 +3,8 @@
 The EMA copy is a second model built by the same factory (same TP/PP shard, same module names), kept in
 fp32 without gradients, so `ema.module.sharded_state_dict(prefix="ema.")` checkpoints and reshards exactly
 like the model. Update every `interval` optimizer steps: ema = decay * ema + (1 - decay) * weights.
+The twin may live on another device than the model (`train.ema_device=cpu`: host memory, for models whose
+fp32 copy does not fit next to the training state; each update then copies the weights device -> host).
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ class EMA:
     @torch.no_grad()
     def copy_from(self, source: torch.nn.Module) -> None:
         for e, p in self._pairs(source):
-            e.copy_(p.detach().float())
+            e.copy_(p.detach().to(device=e.device, dtype=torch.float32))
 
     @torch.no_grad()
     def update(self, source: torch.nn.Module, step: int) -> bool:
@@ -50,8 +52,13 @@ class EMA:
         if step % self.interval != 0:
             return False
         for e, p in self._pairs(source):
-            e.mul_(self.decay).add_(p.detach().float(), alpha=1.0 - self.decay)
+            e.mul_(self.decay).add_(p.detach().to(device=e.device, dtype=torch.float32, non_blocking=True),
+                                    alpha=1.0 - self.decay)
         return True
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
 
     def sharded_state_dict(self):
         return self.module.sharded_state_dict(prefix="ema.")

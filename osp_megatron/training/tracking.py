@@ -68,8 +68,8 @@ def format_progress(step: int, total: int, m: Dict[str, float]) -> str:
         parts.append(f"MFU {100 * m['mfu']:.3g}%")
     if m.get("nonfinite_steps_total"):
         parts.append(f"nonfinite {int(m['nonfinite_steps_total'])}")
-    if m.get("data_skipped_samples"):
-        parts.append(f"skipped samples {int(m['data_skipped_samples'])}")
+    if m.get("data_skipped_total"):
+        parts.append(f"skipped samples {int(m['data_skipped_total'])}")
     return " | ".join(parts)
 
 

@@ -181,9 +181,9 @@ class Trainer:
         seed = t.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
         seed_everything(seed)
 
-        def build():
+        def build(device=None):
             return build_model(cfg, parallel=self.ps, pre_process=parallel_state.is_pipeline_first_stage(),
-                               post_process=self.is_last_stage)
+                               post_process=self.is_last_stage, device=device)
 
         model = build()
         model.to(self.device)
@@ -214,9 +214,8 @@ class Trainer:
             start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=t.steps, wd_incr_style="constant",
             use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,  # config wins on resume
         )
-        self.ema = EMA(build, model, t.ema_decay, t.ema_interval) if t.ema_decay > 0 else None
-        if self.ema is not None:
-            self.ema.module.to(self.device)
+        ema_device = self.device if t.ema_device == "auto" else torch.device(t.ema_device)
+        self.ema = EMA(lambda: build(ema_device), model, t.ema_decay, t.ema_interval) if t.ema_decay > 0 else None
 
         # data + encoders
         self._setup_data()
@@ -522,22 +521,19 @@ class Trainer:
         return metrics
 
     def _data_metrics(self) -> Dict[str, float]:
-        if not hasattr(self.loader, "metrics"):
-            return {}
-        per_rank = _all_gather_object(dict(self.loader.metrics()) if self.dp_rank is not None else {})
-        # sum once per data-parallel rank (ranks of one DP group share a loader position)
+        """Loader counters summed over data-parallel ranks (one loader per DP rank: TP/CP/PP rank 0 reports)."""
         from megatron.core import parallel_state
 
-        keep = _all_gather_object(parallel_state.get_data_parallel_group is not None and
-                                  parallel_state.get_tensor_model_parallel_rank() == 0 and
-                                  parallel_state.get_context_parallel_rank() == 0 and
-                                  parallel_state.get_pipeline_model_parallel_rank() == 0)
+        if not hasattr(self.loader, "metrics"):
+            return {}
+        reporter = (parallel_state.get_tensor_model_parallel_rank() == 0
+                    and parallel_state.get_context_parallel_rank() == 0
+                    and parallel_state.get_pipeline_model_parallel_rank() == 0)
+        mine = {k: float(v) for k, v in self.loader.metrics().items() if isinstance(v, (int, float))} if reporter else {}
         out: Dict[str, float] = {}
-        for m, k in zip(per_rank, keep):
-            if k:
-                for key, v in m.items():
-                    if isinstance(v, (int, float)):
-                        out[f"data_{key}"] = out.get(f"data_{key}", 0.0) + float(v)
+        for counters in _all_gather_object(mine):
+            for key, v in counters.items():
+                out[f"data_{key}"] = out.get(f"data_{key}", 0.0) + v
         return out
 
     # ------------------------------------------------------------------------------------------ loop
@@ -556,10 +552,10 @@ class Trainer:
         else:
             b = self.cfg.data.buckets[0]
             latent_shape = tuple(self.vae.latent_shape(b.frames, b.height, b.width))
-        net = self.ema.module if self.ema is not None else unwrap(self.model)
+        net = self.ema.module if self.ema is not None and self.ema.device == self.device else unwrap(self.model)
         paths = make_sample_videos(
             net, self.vae, self.text_encoder, t.sample_prompts, latent_shape, t.sample_steps, t.sample_guidance,
-            t.sample_shift, t.sample_seed, self.device, self.dtype if self.ema is None else torch.float32,
+            t.sample_shift, t.sample_seed, self.device, torch.float32 if net is getattr(self.ema, "module", None) else self.dtype,
             self.run_dir / "samples", self.step, self.cfg.data.fps, write=self.rank == 0, solver=t.sample_solver,
         )
         for p in paths:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from train_launch import World, metrics, run_world
+from train_launch import World, checkpoint_tensors, metrics, run_world
 
 BASE = {
     "model": {"size": "tiny", "schedule": "dual_end", "num_full_blocks": 4},
@@ -61,6 +61,14 @@ def test_kill_and_resume_is_bit_exact_then_dp_change_and_corrupt_refusal(tmp_pat
     assert [m["step"] for m in b] == list(range(1, 9))
     for key in ("loss", "grad_norm", "lr"):
         assert [m[key] for m in a] == [m[key] for m in b], key  # bit for bit
+    # the whole final state (weights, Adam moments, EMA) is identical too
+    sa = checkpoint_tensors(ref / "checkpoints" / "step_0000008", tmp_path)
+    sb = checkpoint_tensors(run / "checkpoints" / "step_0000008", tmp_path)
+    assert sa.keys() == sb.keys() and any(k.startswith("ema.") for k in sa)
+    assert any("exp_avg" in k for k in sa)
+    for k in sa:
+        if isinstance(sa[k], torch.Tensor):
+            assert torch.equal(sa[k], sb[k]), k
     client, runs = _mlflow(run)
     assert len(runs) == 1  # the resumed job re-opened the same MLflow run
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == list(range(1, 9))

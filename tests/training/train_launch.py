@@ -86,3 +86,13 @@ def run_world(n: int, config: str, overrides: Sequence[str], logdir: Path, cwd: 
 def metrics(run_dir: Path) -> List[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def checkpoint_tensors(step_dir: Path, scratch: Path) -> dict:
+    """Every tensor of a torch_dist checkpoint directory (model, optimizer, EMA), read back with torch DCP."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = Path(scratch) / (Path(step_dir).name + ".pt")
+    dcp_to_torch_save(str(step_dir), str(out))
+    return torch.load(out, weights_only=False)
