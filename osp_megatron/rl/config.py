@@ -106,7 +106,8 @@ class GRPOConfig:
     decoder: str = "preview"  # preview (fixed latent->RGB projection) | vae (osp_megatron.encoders)
     save_interval: int = 50  # 0: only at the end
     eval_interval: int = 0  # 0: no ODE evaluation
-    eval_seeds: int = 4
+    eval_seeds: int = 4  # fixed-seed ODE samples per evaluation prompt
+    eval_prompts: int = 8  # the first N prompts are evaluated
     seed: int = 1234
     log_interval: int = 1
 
@@ -187,7 +188,8 @@ def validate(c: GRPOConfig) -> GRPOConfig:
         e.append(f"grpo.group_size={c.group_size}: GRPO needs at least 2 samples per prompt")
     if c.prompts_per_iteration < 1:
         e.append(f"grpo.prompts_per_iteration={c.prompts_per_iteration}: must be >= 1")
-    for name in ("rollout_batch", "train_batch", "updates_per_iteration", "eval_seeds", "log_interval", "text_len"):
+    for name in ("rollout_batch", "train_batch", "updates_per_iteration", "eval_seeds", "eval_prompts", "log_interval",
+                 "text_len"):
         if getattr(c, name) < 1:
             e.append(f"grpo.{name}={getattr(c, name)}: must be >= 1")
     if c.lr < 0:

@@ -117,9 +117,12 @@ class _Dist:
             self.cp_group = parallel.cp.cp_group
             self.tp_group, self.tp, self.tp_rank = parallel.tp_group, parallel.tp, parallel.tp_rank
             self.cp_rank = parallel.cp.ssp_rank * parallel.cp.ulysses + parallel.cp.ulysses_rank
+            self.cp_size = parallel.cp.ssp * parallel.cp.ulysses
+            if self.cp_size > 1:
+                self.cp_rank = dist.get_rank(group=self.cp_group)
         else:
             self.dp, self.dp_rank, self.dp_group, self.dp_cp_group, self.cp_group = 1, 0, None, None, None
-            self.tp_group, self.tp, self.tp_rank, self.cp_rank = None, 1, 0, 0
+            self.tp_group, self.tp, self.tp_rank, self.cp_rank, self.cp_size = None, 1, 0, 0, 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.is_main = self.rank == 0
 
@@ -128,6 +131,12 @@ class _Dist:
             return t
         parts = [torch.empty_like(t) for _ in range(self.dp)]
         dist.all_gather(parts, t.contiguous(), group=self.dp_group)
+        return torch.cat(parts)
+
+    def cp_all_gather(self, t: Tensor) -> Tensor:
+        """Concatenate equal-size pieces of the context-parallel group in CP-rank order."""
+        parts = [torch.empty_like(t) for _ in range(self.cp_size)]
+        dist.all_gather(parts, t.contiguous(), group=self.cp_group)
         return torch.cat(parts)
 
     def reduce_grads(self, params: List[torch.nn.Parameter]) -> None:
@@ -323,11 +332,20 @@ class GRPOTrainer:
             lps.append(res.log_probs)
             finals.append(res.final)
         final = torch.cat(finals)
-        with torch.no_grad():
-            videos = self.decoder()(final)
-            scores = self.reward(videos, prompt_of)
+        scores = self.score(final, prompt_of)
         return {"ids": ids, "prompts": prompt_of, "latents": torch.cat(lat), "next_latents": torch.cat(nxt),
                 "old_log_probs": torch.cat(lps), "scores": scores, "final": final}
+
+    @torch.no_grad()
+    def score(self, final: Tensor, prompts: List[str]) -> Dict[str, Tensor]:
+        """Decode + reward. Every CP rank holds the same samples: each decodes and scores its share, then the
+        scores are all-gathered over the CP group (once per sample, not once per rank)."""
+        c, n = self.dist.cp_size, final.shape[0]
+        if c > 1 and n % c == 0:
+            per, r = n // c, self.dist.cp_rank
+            part = self.reward(self.decoder()(final[r * per:(r + 1) * per]), prompts[r * per:(r + 1) * per])
+            return {k: self.dist.cp_all_gather(v.float().to(self.device)) for k, v in part.items()}
+        return self.reward(self.decoder()(final), prompts)
 
     def advantages(self, it: int, scores: Dict[str, Tensor]):
         """All-gather each reward over DP -> advantages for all samples -> (local slice [n_local], global rewards)."""
@@ -424,15 +442,20 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, seeds: Optional[int] = None, steps: Optional[int] = None) -> Dict[str, float]:
-        """Mean reward of deterministic Euler samples from fixed seeds for every prompt (same on every rank)."""
+        """Mean reward of deterministic Euler samples from fixed seeds for the first `eval_prompts` prompts (same on
+        every rank), in micro-batches of `rollout_batch`."""
         g = self.g
         seeds = seeds or g.eval_seeds
         self.model.eval()
-        prompts = [p for p in self.prompts for _ in range(seeds)]
-        text = self.text.encode(prompts)
-        x0 = torch.stack([seeded_noise(self.latent_shape, hash_ints(g.seed, 0xE7A1, i)) for i in range(len(prompts))])
-        final = ode_sample(self.velocity_fn(text), x0.to(self.device), steps or g.steps, g.shift)
-        scores = self.reward(self.decoder()(final), prompts)
+        prompts = [p for p in self.prompts[: g.eval_prompts] for _ in range(seeds)]
+        parts: Dict[str, List[Tensor]] = {}
+        for k in range(0, len(prompts), g.rollout_batch):
+            mb = prompts[k: k + g.rollout_batch]
+            x0 = torch.stack([seeded_noise(self.latent_shape, hash_ints(g.seed, 0xE7A1, k + i)) for i in range(len(mb))])
+            final = ode_sample(self.velocity_fn(self.text.encode(mb)), x0.to(self.device), steps or g.steps, g.shift)
+            for name, v in self.score(final, mb).items():
+                parts.setdefault(name, []).append(v.float().cpu())
+        scores = {k: torch.cat(v) for k, v in parts.items()}
         out = {f"eval/{k}": float(v.mean()) for k, v in scores.items()}
         total = sum(self.reward.weights.values())
         out["eval/combined"] = float(sum(self.reward.weights[k] / total * v.mean() for k, v in scores.items()))
