@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -23,7 +24,7 @@ def _attempts(out: Path):
     return [json.loads(line) for line in f.read_text().splitlines()] if f.is_file() else []
 
 
-@pytest.mark.parametrize("launch,nproc", [("task", 1), ("torchrun", 2)])
+@pytest.mark.parametrize("launch,nproc", [("task", 1), pytest.param("torchrun", 2, marks=pytest.mark.slow)])
 def test_train_template_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path, launch, nproc):
     """2 nodes; the worker holds at step 2 until SIGUSR1 reaches it through `scancel --signal=USR1 --batch`
     -> trap -> srun (-> torchrun); it saves, exits 3; the script requeues; the restart resumes at step 3."""
@@ -75,29 +76,39 @@ def test_launcher_refuses_to_run_outside_slurm():
 DEMO = REPO / "configs" / "demo_cpu.yaml"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not DEMO.is_file(), reason="configs/demo_cpu.yaml not written yet (training helper)")
-def test_train_template_demo_cpu_two_nodes(cluster, tmp_path):
-    """`sbatch slurm/train.sbatch configs/demo_cpu.yaml` with osp-train on 2 nodes x 1 task completes, and a
-    requeue after `train.exit_after_steps` (exit 3) resumes from the checkpoint to the last step."""
+def test_train_template_demo_cpu_usr1_requeue_resume(cluster, tmp_path):
+    """`sbatch slurm/train.sbatch configs/demo_cpu.yaml` (osp-train on 2 nodes x 1 task): SIGUSR1 to the
+    batch shell once training runs -> the trainer checkpoints and exits 3 -> requeue -> the restart resumes from
+    `latest` and completes all steps."""
+    steps = 20
     run_dir = tmp_path / "run"
     data = tmp_path / "shards"
     made = subprocess.run(["osp-shards", "--synthetic", "8", "--output", str(data), "--workers", "1", "--no-progress"],
                           env=cluster.env, capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr
     log = tmp_path / "job-%j.out"
-    # the demo's own plan (SSP 2 over 2 processes) on 2 nodes x 1 task; short run, stop (exit 3) after 2 steps
     job = cluster.sbatch([f"--output={log}", "--time=00:15:00", str(SLURM_DIR / "train.sbatch"), str(DEMO),
-                          f"train.run_dir={run_dir}", f"data.shards={data}", "data.num_workers=0", "train.steps=4",
-                          "train.warmup_steps=0", "train.exit_after_steps=2", "train.save_interval=0",
+                          f"train.run_dir={run_dir}", f"data.shards={data}", "data.num_workers=0",
+                          f"train.steps={steps}", "train.warmup_steps=0", "train.save_interval=0",
                           "train.log_interval=1", "train.sample_interval=0", "tracking.backend=none"])
     logs = [tmp_path / f"job-{job}.out"]
-    states = cluster.wait(job, 500, logs)
-    text = read_logs(logs)
-    assert states[0]["JobState"] == "COMPLETED", text
-    assert states[0]["Restarts"] == "1", text
-    assert "resumed at step 2" in text, text
-    latest = run_dir / "checkpoints" / "latest"
-    assert latest.is_file(), text
+    # the trainer's signal handlers are installed before step 1 is logged
+    cluster.wait_for(lambda: logs[0].exists() and f"step 1/{steps}" in logs[0].read_text(), 300,
+                     "osp-train logging step 1", job, logs)
+    cluster.run(["scancel", "--signal=USR1", "--batch", job])
+    states = cluster.wait(job, 600, logs)
+    text = logs[0].read_text()
+    assert states[0]["JobState"] == "COMPLETED", read_logs(logs)
+    assert states[0]["Restarts"] == "1", f"SIGUSR1 came after the last step? raise `steps`\n{read_logs(logs)}"
+    stopped = re.search(r"stopped at step (\d+) \(signal 10\); checkpointed for requeue", text)
+    resumed = re.search(r"resumed at step (\d+)", text)
+    assert stopped and resumed, read_logs(logs)
+    assert 1 <= int(stopped.group(1)) == int(resumed.group(1)) < steps, read_logs(logs)
+    assert f"step {steps}/{steps}" in text, read_logs(logs)
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{steps:07d}", latest
 
 
 def _make_clips(folder: Path, n: int):
