@@ -161,3 +161,6 @@ def test_dry_run_prints_config_and_plan_and_bad_plans_fail_before_init(monkeypat
     assert "train.global_batch_size=4 is not divisible by data.micro_batch_size x DP = 2 x 3" in capsys.readouterr().err
     assert main(["configs/demo_cpu.yaml", "train.warmup_steps=500", "train.steps=10", "--dry-run"]) == 2
     assert "train.warmup_steps=500" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0 and "Exit codes: 0 done" in capsys.readouterr().out
