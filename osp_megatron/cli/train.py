@@ -17,7 +17,7 @@ import os
 import socket
 import sys
 import traceback
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 EXIT_BAD_CONFIG = 2
 

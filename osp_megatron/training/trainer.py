@@ -13,7 +13,6 @@ CP * (sum of `out` over last-stage ranks and micro-batches) / (number of those t
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import time
@@ -154,7 +153,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
-        from megatron.core import parallel_state, tensor_parallel
+        from megatron.core import parallel_state
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -187,7 +186,6 @@ class Trainer:
 
         model = build()
         model.to(self.device)
-        self._build_twin = build
         tcfg = model.config
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
@@ -253,7 +251,8 @@ class Trainer:
             if need_vae:
                 self.vae = load_vae(cfg.encoders.vae, self.device, torch.float32)
             if need_text:
-                self.text_encoder = load_text_encoder(cfg.encoders.text_encoder, self.device, torch.float32,
+                # umT5 in the training dtype (bf16 on GPU, as Wan2.1 does), the VAE in fp32
+                self.text_encoder = load_text_encoder(cfg.encoders.text_encoder, self.device, self.dtype,
                                                       cfg.data.text_len, text_dim=self.dims["text_dim"])
 
     def _log_run_start(self, resumed: bool) -> None:
