@@ -210,6 +210,7 @@ class GRPOTrainer:
         self.lora_names = apply_lora(model, gcfg.lora.rank, gcfg.lora.alpha, gcfg.lora.targets, seed=gcfg.seed,
                                      dropout=gcfg.lora.dropout)
         self.params = lora_parameters(model)
+        self._enable_recompute_grads(model)
         self.optimizer = torch.optim.AdamW(self.params, lr=gcfg.lr, betas=(gcfg.adam_beta1, gcfg.adam_beta2),
                                            eps=gcfg.adam_eps, weight_decay=gcfg.weight_decay)
         self.ema: Optional[Dict[str, Tensor]] = None
@@ -234,6 +235,25 @@ class GRPOTrainer:
         self.history: List[Dict[str, float]] = []
 
     # ------------------------------------------------------------------ setup helpers
+    @staticmethod
+    def _enable_recompute_grads(model) -> None:
+        """Activation recompute (megatron's reentrant checkpoint) only propagates gradients when a block input
+        requires grad; with a frozen base nothing does, so the LoRA grads would be lost. Mark the patch-embedding
+        output as requiring grad in training forwards (PEFT's `enable_input_require_grads`)."""
+        if getattr(getattr(model, "config", None), "recompute_granularity", None) is None:
+            return
+        emb = getattr(model, "patch_embedding", None)
+        if emb is None:
+            raise ValueError("model.recompute=true with LoRA needs the model's patch_embedding to mark block inputs "
+                             "as requiring grad; set model.recompute=false")
+
+        def hook(module, args, out):
+            if torch.is_grad_enabled() and not out.requires_grad:
+                out.requires_grad_(True)
+            return out
+
+        emb.register_forward_hook(hook)
+
     def _text_dim_from_model(self) -> int:
         emb = getattr(self.model, "text_embedding", None)
         if emb is not None and hasattr(emb, "linear_1"):
