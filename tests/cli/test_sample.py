@@ -144,6 +144,28 @@ def test_megatron_checkpoint_samples_like_its_diffusers_source(single_run, dit_d
     assert json.loads((tmp_path / "s" / "sample_0000.json").read_text())["format"] == "megatron"
 
 
+@pytest.mark.slow
+def test_ema_weights_of_a_training_checkpoint(dit_dir, tmp_path):
+    """`--ema` samples with the `ema.` weights of a torch_dist checkpoint (here: the model weights x 0.5),
+    i.e. like the diffusers export of those EMA weights."""
+    worker = REPO / "tests" / "tools" / "convert_worker.py"
+    made = subprocess.run([sys.executable, str(worker), "ema-checkpoint", str(dit_dir), str(tmp_path / "run")],
+                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stderr[-3000:]
+    conv = subprocess.run([sys.executable, "-m", "tools.convert", "--from", "megatron", "--to", "diffusers", "--ema",
+                           "--input", str(tmp_path / "run"), "--output", str(tmp_path / "ema_export")],
+                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert conv.returncode == 0, conv.stderr[-3000:]
+    args = ["--prompt", "a red square moving right", *COMMON]
+    _run(["--checkpoint", tmp_path / "run", "--ema", "--output", tmp_path / "a", *args])
+    _run(["--checkpoint", tmp_path / "ema_export", "--output", tmp_path / "b", *args])
+    _run(["--checkpoint", tmp_path / "run", "--output", tmp_path / "c", *args])  # raw weights: another video
+    a, b, c = (torch.load(tmp_path / d / "sample_0000.latents.pt") for d in "abc")
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert json.loads((tmp_path / "a" / "sample_0000.json").read_text())["ema"] is True
+
+
 @pytest.mark.parametrize("args,message", [
     (["--frames", "10"], "--frames 10: must be 4k+1"),
     (["--width", "40"], "--width 40: must be a positive multiple of 16"),
