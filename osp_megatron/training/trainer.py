@@ -585,8 +585,9 @@ class Trainer:
                             f"{t.max_nonfinite_steps}); stopped without saving: the last good checkpoint is "
                             f"{self.checkpointer.latest_dir()}. Lower train.lr or check the data, then resume."
                         )
-                    continue
-                self.maybe_sample()
+                else:
+                    self.maybe_sample()
+                # a skipped step leaves the weights of the last good step: saving or stopping here is safe
                 stop = signals.agree_on_stop(self.stop.requested, self.device)
                 budget = t.exit_after_steps and self.step - start_step >= t.exit_after_steps
                 if stop or budget:
@@ -599,7 +600,8 @@ class Trainer:
                         status, code = "KILLED", signals.EXIT_REQUEUE
                         return code
                     break
-                if t.save_interval and self.step % t.save_interval == 0 and self.step < t.steps:
+                if (t.save_interval and self.step % t.save_interval == 0 and self.step < t.steps
+                        and not metrics["skipped_step"]):  # periodic saves only from good steps
                     self.save()
             if self.checkpointer.last_committed != self.step:
                 self.save()
