@@ -79,7 +79,8 @@ class GRPOConfig:
     init_same_noise: bool = True
     share_prefix: bool = True  # with init_same_noise: run the (identical) pre-window ODE steps once per group
     rollout_batch: int = 4  # samples per rollout forward (per rank)
-    train_batch: int = 4  # samples per training forward (per rank)
+    train_batch: int = 4  # samples per training forward (per rank); = rollout_batch gives a ratio of exactly 1
+    #                       at the first update (other sizes may differ in the last bits)
     updates_per_iteration: int = 1  # optimizer steps per iteration (local samples split evenly)
     lr: float = 1e-5
     weight_decay: float = 1e-4
