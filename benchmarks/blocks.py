@@ -44,16 +44,18 @@ def bench_size(size, grid, dev, dtype, text_len=512, tiny=False):
     x_dense = torch.randn(n, 1, c, device=dev, dtype=dtype, requires_grad=True)
     x_tok = torch.randn(s_tok, 4, c, device=dev, dtype=dtype, requires_grad=True)
     cases = {
-        "dense": (x_dense, dense_plan, BlockStep("raster", False, "full")),
-        "full_on_token_layout": (x_tok, sparse_plan, BlockStep("token", False, "full")),
-        "token_with_switch": (x_tok, sparse_plan, BlockStep("token", True, "sparse")),
-        "group_with_switch": (x_tok, sparse_plan, BlockStep("group", True, "sparse")),
-        "token_no_switch": (x_tok, sparse_plan, BlockStep("token", False, "sparse")),
+        "dense": (x_dense, dense_plan, BlockStep("raster", None, "full")),
+        "full_on_token_layout": (x_tok, sparse_plan, BlockStep("token", None, "full")),
+        "token_with_switch": (x_tok, sparse_plan, BlockStep("token", "group", "sparse")),
+        "group_with_switch": (x_tok, sparse_plan, BlockStep("group", "token", "sparse")),
+        "token_no_switch": (x_tok, sparse_plan, BlockStep("token", None, "sparse")),
+        "token_from_raster": (x_dense, sparse_plan, BlockStep("token", "raster", "sparse")),
+        "raster_from_group": (x_tok, sparse_plan, BlockStep("raster", "group", "full")),
     }
     times = {}
     for name, (x, plan, step) in cases.items():
-        go = torch.randn_like(x)
         with torch.no_grad():
+            go = torch.randn_like(block(x, e, text, plan, step))
             f = time_fn(lambda: block(x, e, text, plan, step), warmup=2, iters=5)
         fb = time_fn(lambda: block(x, e, text, plan, step).backward(go), warmup=2, iters=5)
         times[name] = (f, fb)
@@ -62,9 +64,11 @@ def bench_size(size, grid, dev, dtype, text_len=512, tiny=False):
     # compose the dual_end model: full blocks + first sparse block (no switch) + switching sparse blocks
     steps = sparse_plan.steps
     comp = [0.0, 0.0]
-    for st in steps:
-        key = ("full_on_token_layout" if st.attention == "full" else
-               ("token_no_switch" if not st.switch_before else f"{st.layout}_with_switch"))
+    keys = {(None, "raster"): "dense", ("raster", "token"): "token_from_raster", ("group", "token"): "token_with_switch",
+            ("token", "group"): "group_with_switch", ("group", "raster"): "raster_from_group",
+            (None, "token"): "full_on_token_layout"}
+    for st in steps:  # the single-device plan: full blocks on raster, sparse blocks in token/group
+        key = keys[(st.switch_from, st.layout)]
         for i in range(2):
             comp[i] += times[key][i]
     dense = [cfg.num_layers * times["dense"][i] for i in range(2)]

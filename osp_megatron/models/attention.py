@@ -17,6 +17,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from osp_megatron.models.core_attention import dense_attention
+from osp_megatron.models.fused import rms_scale, sum_of_squares
 from osp_megatron.models.rope import apply_rope
 from osp_megatron.parallel.collectives import all_reduce_sum
 
@@ -54,11 +55,10 @@ class HeadsRMSNorm(torch.nn.Module):
             self.weight, key, 0, prepend_offsets=sharded_offsets, tp_group=tp_group, dp_cp_group=dp_cp)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ss = x.float().pow(2).sum(-1, keepdim=True)
+        ss = sum_of_squares(x)
         if self.tp_group is not None and self.tp_group.size() > 1:
             ss = all_reduce_sum(ss, self.tp_group)
-        y = x.float() * torch.rsqrt(ss / self.full_dim + self.eps)
-        return (y * self.weight.float()).type_as(x)
+        return rms_scale(x, ss, self.weight, self.full_dim, self.eps)
 
 
 def _linear(spec, config, in_size, out_size, column: bool, tp_group):

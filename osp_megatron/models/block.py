@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from osp_megatron.models.fused import affine_layernorm, gated_residual, modulated_layernorm
 from osp_megatron.parallel import comm_stats
 
 
@@ -86,20 +87,19 @@ class OSPNextBlock(MegatronModule):
                 m.quantize_enabled = enabled
 
     def forward(self, x, e, text, plan, step):
-        """x [S, G*b, C] in `step.layout` (or the other sparse layout if step.switch_before), e [b, 6, C], text [L, b, C]."""
+        """x [S, G*b, C] in `step.layout` (or in step.switch_from, switched first), e [b, 6, C], text [L, b, C]."""
         kind = "full" if step.attention == "full" else "sparse"
-        if step.switch_before:
-            src = "group" if step.layout == "token" else "token"
-            x = plan.switch(x, src, step.layout)
+        if step.switch_from is not None:
+            x = plan.switch(x, step.switch_from, step.layout)
         g = plan.classes_per_rank(step.layout)
-        c = x.shape[-1]
         mod = (self.modulation.float() + e.float()).repeat(g, 1, 1)  # [G*b, 6, C], class-major
         shift, scale, gate, c_shift, c_scale, c_gate = (m.unsqueeze(0) for m in mod.unbind(1))
+        eps = self.config.layernorm_epsilon
         with comm_stats.scope(kind):
-            n = (F.layer_norm(x.float(), (c,), eps=self.config.layernorm_epsilon) * (1 + scale) + shift).type_as(x)
-            x = (x.float() + self.self_attention(n, plan, step.layout, kind).float() * gate).type_as(x)
-            n = F.layer_norm(x.float(), (c,), self.norm2.weight.float(), self.norm2.bias.float(), self.norm2.eps).type_as(x)
+            n = modulated_layernorm(x, shift, scale, eps)
+            x = gated_residual(x, self.self_attention(n, plan, step.layout, kind), gate)
+            n = affine_layernorm(x, self.norm2.weight, self.norm2.bias, self.norm2.eps)
             x = x + self.cross_attention(n, text, g)
-            n = (F.layer_norm(x.float(), (c,), eps=self.config.layernorm_epsilon) * (1 + c_scale) + c_shift).type_as(x)
-            x = (x.float() + self.mlp(n).float() * c_gate).type_as(x)
+            n = modulated_layernorm(x, c_shift, c_scale, eps)
+            x = gated_residual(x, self.mlp(n), c_gate)
         return x

@@ -42,7 +42,6 @@ def rope_tables(grid: Sequence[int], head_dim: int, theta: float, positions: tor
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved channel pairs. x [..., heads, d]; cos/sin broadcastable to [..., 1, d/2]."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    c, s = cos.float(), sin.float()
-    out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
-    return out.type_as(x)
+    from osp_megatron.models.fused import rotate_pairs
+
+    return rotate_pairs(x, cos, sin)

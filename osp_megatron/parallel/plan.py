@@ -53,24 +53,35 @@ class ContextParallel:
 
 @dataclass
 class BlockStep:
-    """How one block runs: the layout it sees, whether to switch into it first, and its attention kind."""
+    """How one block runs: the layout it sees, the layout to switch from first (None: no switch), its attention."""
 
     layout: str  # raster | token | group
-    switch_before: bool
+    switch_from: Optional[str]
     attention: str  # full | sparse
 
+    @property
+    def switch_before(self) -> bool:
+        return self.switch_from is not None
 
-def plan_blocks(schedule: Sequence[str]) -> Tuple[str, List[BlockStep], str]:
-    """Block kinds ('full'|'token'|'group') -> (entry layout, per-block steps, final layout)."""
+
+def plan_blocks(schedule: Sequence[str], layout_native: bool = True) -> Tuple[str, List[BlockStep], str]:
+    """Block kinds ('full'|'token'|'group') -> (entry layout, per-block steps, final layout).
+
+    layout_native (any context/sequence parallelism): the hidden state enters in the token layout and
+    never returns to raster, so full<->sparse boundaries need no communication. On one device the full
+    blocks run on the unpadded raster sequence instead (switches there are local copies).
+    """
     sparse = any(k != "full" for k in schedule)
-    current = "token" if sparse else "raster"
+    current = "token" if (sparse and layout_native) else "raster"
     entry = current
     steps = []
     for kind in schedule:
         if kind == "full":
-            steps.append(BlockStep(current, False, "full"))
+            want = current if layout_native else "raster"
+            steps.append(BlockStep(want, None if want == current else current, "full"))
+            current = want
         else:
-            steps.append(BlockStep(kind, kind != current, "sparse"))
+            steps.append(BlockStep(kind, None if kind == current else current, "sparse"))
             current = kind
     return entry, steps, current
 
@@ -98,13 +109,13 @@ class SequencePlan:
         self.backend = backend
         self.head_dim = head_dim
         self.rope_theta = rope_theta
-        self.entry_layout, self.steps, self.final_layout = plan_blocks(schedule)
-        self.sparse = self.entry_layout != "raster"
+        self.layout_native = self.cp.size > 1 or sp_size > 1
+        self.entry_layout, self.steps, self.final_layout = plan_blocks(schedule, self.layout_native)
+        self.sparse = any(k != "full" for k in schedule)
         if not self.sparse and self.cp.ssp > 1:
             raise ValueError("parallel.ssp > 1 needs sparse blocks; the full schedule uses parallel.ulysses only")
         # rows are split over Ulysses ranks in sparse layouts, over all CP ranks in the raster layout
-        h_multiple = self.cp.ulysses if self.sparse else self.cp.size
-        self.padded = skiparse.padded_grid(self.grid, ratio, h_multiple, sparse=self.sparse)
+        self.padded = self.padded_for("token" if self.sparse else "raster")
         self.num_tokens = self.grid[0] * self.grid[1] * self.grid[2]
         t, hp, wp = self.padded
         self.w_blocks = wp // (ratio * ratio)
@@ -126,10 +137,19 @@ class SequencePlan:
                 "or disable sequence_parallel"
             )
 
+    def padded_for(self, layout: str):
+        """Padded grid of a layout: rows split over Ulysses ranks (sparse layouts) or all CP ranks (raster)."""
+        if layout == "raster":
+            return skiparse.padded_grid(self.grid, self.ratio, self.cp.size, sparse=False)
+        return skiparse.padded_grid(self.grid, self.ratio, self.cp.ulysses, sparse=True)
+
+    def _h_multiple_for(self, layout: str) -> int:
+        return self.cp.size if layout == "raster" else self.cp.ulysses
+
     def local_len(self, layout: str) -> int:
-        t, hp, wp = self.padded
+        t, hp, wp = self.padded_for(layout)
         c = skiparse.num_classes(layout, self.ratio)
-        return t * hp * wp // c // (self.cp.ulysses if self.sparse else self.cp.size)
+        return t * hp * wp // c // self._h_multiple_for(layout)
 
     def classes_per_rank(self, layout: str) -> int:
         return skiparse.num_classes(layout, self.ratio) // (self.cp.ssp if layout != "raster" else 1)
@@ -140,18 +160,16 @@ class SequencePlan:
         ulysses_rank = self.cp.ulysses_rank if ulysses_rank is None else ulysses_rank
         key = (layout, ssp_rank, ulysses_rank)
         if key not in self._pos:
-            full = skiparse.positions(self.grid, self.ratio, layout, self._h_multiple())  # [S, C]
+            full = skiparse.positions(self.grid, self.ratio, layout, self._h_multiple_for(layout))  # [S, C]
+            padded = self.padded_for(layout)
             if layout == "raster":  # rows split over every CP rank (SSP is 1 here)
-                loc = skiparse.shard(full, self.padded, self.ratio, layout, 0, 1,
+                loc = skiparse.shard(full, padded, self.ratio, layout, 0, 1,
                                      ssp_rank * self.cp.ulysses + ulysses_rank, self.cp.size)
             else:
-                loc = skiparse.shard(full, self.padded, self.ratio, layout, ssp_rank, self.cp.ssp,
+                loc = skiparse.shard(full, padded, self.ratio, layout, ssp_rank, self.cp.ssp,
                                      ulysses_rank, self.cp.ulysses)
             self._pos[key] = loc.to(self.device)
         return self._pos[key]
-
-    def _h_multiple(self) -> int:
-        return self.cp.ulysses if self.sparse else self.cp.size
 
     def valid(self, layout: str) -> torch.Tensor:
         return self.positions(layout) >= 0
@@ -174,12 +192,13 @@ class SequencePlan:
         return self._to_local(tokens, self.final_layout)
 
     def _to_local(self, tokens: torch.Tensor, layout: str) -> torch.Tensor:
-        y = skiparse.to_layout(tokens, self.grid, self.ratio, layout, self._h_multiple())
+        y = skiparse.to_layout(tokens, self.grid, self.ratio, layout, self._h_multiple_for(layout))
         if self.cp.size == 1:
             return y
+        padded = self.padded_for(layout)
         if layout == "raster":
-            return skiparse.shard(y, self.padded, self.ratio, layout, 0, 1, self.cp.rank, self.cp.size)
-        return skiparse.shard(y, self.padded, self.ratio, layout, self.cp.ssp_rank, self.cp.ssp, self.cp.ulysses_rank, self.cp.ulysses)
+            return skiparse.shard(y, padded, self.ratio, layout, 0, 1, self.cp.rank, self.cp.size)
+        return skiparse.shard(y, padded, self.ratio, layout, self.cp.ssp_rank, self.cp.ssp, self.cp.ulysses_rank, self.cp.ulysses)
 
     def exit(self, y: torch.Tensor, layout: Optional[str] = None) -> torch.Tensor:
         """This rank's shard [S_loc, G*b, C] of `layout` -> full raster [N, b, C] on every CP rank (one gather)."""
@@ -188,17 +207,25 @@ class SequencePlan:
             with comm_stats.scope("exit"):
                 gathered = _GatherShards.apply(y, self.cp.cp_group, self.cp.size, self.cp.rank)
             pieces = list(gathered.unbind(0))  # in cp-rank order
+            padded = self.padded_for(layout)
             if layout == "raster":
-                y = skiparse.unshard([pieces], self.padded, self.ratio, layout)
+                y = skiparse.unshard([pieces], padded, self.ratio, layout)
             else:
                 u = self.cp.ulysses
-                y = skiparse.unshard([pieces[s * u : (s + 1) * u] for s in range(self.cp.ssp)], self.padded, self.ratio, layout)
-        return skiparse.from_layout(y, self.grid, self.ratio, layout, self._h_multiple())
+                y = skiparse.unshard([pieces[s * u : (s + 1) * u] for s in range(self.cp.ssp)], padded, self.ratio, layout)
+        return skiparse.from_layout(y, self.grid, self.ratio, layout, self._h_multiple_for(layout))
 
     def switch(self, x: torch.Tensor, src: str, dst: str) -> torch.Tensor:
-        """token <-> group on a local shard (one all-to-all over the SSP group when SSP > 1)."""
+        """token <-> group on a local shard (one all-to-all over the SSP group when SSP > 1);
+        raster <-> token/group only on one device (a local pad+permute / permute+crop)."""
         if src == dst:
             return x
+        if "raster" in (src, dst):
+            if self.layout_native:
+                raise ValueError(f"layout-native plans never switch {src} -> {dst}")
+            if src == "raster":
+                return skiparse.to_layout(x, self.grid, self.ratio, dst)
+            return skiparse.from_layout(x, self.grid, self.ratio, src)
         if {src, dst} != {"token", "group"}:
             raise ValueError(f"no layout switch from {src} to {dst} inside the block stack")
         group = self.cp.ssp_group if self.cp.ssp > 1 else None
@@ -352,3 +379,35 @@ class _RowScatter(torch.autograd.Function):
     def backward(ctx, grad):
         (idx,) = ctx.saved_tensors
         return grad.index_select(0, idx), None, None
+
+
+def skiparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Sequence[int], ratio: int,
+                       layout: str, backend: str = "sdpa", _cache: Dict = {}) -> torch.Tensor:
+    """Skiparse-2D attention as a raster-in / raster-out op: q/k/v [N, b, h, d] (raster `(t h w)`) -> [N, b, h, d].
+
+    The token/group rearrangement and the padding are fused into one row gather per tensor: each class's
+    valid tokens are read straight from the raster rows (valid-first, classes of equal length batched),
+    attended by the dense kernel, and written back. Equivalent to dense attention under the class-equality mask.
+    """
+    n, b, h, d = q.shape
+    key = (tuple(grid), ratio, layout, b, str(q.device))
+    if key not in _cache:
+        pos = skiparse.positions(grid, ratio, layout)  # [S, C] raster index or -1
+        by_count: Dict[int, List[torch.Tensor]] = {}
+        for c in range(pos.shape[1]):
+            ids = pos[:, c][pos[:, c] >= 0]
+            by_count.setdefault(ids.numel(), []).append(ids)
+        bidx = torch.arange(b)
+        groups = []
+        for count, members in sorted(by_count.items()):
+            ids = torch.stack(members)  # [m, count] raster token ids
+            rows = (ids[:, None, :] * b + bidx[None, :, None]).reshape(-1)  # rows of the [N*b, h*d] view
+            groups.append((len(members), count, rows.to(q.device)))
+        _cache[key] = groups
+    flat = [t.reshape(n * b, h * d) for t in (q, k, v)]
+    outs, idxs = [], []
+    for m, count, rows in _cache[key]:
+        qg, kg, vg = (_RowGather.apply(f, rows).view(m * b, count, h, d) for f in flat)
+        outs.append(dense_attention(qg, kg, vg, backend).reshape(-1, h * d))
+        idxs.append(rows)
+    return _RowScatter.apply(torch.cat(outs), torch.cat(idxs), n * b).view(n, b, h, d)

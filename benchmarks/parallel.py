@@ -1,0 +1,98 @@
+"""Context parallelism on several GPUs: OSP-Next forward+backward with SSP vs Ulysses vs one GPU, same run.
+
+    torchrun --nproc_per_node 2 benchmarks/parallel.py [--size wan_1_3b] [--grid 21 45 80]
+
+Every plan processes the same single 81x720P sample: `one_gpu` runs it on each GPU independently (no
+communication; the scaling baseline), `ssp` splits its Skiparse classes over the GPUs (one all-to-all per layout
+switch, Ulysses in the full blocks), `ulysses` splits heads everywhere (4 all-to-alls per block). Reports step
+time, bytes sent per GPU (comm_stats), and scaling efficiency = t_one_gpu / (N * t_plan). Full activation
+recompute is on for all plans so the 1.3B model fits at 75,600 tokens. `--tiny` is a CPU/gloo smoke run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+import torch.distributed as dist
+
+from _common import print_table, row, time_fn, write_results
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="wan_1_3b")
+    ap.add_argument("--grid", type=int, nargs=3, default=[21, 45, 80])
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--iters", type=int, default=3)
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    from osp_megatron import cpu_shims
+
+    cpu_shims.apply()
+    from osp_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig
+    from osp_megatron.models import build_model
+    from osp_megatron.models.transformer_config import make_osp_config
+    from osp_megatron.parallel import comm_stats, initialize_parallel
+
+    world = dist.get_world_size()
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    size = "tiny" if args.tiny else args.size
+    grid = (2, 9, 8) if args.tiny else tuple(args.grid)
+    text_dim = 32 if args.tiny else 4096
+    results = {}
+    for name, pcfg in [("one_gpu", ParallelConfig()), ("ssp", ParallelConfig(ssp=world)),
+                       ("ulysses", ParallelConfig(ulysses=world))]:
+        ps = initialize_parallel(pcfg)
+        mc = ModelConfig(size=size, schedule="dual_end", recompute=True)
+        cfg = make_osp_config(mc, pcfg, PrecisionConfig(dtype="bf16" if cuda else "fp32"), dtype)
+        torch.manual_seed(0)
+        model = build_model(cfg, parallel=ps, device=dev).train()
+        g = torch.Generator(device="cpu").manual_seed(1)  # identical input on every rank
+        x = torch.randn(1, 16, grid[0], 2 * grid[1], 2 * grid[2], generator=g).to(dev, dtype)
+        target = torch.randn(x.shape, generator=g).to(dev, dtype)
+        t = torch.tensor([500.0], device=dev)
+        txt = torch.randn(1, 512 if not args.tiny else 8, text_dim, generator=g).to(dev, dtype)
+
+        def step():
+            loss = model(x, t, txt, target=target)
+            (loss * ps.cp.size).backward()
+
+        comm_stats.reset()
+        step()
+        sent = comm_stats.total(field="sent")
+        ms = time_fn(step, warmup=1, iters=args.iters)
+        model.zero_grad(set_to_none=True)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+        results[name] = (ms, sent, peak)
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    if dist.get_rank() == 0:
+        one, ssp, uly = results["one_gpu"], results["ssp"], results["ulysses"]
+        rows = [
+            row(f"{size} fwd+bwd step ms, SSP={world}", ssp[0], "ms", f"Ulysses={world}", uly[0], None, True),
+            row(f"{size} fwd+bwd step ms, one GPU", one[0], "ms"),
+            row(f"scaling efficiency SSP={world}", one[0] / (world * ssp[0]), "fraction", f"Ulysses={world}",
+                one[0] / (world * uly[0]), ">= 0.90"),
+            row(f"bytes sent per GPU per step, SSP={world}", ssp[1] / 1e9, "GB", f"Ulysses={world}", uly[1] / 1e9, None, True),
+            row(f"peak memory SSP={world}", ssp[2], "GiB", f"Ulysses={world}", uly[2]),
+        ]
+        print_table(rows)
+        if not args.tiny:
+            print(f"wrote {write_results(f'parallel-{world}gpu', rows, {'grid': grid, 'size': size, 'recompute': True})}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
