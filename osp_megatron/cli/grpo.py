@@ -129,6 +129,15 @@ def run(cfg, gcfg, env) -> int:
     if cuda:
         torch.cuda.set_device(env["local_rank"])
     if not dist.is_initialized():
+        if env.get("master_port") is None:
+            if env["world_size"] > 1:
+                raise ValueError("MASTER_PORT is not set for a multi-process launch: use torchrun, "
+                                 "slurm/launcher.sh, or export MASTER_ADDR and MASTER_PORT")
+            import socket
+
+            with socket.socket() as sock:  # single process: any free port
+                sock.bind(("127.0.0.1", 0))
+                env = dict(env, master_port=sock.getsockname()[1])
         dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{env['master_addr']}:{env['master_port']}",
                                 rank=env["rank"], world_size=env["world_size"], timeout=datetime.timedelta(minutes=30))
     parallel = initialize_parallel(cfg.parallel)

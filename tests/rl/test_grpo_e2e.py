@@ -162,3 +162,21 @@ def test_lora_ema_follows_the_recursion_and_exports(tmp_path):
     r = make_trainer(tmp_path, layers=2, schedule="full", **small)
     r.load(ckpt)
     assert all(torch.equal(r.ema[n], t.ema[n]) for n in names)
+
+
+def test_cli_runs_and_resumes_in_a_fresh_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("MASTER_PORT", None)
+    cmd = [sys.executable, "-m", "osp_megatron.cli.grpo", str(ROOT / "configs/grpo_demo_cpu.yaml"),
+           f"train.run_dir={tmp_path}", "tracking.backend=none", "grpo.eval_interval=0", "model.num_layers=2",
+           "model.schedule=full", "grpo.latent_shape=[1,4,4]"]
+    for iterations, expect in ((1, "iter_0000001"), (2, "iter_0000002")):
+        out = subprocess.run(cmd + [f"grpo.iterations={iterations}"], cwd=str(ROOT), env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+        assert (tmp_path / "grpo_checkpoints" / "latest").read_text().strip() == expect
+    assert "resumed from" in out.stdout and "iter 2/2" in out.stdout
