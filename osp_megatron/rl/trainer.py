@@ -609,6 +609,7 @@ class GRPOTrainer:
             self.history.append(final)
             if tr is not None:
                 tr.log_metrics(final, step=self.iteration)
+                tr.console(f"final eval {final['eval/combined']:.4f} after {self.iteration} iterations")
         self.save(run_id)
         if tr is not None:
             tr.finish()
