@@ -89,9 +89,10 @@ def test_flash_tail_close_to_fine_ode():
     assert (xe - ref_tail).abs().max() < 0.6 * (eul - ref_tail).abs().max()
 
 
-def tiny_trainer(tmp_path, recompute=False, **over):
+def tiny_trainer(tmp_path, recompute=False, recipe="none", **over):
     cfg = Config()
     cfg.data.kind = "synthetic"
+    cfg.precision.recipe = recipe
     cfg.model.num_layers, cfg.model.schedule, cfg.model.recompute = 2, "full", recompute
     cfg.train.run_dir = str(tmp_path / "run")
     cfg.tracking.backend = "none"
@@ -197,3 +198,12 @@ def test_activation_recompute_keeps_lora_gradients(tmp_path):
         t.train_on(batch, adv, plan)
         grads.append(torch.cat([q.grad.reshape(-1) for q in lora_parameters(t.model)]))
     assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-9)
+
+
+def test_lora_on_hif8_quantized_model(tmp_path):
+    """HiF8 linears (megatron Column/Row subclasses) take adapters; ratio 1 and a non-zero update."""
+    t = tiny_trainer(tmp_path, recipe="hif8_current")
+    kinds = {type(m).__name__ for n, m in t.model.named_modules() if n in t.lora_names}
+    assert kinds == {"HiF8ColumnParallelLinear", "HiF8RowParallelLinear"}
+    m = t.step()
+    assert m["grpo/ratio_mean"] == 1.0 and m["grpo/grad_norm"] > 0
