@@ -331,21 +331,35 @@ def kl_to_reference(mean: Tensor, mean_ref: Tensor, std: float) -> Tensor:
 # --------------------------------------------------------------------------------------------
 def sample(
     velocity_fn: VelocityFn,
-    noise: Tensor,
+    noise: Optional[Tensor] = None,
     steps: int = 50,
     shift: float = 5.0,
     solver: str = "unipc",
     sigmas: Optional[Tensor] = None,
     order: int = 2,
     callback: Optional[Callable[[int, Tensor], None]] = None,
+    shape: Optional[Sequence[int]] = None,
+    seed: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    device="cpu",
 ) -> Tensor:
     """ODE sampling from `noise` [b,...] (σ=1) to data (σ=0). Returns latents like `noise`.
 
-    solver `euler` uses `flow_sigmas(steps, shift)`, `unipc` the diffusers/Wan UniPC grid; pass `sigmas` to override.
-    CFG: build `velocity_fn` with `cfg_velocity_fn`. NFE = steps (x2 inside the CFG function).
+    Without `noise`, it is drawn with `shape` from `generator` (on its device) or from `seed` (`seeded_noise`,
+    CPU values, moved to `device`). solver `euler` uses `flow_sigmas(steps, shift)`, `unipc` the diffusers/Wan UniPC
+    grid; pass `sigmas` to override. CFG: build `velocity_fn` with `cfg_velocity_fn`. NFE = steps (x2 with CFG).
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r}: use one of {', '.join(SOLVERS)}")
+    if noise is None:
+        if shape is None:
+            raise ValueError("sample: give `noise`, or `shape` with `seed` or `generator`")
+        if generator is not None:
+            noise = torch.randn(tuple(shape), generator=generator, device=generator.device).to(device)
+        elif seed is not None:
+            noise = seeded_noise(shape, seed, device=device)
+        else:
+            raise ValueError("sample: without `noise`, pass `seed` or `generator` (reproducible sampling)")
     if sigmas is None:
         sigmas = flow_sigmas(steps, shift) if solver == "euler" else unipc_flow_sigmas(steps, shift)
     x = noise

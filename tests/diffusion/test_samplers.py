@@ -233,3 +233,14 @@ def test_sample_rejects_unknown_solver():
 def test_seeded_noise_is_reproducible():
     assert torch.equal(S.seeded_noise((2, 3), 5), S.seeded_noise((2, 3), 5))
     assert not torch.equal(S.seeded_noise((2, 3), 5), S.seeded_noise((2, 3), 6))
+
+
+def test_sample_draws_noise_from_seed_or_generator():
+    vel = lambda x, s: x * 0.5  # noqa: E731
+    a = S.sample(vel, shape=(2, 3), seed=4, steps=3, solver="euler")
+    b = S.sample(vel, S.seeded_noise((2, 3), 4), steps=3, solver="euler")
+    assert torch.equal(a, b)
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    assert torch.equal(S.sample(vel, shape=(2, 3), generator=g1, steps=3), S.sample(vel, shape=(2, 3), generator=g2, steps=3))
+    with pytest.raises(ValueError, match="seed"):
+        S.sample(vel, shape=(2, 3), steps=3)
