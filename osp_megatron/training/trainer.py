@@ -335,6 +335,11 @@ class Trainer:
 
     def _maybe_resume(self) -> bool:
         if not self.cfg.train.resume:
+            if self.checkpointer.committed_steps():
+                raise CheckpointError(
+                    f"train.resume=false but {self.checkpointer.root} already holds checkpoints: use a new "
+                    "train.run_dir (or delete that one) for a fresh run, or set train.resume=true to continue it"
+                )
             return False
         self.checkpointer.remove_stale_tmp()
         ckpt = self.checkpointer.latest_dir()
