@@ -49,13 +49,14 @@ def test_unipc_grid_equals_diffusers():
     assert torch.allclose(ours.float(), sch.sigmas.float(), atol=1e-7)
 
 
-@pytest.mark.parametrize("steps,shift", [(8, 1.0), (20, 5.0), (5, 3.0)])
-def test_unipc_matches_diffusers_scheduler(steps, shift):
+@pytest.mark.parametrize("steps,shift,order", [(8, 1.0, 2), (20, 5.0, 2), (5, 3.0, 2), (10, 3.0, 3), (20, 5.0, 1)])
+def test_unipc_matches_diffusers_scheduler(steps, shift, order):
     from diffusers import UniPCMultistepScheduler
 
     vel, noise, _, _ = toy(seed=steps)
     noise = noise.float()
-    sch = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
+    sch = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift,
+                                  solver_order=order)
     sch.set_timesteps(steps)
     x_ref = noise.clone()
     for i, t in enumerate(sch.timesteps):
@@ -65,7 +66,7 @@ def test_unipc_matches_diffusers_scheduler(steps, shift):
 
     sig = S.unipc_flow_sigmas(steps, shift)
     x = S.sample(lambda x, s: vel(x.double(), s.double()).float(), noise.clone(), steps=steps, shift=shift,
-                 solver="unipc", sigmas=sig)
+                 solver="unipc", sigmas=sig, order=order)
     assert torch.allclose(x, x_ref, rtol=1e-4, atol=1e-4), (x - x_ref).abs().max()
 
 
