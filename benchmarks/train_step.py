@@ -4,7 +4,8 @@
 
 Each model is built by the real trainer (`osp_megatron.training.trainer.Trainer`: megatron DDP, distributed
 AdamW, bf16, the no-pipelining schedule) from configs/osp_1_3b_480p.yaml with synthetic latents
-(81x480x832 -> [16,21,60,104]; 720p -> [16,21,90,160] with full activation recompute). One fixed micro-batch is
+(81x480x832 -> [16,21,60,104], without recompute, falling back to full activation recompute for both
+models if either runs out of memory; 720p -> [16,21,90,160] with recompute). One fixed micro-batch is
 reused so data generation stays out of the timing. Reports samples/s and the OSP-Next speedup, executed
 TFLOP/s (explicit formula in osp_megatron/training/flops.py, sparse attention counted as executed incl.
 padding, recompute included) and MFU (model FLOPs, no recompute) against the bf16 matmul peak measured in
@@ -84,8 +85,8 @@ def bench_model(name: str, schedule: str, latent: List[int], recompute: bool, st
         ])
         cfg.validate(world_size=1)
         trainer = Trainer(cfg, device, log=lambda s: None)
-        trainer.setup()
         try:
+            trainer.setup()
             micro = trainer.next_microbatches(1)
             for _ in range(warmup):
                 trainer.train_step(micro)
@@ -123,6 +124,28 @@ def bench_model(name: str, schedule: str, latent: List[int], recompute: bool, st
 def row(name, value, unit, baseline, baseline_value, ratio, goal) -> Dict[str, object]:
     return {"name": name, "value": value, "unit": unit, "baseline": baseline, "baseline_value": baseline_value,
             "ratio": ratio, "goal": goal}
+
+
+def result_rows(got: Dict[str, Optional[Dict[str, float]]], tag: str, peak: float) -> List[Dict[str, object]]:
+    rows = []
+    osp, dense = got["osp_next_1_3b"], got["wan_dense_1_3b"]
+    if osp and dense:
+        rows.append(row(f"osp_next_1_3b {tag} samples/s", osp["samples_per_s"], "samples/s",
+                        f"wan_dense_1_3b {tag}", dense["samples_per_s"], osp["samples_per_s"] / dense["samples_per_s"],
+                        "speedup close to the block benchmark's composed figure"))
+    for name, r in got.items():
+        if r is None:
+            rows.append(row(f"{name} {tag}", None, "out of memory", None, None, None, None))
+            continue
+        rows.append(row(f"{name} {tag} executed TFLOP/s", r["tflops_exec"], "TFLOP/s",
+                        "bf16 matmul peak (same run)", peak, r["tflops_exec"] / peak,
+                        ">= 440 TFLOP/s on H100 and >= 0.57 of the measured peak"))
+        rows.append(row(f"{name} {tag} MFU", r["tflops_model"] / peak, "fraction of measured peak",
+                        "bf16 matmul peak (same run)", peak, r["tflops_model"] / peak, ">= 0.57"))
+        rows.append(row(f"{name} {tag} step time", r["step_time_s"], "s", None, None, None, None))
+        rows.append(row(f"{name} {tag} tokens/s", r["tokens_per_s"], "tokens/s", None, None, None, None))
+        rows.append(row(f"{name} {tag} peak memory", r["max_mem_gib"], "GiB", None, None, None, None))
+    return rows
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -166,36 +189,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"matmul peak (measured): {peak:.2f} TFLOP/s on {dev_name}", flush=True)
     results: List[Dict[str, object]] = [row("bf16 matmul peak", peak, "TFLOP/s", None, None, None, None)]
     for res in [r.strip() for r in args.res.split(",") if r.strip()]:
-        latent, recompute = resolutions[res]
-        print(f"{res} latents {latent}{' (recompute)' if recompute else ''}:", flush=True)
-        got: Dict[str, Optional[Dict[str, float]]] = {}
-        for name, schedule in MODELS.items():
-            try:
-                got[name] = bench_model(name, schedule, latent, recompute, args.steps, args.warmup, device, extra)
-            except torch.cuda.OutOfMemoryError as exc:
-                print(f"  {name}: out of memory ({str(exc).splitlines()[0]})", flush=True)
-                got[name] = None
+        latent, needs_recompute = resolutions[res]
+        # without recompute first (unless the resolution needs it); if either model runs out of memory, both
+        # models are measured again with full activation recompute so the pair stays comparable
+        for recompute in ([True] if needs_recompute else [False, True]):
+            print(f"{res} latents {latent}{' (recompute)' if recompute else ''}:", flush=True)
+            got: Dict[str, Optional[Dict[str, float]]] = {}
+            for name, schedule in MODELS.items():
+                try:
+                    got[name] = bench_model(name, schedule, latent, recompute, args.steps, args.warmup, device,
+                                            extra)
+                except torch.cuda.OutOfMemoryError as exc:
+                    print(f"  {name}: out of memory ({str(exc).splitlines()[0]})", flush=True)
+                    got[name] = None
                 gc.collect()
-                torch.cuda.empty_cache()
-        osp, dense = got["osp_next_1_3b"], got["wan_dense_1_3b"]
-        tag = f"{res}{'+recompute' if recompute else ''}"
-        if osp and dense:
-            results.append(row(f"osp_next_1_3b {tag} samples/s", osp["samples_per_s"], "samples/s",
-                               f"wan_dense_1_3b {tag}", dense["samples_per_s"],
-                               osp["samples_per_s"] / dense["samples_per_s"],
-                               "speedup close to the block benchmark's composed figure"))
-        for name, r in got.items():
-            if r is None:
-                results.append(row(f"{name} {tag}", None, "out of memory", None, None, None, None))
-                continue
-            results.append(row(f"{name} {tag} executed TFLOP/s", r["tflops_exec"], "TFLOP/s",
-                               "bf16 matmul peak (same run)", peak, r["tflops_exec"] / peak,
-                               ">= 440 TFLOP/s on H100 and >= 0.57 of the measured peak"))
-            results.append(row(f"{name} {tag} MFU", r["tflops_model"] / peak, "fraction of measured peak",
-                               "bf16 matmul peak (same run)", peak, r["tflops_model"] / peak, ">= 0.57"))
-            results.append(row(f"{name} {tag} step time", r["step_time_s"], "s", None, None, None, None))
-            results.append(row(f"{name} {tag} tokens/s", r["tokens_per_s"], "tokens/s", None, None, None, None))
-            results.append(row(f"{name} {tag} peak memory", r["max_mem_gib"], "GiB", None, None, None, None))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            results.extend(result_rows(got, f"{res}{'+recompute' if recompute else ''}", peak))
+            if all(v is not None for v in got.values()):
+                break
     date = datetime.date.today().isoformat()
     slug = device_slug(device)
     if args.smoke:
