@@ -1,0 +1,52 @@
+"""The hand-written backward passes of the fused elementwise pieces equal plain autograd (fp64)."""
+import torch
+import torch.nn.functional as F
+
+from osp_megatron.models import fused
+
+
+def _grads(fn, *inputs):
+    inputs = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    out = fn(*inputs)
+    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(3))
+    out.backward(g)
+    return out.detach(), [t.grad for t in inputs if t.requires_grad]
+
+
+def _check(fast, ref, *inputs):
+    o1, g1 = _grads(fast, *inputs)
+    o2, g2 = _grads(ref, *inputs)
+    assert torch.allclose(o1, o2, rtol=1e-10, atol=1e-10)
+    assert len(g1) == len(g2)
+    for a, b in zip(g1, g2):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_modulated_and_affine_layernorm():
+    x = torch.randn(7, 3, 16, dtype=torch.float64, requires_grad=True)
+    shift = torch.randn(1, 3, 16, dtype=torch.float64, requires_grad=True)
+    scale = torch.randn(1, 3, 16, dtype=torch.float64, requires_grad=True)
+    _check(lambda a, b, c: fused.modulated_layernorm(a, b, c, 1e-6),
+           lambda a, b, c: F.layer_norm(a, (16,), eps=1e-6) * (1 + c) + b, x, shift, scale)
+    w = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    _check(lambda a, b, c: fused.affine_layernorm(a, b, c, 1e-6),
+           lambda a, b, c: F.layer_norm(a, (16,), b, c, 1e-6), x, w, bias)
+
+
+def test_gated_residual_rms_and_rope():
+    x = torch.randn(5, 2, 12, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(5, 2, 12, dtype=torch.float64, requires_grad=True)
+    gate = torch.randn(1, 2, 12, dtype=torch.float64, requires_grad=True)
+    _check(fused.gated_residual, lambda a, b, c: a + b * c, x, y, gate)
+    w = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    _check(lambda a, b: fused.rms_scale(a, fused.sum_of_squares(a), b, 24, 1e-6),
+           lambda a, b: a * torch.rsqrt(a.pow(2).sum(-1, keepdim=True) / 24 + 1e-6) * b, x, w)
+    q = torch.randn(5, 2, 3, 8, dtype=torch.float64, requires_grad=True)
+    ang = torch.randn(5, 2, 1, 4, dtype=torch.float64)
+
+    def ref(t):
+        x1, x2 = t.unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack((x1 * ang.cos() - x2 * ang.sin(), x1 * ang.sin() + x2 * ang.cos()), -1).flatten(-2)
+
+    _check(lambda t: fused.rotate_pairs(t, ang.cos(), ang.sin()).double(), ref, q)
