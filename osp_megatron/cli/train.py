@@ -90,9 +90,12 @@ def parallel_plan(cfg, world_size: int) -> str:
         shape = list(cfg.data.synthetic_latent_shape)
     else:
         shape = [dims["in_channels"], (b.frames - 1) // 4 + 1, b.height // 8, b.width // 8]
-    f = forward_flops(cfg.model, shape, cfg.data.text_len)
+    padded = cp > 1 or (p.sequence_parallel and tp > 1)  # layout-native plans run sparse blocks padded
+    f = forward_flops(cfg.model, shape, cfg.data.text_len, padded)
     lines.append(
-        f"per sample (latents {shape}): {int(f['tokens'])} tokens ({int(f['tokens_padded'])} padded), "
+        f"per sample (latents {shape}): {int(f['tokens'])} tokens"
+        + (f" ({int(f['tokens_padded'])} in the padded Skiparse layout)" if padded and cfg.model.schedule != "full" else "")
+        + ", "
         f"forward {f['total'] / 1e12:.3f} TFLOP, training {(4 if cfg.model.recompute else 3) * f['total'] / 1e12:.3f} "
         f"TFLOP executed{' (with recompute)' if cfg.model.recompute else ''}"
     )

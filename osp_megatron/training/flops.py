@@ -7,21 +7,38 @@ Per block with C = hidden, F = ffn hidden, L = text tokens, N = tokens the block
     cross-attn projections Q, O    : 2 * 2*N*C^2;  K, V of the text: 2 * 2*L*C^2 (once per sample)
     cross-attention core           : 4*N*L*C
     FFN                            : 2 * 2*N*C*F
-Sparse blocks run on the padded Skiparse grid (Np = T*Hp*Wp, H/W padded to multiples of P^2), so their
-FLOPs count the padding (executed work). Full blocks run on the unpadded raster N = T*H*W.
+Layout-native plans (any context or sequence parallelism) run sparse blocks on the padded Skiparse grid
+(Np = T*Hp*Wp, H/W padded to multiples of P^2), so their FLOPs count the padding (executed work).
+Single-device plans run every block on the unpadded raster N = T*H*W, and sparse attention on each class's
+valid tokens only: sum over the P^2 classes of 4*n_c^2*C (`padded=False`). Full blocks always use N.
 Outside the blocks: patch embedding 2*N*(16*4)*C, head 2*N*C*(4*16), text embedding 2*L*(text_dim*C + C*C).
 Training = forward + backward = 3x forward; activation recompute executes one more forward (4x).
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence
 
 from osp_megatron.models.registry import resolve_model_dims
 from osp_megatron.models.skiparse import block_schedule, padded_grid
 
 
-def forward_flops(model_cfg, latent_shape: Sequence[int], text_len: int) -> Dict[str, float]:
-    """Forward FLOPs of one sample with latents [16, T, H, W]; returns a breakdown and `total`."""
+def class_sizes(grid: Sequence[int], ratio: int, layout: str) -> List[int]:
+    """Valid tokens of each Skiparse class of an unpadded (T, H, W) grid (token: (h mod P, w mod P);
+    group: (floor(h/P) mod P, floor(w/P) mod P))."""
+    t, h, w = grid
+
+    def count(n: int, cls: int) -> int:
+        if layout == "token":
+            return sum(1 for i in range(n) if i % ratio == cls)
+        return sum(1 for i in range(n) if (i // ratio) % ratio == cls)
+
+    return [t * count(h, p) * count(w, q) for p in range(ratio) for q in range(ratio)]
+
+
+def forward_flops(model_cfg, latent_shape: Sequence[int], text_len: int, padded: bool = True) -> Dict[str, float]:
+    """Forward FLOPs of one sample with latents [16, T, H, W]; returns a breakdown and `total`.
+
+    `padded`: sparse blocks run on the padded layout (layout-native plans, CP or SP > 1); else padding-free."""
     dims = resolve_model_dims(model_cfg)
     c, f = dims["hidden_size"], dims["ffn_hidden_size"]
     pt, ph, pw = dims["patch_size"]
@@ -35,12 +52,14 @@ def forward_flops(model_cfg, latent_shape: Sequence[int], text_len: int) -> Dict
     kinds = block_schedule(dims["num_layers"], model_cfg.schedule, dims["num_full_blocks"])
     out = {"linear": 0.0, "self_attention": 0.0, "cross_attention": 0.0, "ffn": 0.0}
     for kind in kinds:
-        n = n_full if kind == "full" else n_pad
+        n = n_pad if (kind != "full" and padded) else n_full
         out["linear"] += 4 * 2 * n * c * c + 2 * 2 * n * c * c + 2 * 2 * lt * c * c
         if kind == "full":
             out["self_attention"] += 4.0 * n * n * c
-        else:
+        elif padded:
             out["self_attention"] += 4.0 * n * n * c / (ratio * ratio)
+        else:
+            out["self_attention"] += sum(4.0 * m * m * c for m in class_sizes(grid, ratio, kind))
         out["cross_attention"] += 4.0 * n * lt * c
         out["ffn"] += 2 * 2 * n * c * f
     patch_dim = dims["in_channels"] * pt * ph * pw
@@ -52,12 +71,13 @@ def forward_flops(model_cfg, latent_shape: Sequence[int], text_len: int) -> Dict
     return out
 
 
-def train_flops_per_sample(model_cfg, latent_shape: Sequence[int], text_len: int, recompute: bool = False) -> float:
+def train_flops_per_sample(model_cfg, latent_shape: Sequence[int], text_len: int, recompute: bool = False,
+                           padded: bool = True) -> float:
     """Executed FLOPs of one training sample: 3x forward (+1x forward with full activation recompute)."""
-    fwd = forward_flops(model_cfg, latent_shape, text_len)["total"]
+    fwd = forward_flops(model_cfg, latent_shape, text_len, padded)["total"]
     return fwd * (4.0 if recompute else 3.0)
 
 
-def model_flops_per_sample(model_cfg, latent_shape: Sequence[int], text_len: int) -> float:
+def model_flops_per_sample(model_cfg, latent_shape: Sequence[int], text_len: int, padded: bool = True) -> float:
     """Model FLOPs (3x forward, no recompute) of one training sample: the numerator of MFU."""
-    return 3.0 * forward_flops(model_cfg, latent_shape, text_len)["total"]
+    return 3.0 * forward_flops(model_cfg, latent_shape, text_len, padded)["total"]

@@ -172,6 +172,8 @@ class Trainer:
         self.pp_size = parallel_state.get_pipeline_model_parallel_world_size()
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self.dims = resolve_model_dims(cfg.model)
+        # layout-native plans (CP or SP) run sparse blocks on the padded grid; single-device plans do not
+        self.padded = self.cp_size > 1 or (cfg.parallel.sequence_parallel and cfg.parallel.tensor_parallel > 1)
         mbs = cfg.data.micro_batch_size
         self.global_batch = t.global_batch_size or mbs * self.dp_size
         self.num_microbatches = self.global_batch // (mbs * self.dp_size)
@@ -447,8 +449,8 @@ class Trainer:
         for mb in micro:
             shape = tuple(mb["x_t"].shape[1:])
             b, text_len = mb["x_t"].shape[0], mb["text"].shape[1]
-            flops_exec += b * train_flops_per_sample(cfg.model, shape, text_len, cfg.model.recompute)
-            flops_model += b * model_flops_per_sample(cfg.model, shape, text_len)
+            flops_exec += b * train_flops_per_sample(cfg.model, shape, text_len, cfg.model.recompute, self.padded)
+            flops_model += b * model_flops_per_sample(cfg.model, shape, text_len, self.padded)
             tokens += b * (shape[1] // pt) * (shape[2] // ph) * (shape[3] // pw)
             samples += b
         return flops_exec, flops_model, tokens, samples

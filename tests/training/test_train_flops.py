@@ -28,3 +28,23 @@ def test_sparse_blocks_count_padding_and_divide_attention_by_p_squared():
     assert abs(sparse["self_attention"] - expect_attn) / expect_attn < 1e-12
     assert sparse["ffn"] > dense["ffn"]  # padded tokens run through the FFN too
     assert 1.4 < dense["total"] / sparse["total"] < 1.7
+
+
+def test_padding_free_single_device_counts_valid_tokens_per_class():
+    from osp_megatron.models.skiparse import valid_mask
+    from osp_megatron.training.flops import class_sizes
+
+    grid = (3, 5, 7)  # odd sizes: classes of unequal length
+    for layout in ("token", "group"):
+        assert class_sizes(grid, 2, layout) == valid_mask(grid, 2, layout).sum(0).tolist()
+    m = ModelConfig(size="wan_1_3b", schedule="dual_end")
+    shape = [16, 21, 60, 104]
+    free = forward_flops(m, shape, 512, padded=False)
+    pad = forward_flops(m, shape, 512, padded=True)
+    assert free["total"] < pad["total"]
+    n, c = 21 * 30 * 52, 1536
+    exact = 8 * 4 * n * n * c + 11 * sum(4 * k * k * c for k in class_sizes((21, 30, 52), 2, "token")) \
+        + 11 * sum(4 * k * k * c for k in class_sizes((21, 30, 52), 2, "group"))
+    assert free["self_attention"] == exact
+    dense = forward_flops(ModelConfig(size="wan_1_3b", schedule="full"), shape, 512)
+    assert free["ffn"] == dense["ffn"] and free["linear"] == dense["linear"]
