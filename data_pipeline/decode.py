@@ -190,7 +190,7 @@ def decode_clip(data: bytes, buckets: Sequence[BucketSpec], fps: float, window: 
                                             align_corners=False)
         frames = t.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     frames = center_crop(frames, bucket.width, bucket.height)
-    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).contiguous()  # [3, T, H, W]
+    video = torch.from_numpy(frames).permute(3, 0, 1, 2).contiguous()  # crop view -> [3, T, H, W] in one copy
     info = {"frame_indices": indices, "src_frames": n, "src_fps": src_fps, "src_size": [w, h], "bucket": index}
     return video, index, info
 
