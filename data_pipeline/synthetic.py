@@ -11,7 +11,7 @@ import random
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 COLOURS = {
     "red": "0xE02020",
