@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import warnings
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -76,9 +77,11 @@ class ShardLoader:
         dataset = ShardDataset(self.cfg, self.urls, self.rank, self.world_size, dict(self._role_states),
                                self._consumed % self.num_roles, self.epochs, self.expected_counts)
         workers = self.cfg.num_workers
+        kwargs = {"in_order": True} if "in_order" in inspect.signature(torch.utils.data.DataLoader).parameters else {}
+        # in_order (the default): batches come back strictly round-robin over workers; exact resume relies on it
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=workers,
-            prefetch_factor=2 if workers > 0 else None, persistent_workers=False,
+            prefetch_factor=2 if workers > 0 else None, persistent_workers=False, **kwargs,
         )
         for batch in loader:
             state = batch.pop("__state__")
