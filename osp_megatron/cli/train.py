@@ -153,6 +153,7 @@ def run(cfg, env: Dict[str, object]) -> int:
     # megatron's start-up notices (TE/Apex fallbacks, deprecations) repeat on every rank; keep the console readable
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\..*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\..*")
     rank = env["rank"]
     os.environ.setdefault("MASTER_ADDR", str(env["master_addr"]))
     os.environ.setdefault("MASTER_PORT", str(env["master_port"]))
