@@ -120,13 +120,20 @@ def test_same_seed_same_video_other_seed_other_video(single_run, dit_dir, tmp_pa
 @pytest.mark.parametrize("degrees", [pytest.param(["--ssp", "2"], id="ssp2"),
                                      pytest.param(["--ulysses", "2"], id="ulysses2", marks=pytest.mark.slow)])
 def test_parallel_run_equals_single_run(single_run, dit_dir, tmp_path, degrees):
+    from osp_megatron.encoders import load_vae
+
     out, prompts = single_run
     _run(["--checkpoint", dit_dir, "--prompts", prompts, "--output", tmp_path / "par", *COMMON, *degrees], nproc=2)
+    vae = load_vae("tiny")
     for i in (0, 1):
         ref = torch.load(out / f"sample_{i:04d}.latents.pt")
         got = torch.load(tmp_path / "par" / f"sample_{i:04d}.latents.pt")
         assert _rel(got, ref) <= 1e-5
-        assert (_frames(tmp_path / "par" / f"sample_{i:04d}.mp4") - _frames(out / f"sample_{i:04d}.mp4")).abs().max() <= 1
+        # decoded videos agree to float precision; the mp4s only on average (H.264 may code a 1-level input
+        # difference into a visibly different block, so no per-pixel bound on the encoded files)
+        assert (vae.decode(got) - vae.decode(ref)).abs().max() <= 1e-4
+        par, single = _frames(tmp_path / "par" / f"sample_{i:04d}.mp4"), _frames(out / f"sample_{i:04d}.mp4")
+        assert par.shape == single.shape and (par - single).abs().float().mean() < 2.0
         meta = json.loads((tmp_path / "par" / f"sample_{i:04d}.json").read_text())
         assert meta["parallel"]["world"] == 2
 
