@@ -157,7 +157,7 @@ def test_dry_run_prints_config_and_plan_and_bad_plans_fail_before_init(monkeypat
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert main(["configs/demo_cpu.yaml", "parallel.ssp=2"]) == 2  # rejected before any process group
     assert "world size 3 is not divisible by TP x PP x CP = 1 x 1 x 2" in capsys.readouterr().err
-    assert main(["configs/demo_cpu.yaml"]) == 2
+    assert main(["configs/demo_cpu.yaml", "parallel.ssp=1"]) == 2
     assert "train.global_batch_size=4 is not divisible by data.micro_batch_size x DP = 2 x 3" in capsys.readouterr().err
     assert main(["configs/demo_cpu.yaml", "train.warmup_steps=500", "train.steps=10", "--dry-run"]) == 2
     assert "train.warmup_steps=500" in capsys.readouterr().err
