@@ -25,6 +25,10 @@ def _maybe_compiled(fn):
         nonlocal compiled
         if _ENABLED and args[0].is_cuda:
             if compiled is None:
+                import torch._dynamo
+
+                # one static graph per (layout, width) shape: a model sees a handful; keep them all compiled
+                torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
                 compiled = torch.compile(fn, dynamic=False)
             return compiled(*args)
         return fn(*args)

@@ -78,10 +78,11 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.default_generator.manual_seed(seed)
     if torch.cuda.is_available():
-        from megatron.core import tensor_parallel
+        from megatron.core import parallel_state, tensor_parallel
 
         torch.cuda.manual_seed_all(seed)
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        if parallel_state.model_parallel_is_initialized():  # else initialize_parallel seeds the tracker later
+            tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
 def _all_gather_object(obj: Any, group=None) -> List[Any]:
