@@ -17,7 +17,8 @@ import socket
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from collections.abc import Mapping
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -95,6 +96,32 @@ def read_megatron(path: str | os.PathLike, ema: bool = False) -> Tuple[StateDict
     return sd, model_config, osp
 
 
+class LazySafetensors(Mapping):
+    """Read-only mapping over a .safetensors file that loads a tensor only when it is looked up, so each rank
+    holds one full tensor at a time (plus its shard of the model) instead of the whole model."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        self._file = safe_open(path, framework="pt", device="cpu")
+        self._keys = list(self._file.keys())
+        self._key_set = set(self._keys)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._key_set:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key) -> bool:
+        return key in self._key_set
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,7 +132,6 @@ def _save_rank(rank: int, world: int, port: int, weights_file: str, model_config
                out: str, step: int, osp: Dict[str, Any], dtype: str) -> None:
     """One rank of the layout: build its shard of the model, load its slice, save collectively."""
     import torch.distributed as dist
-    from safetensors.torch import load_file
 
     from osp_megatron import cpu_shims
     from osp_megatron.config import ParallelConfig
@@ -123,7 +149,7 @@ def _save_rank(rank: int, world: int, port: int, weights_file: str, model_config
     ps = initialize_parallel(pcfg)
     tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     model = build_model(make_osp_config(model_config, pcfg, None, tdtype), parallel=ps, device="cpu")
-    model.load_full_state_dict(load_file(weights_file))
+    model.load_full_state_dict(LazySafetensors(weights_file))
     ck = Checkpointer(out, keep_last=1_000_000, async_save=False)
     ck.root = Path(out)  # OUT/step_*, OUT/latest (an init_from target, not a run dir to resume)
     ck.save(step, {"model": model.sharded_state_dict(), "osp": osp})
