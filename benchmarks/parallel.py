@@ -6,7 +6,8 @@ Every plan processes the same single 81x720P sample: `one_gpu` runs it on each G
 communication; the scaling baseline), `ssp` splits its Skiparse classes over the GPUs (one all-to-all per layout
 switch, Ulysses in the full blocks), `ulysses` splits heads everywhere (4 all-to-alls per block). Reports step
 time, bytes sent per GPU (comm_stats), and scaling efficiency = t_one_gpu / (N * t_plan). Full activation
-recompute is on for all plans so the 1.3B model fits at 75,600 tokens. `--tiny` is a CPU/gloo smoke run.
+recompute is on for all plans so the 1.3B model fits at 75,600 tokens. `dense_ulysses` is dense Wan
+(schedule full) at Ulysses=N, the baseline of the paper's multi-GPU comparison. `--tiny` is a CPU/gloo smoke run.
 """
 from __future__ import annotations
 
@@ -49,10 +50,11 @@ def main(argv=None):
     grid = (2, 9, 8) if args.tiny else tuple(args.grid)
     text_dim = 32 if args.tiny else 4096
     results = {}
-    for name, pcfg in [("one_gpu", ParallelConfig()), ("ssp", ParallelConfig(ssp=world)),
-                       ("ulysses", ParallelConfig(ulysses=world))]:
+    plans = [("one_gpu", ParallelConfig(), "dual_end"), ("ssp", ParallelConfig(ssp=world), "dual_end"),
+             ("ulysses", ParallelConfig(ulysses=world), "dual_end"), ("dense_ulysses", ParallelConfig(ulysses=world), "full")]
+    for name, pcfg, schedule in plans:
         ps = initialize_parallel(pcfg)
-        mc = ModelConfig(size=size, schedule="dual_end", recompute=True)
+        mc = ModelConfig(size=size, schedule=schedule, recompute=True)
         cfg = make_osp_config(mc, pcfg, PrecisionConfig(dtype="bf16" if cuda else "fp32"), dtype)
         torch.manual_seed(0)
         model = build_model(cfg, parallel=ps, device=dev).train()
@@ -86,6 +88,10 @@ def main(argv=None):
                 one[0] / (world * uly[0]), ">= 0.90"),
             row(f"bytes sent per GPU per step, SSP={world}", ssp[1] / 1e9, "GB", f"Ulysses={world}", uly[1] / 1e9, None, True),
             row(f"peak memory SSP={world}", ssp[2], "GiB", f"Ulysses={world}", uly[2]),
+            row(f"OSP-Next SSP={world} vs dense Wan Ulysses={world} step speedup", results["dense_ulysses"][0] / ssp[0], "x",
+                f"dense Wan Ulysses={world} ({results['dense_ulysses'][0]:.0f} ms)", 1.0),
+            row(f"bytes sent per GPU per step, OSP-Next SSP={world} vs dense Wan Ulysses={world}", ssp[1] / 1e9, "GB",
+                f"dense Wan Ulysses={world}", results["dense_ulysses"][1] / 1e9, None, True),
         ]
         print_table(rows)
         if not args.tiny:
