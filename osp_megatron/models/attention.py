@@ -91,6 +91,9 @@ class _AttentionBase(MegatronModule):
 
 
 class SelfAttention(_AttentionBase):
+    layer_number = 0
+    qkv_amax_group = None  # set by the model: TP x CP group when q/k/v are sharded
+
     def forward(self, x: torch.Tensor, plan, layout: str, kind: str) -> torch.Tensor:
         q = self.q_norm(self._proj(self.linear_q, x))
         k = self.k_norm(self._proj(self.linear_k, x))
@@ -105,7 +108,8 @@ class SelfAttention(_AttentionBase):
         if self.config.quantize_attention:
             from osp_megatron.quant.modules import hif8_qkv
 
-            q, k, v = hif8_qkv(q, k, v)
+            # amax over the whole tensor: heads are split over TP, tokens over CP
+            q, k, v = hif8_qkv(q, k, v, group=self.qkv_amax_group, key=f"attn{self.layer_number}")
         o = plan.attention(q, k, v, layout, kind)
         return self._proj(self.linear_proj, o.reshape(s, gb, self.heads * self.head_dim))
 

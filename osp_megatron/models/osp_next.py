@@ -99,6 +99,15 @@ class OSPNextDiT(MegatronModule):
             build_module(spec, config=config, layer_number=self.layer_offset + i, tp_group=tp_group)
             for i in range(per_stage)
         )
+        if parallel is not None and (parallel.tp > 1 or parallel.cp.size > 1):
+            from megatron.core import parallel_state as mps
+
+            amax_group = mps.get_tensor_and_context_parallel_group()
+        else:
+            amax_group = None
+        for blk in self.blocks:
+            blk.self_attention.layer_number = blk.layer_number
+            blk.self_attention.qkv_amax_group = amax_group
         first, last = config.bf16_first_blocks, config.bf16_last_blocks
         for i, blk in enumerate(self.blocks):
             gi = self.layer_offset + i

@@ -189,6 +189,7 @@ class Trainer:
 
         model = build()
         model.to(self.device)
+        self._setup_quantization(model)
         tcfg = model.config
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
@@ -283,6 +284,35 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------------------------------ state
+    def _setup_quantization(self, model) -> None:
+        """precision.recipe -> the recipe the forward/backward runs under (HiF8 in our linears, FP8 in TE's)."""
+        from osp_megatron.quant.modules import assign_hif8_keys
+        from osp_megatron.quant.recipes import HiF8DelayedScaling, recipe_from_config
+
+        self.recipe = recipe_from_config(self.cfg.precision)
+        if isinstance(self.recipe, HiF8DelayedScaling):
+            assign_hif8_keys(model)  # delayed scaling keeps one amax history per quantized tensor
+        if self.recipe is not None:
+            self.info(f"[osp-train] quantized training: precision.recipe={self.cfg.precision.recipe}")
+
+    def _quantization_context(self):
+        """HiF8 recipes: our autocast (amax of delayed scaling reduced over DP x CP so replicas share scales);
+        TransformerEngine FP8 recipes: TE's autocast around the TE-spec model."""
+        import contextlib
+
+        from megatron.core import parallel_state
+
+        from osp_megatron.quant.recipes import HiF8CurrentScaling, HiF8DelayedScaling, autocast
+
+        if self.recipe is None:
+            return contextlib.nullcontext()
+        if isinstance(self.recipe, (HiF8CurrentScaling, HiF8DelayedScaling)):
+            return autocast(enabled=True, recipe=self.recipe,
+                            amax_reduction_group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        import transformer_engine.pytorch as te  # fp8_* recipes are only accepted with model.spec=te
+
+        return te.autocast(enabled=True, recipe=self.recipe)
+
     def _sharded_state(self, loading: bool) -> Dict[str, Any]:
         model = unwrap(self.model)
         state: Dict[str, Any] = {"model": model.sharded_state_dict()}
@@ -306,6 +336,7 @@ class Trainer:
             "rng": _all_gather_object(get_rng_state()),
             "loader": _all_gather_object({"dp_rank": self.dp_rank, "state": loader_state, "passes": self.data.passes}),
             "config_yaml": self.cfg.to_yaml(),
+            "quant": self.recipe.state_dict() if hasattr(self.recipe, "state_dict") else None,
         }
         t0 = time.time()
         self.checkpointer.save(self.step, state, before_commit=before_commit)
@@ -372,6 +403,8 @@ class Trainer:
             self.info(f"[osp-train] world size changed {osp['world_size']} -> {self.world}: RNG states re-seeded "
                       "(noise is derived from (seed, dp_rank, step) and does not depend on them)")
         self._restore_loader(osp["loader"], int(osp["dp_size"]))
+        if osp.get("quant") is not None and hasattr(self.recipe, "load_state_dict"):
+            self.recipe.load_state_dict(osp["quant"], device=self.device)  # delayed-scaling amax histories
         return True
 
     def _restore_loader(self, entries: List[Dict[str, Any]], old_dp: int) -> None:
@@ -471,11 +504,12 @@ class Trainer:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         fb = get_forward_backward_func()
-        losses = fb(
-            forward_step_func=partial(self._forward_step, inject_nan=step in t.debug_nonfinite_steps),
-            data_iterator=iter(micro), model=[self.model], num_microbatches=len(micro),
-            forward_only=False, **self._pipeline_shape(micro[0]["x_t"].shape[1:]),
-        )
+        with self._quantization_context():
+            losses = fb(
+                forward_step_func=partial(self._forward_step, inject_nan=step in t.debug_nonfinite_steps),
+                data_iterator=iter(micro), model=[self.model], num_microbatches=len(micro),
+                forward_only=False, **self._pipeline_shape(micro[0]["x_t"].shape[1:]),
+            )
         # mean MSE over the global batch, known on every rank
         loss_sum = torch.zeros(2, dtype=torch.float64, device=self.device)
         if self.is_last_stage:
