@@ -180,3 +180,29 @@ def test_array_templates_cover_every_input_once_across_reruns(cluster, tmp_path)
     text = cache()
     assert text.count("already done; skipping") == 2, text
     assert sorted(_tar_keys(lat) + rejected) == expected
+
+
+def _launch(env_extra, *args):
+    env = {**job_env(), "SLURM_JOB_ID": "4242", "MASTER_ADDR": "10.0.0.1", **env_extra}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    out = subprocess.run([str(SLURM_DIR / "launcher.sh"), *args], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_launcher_task_mode_maps_slurm_ranks():
+    """Task 4 of 7 on the third node of `SLURM_STEP_TASKS_PER_NODE=2(x3),1`: local rank 0 of 2 there."""
+    out = _launch({"SLURM_PROCID": "4", "SLURM_NTASKS": "7", "SLURM_LOCALID": "0", "SLURM_NODEID": "2",
+                   "SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "SLURM_CPUS_PER_TASK": "6", "OMP_NUM_THREADS": ""},
+                  "--", "bash", "-c", "echo $RANK $WORLD_SIZE $LOCAL_RANK $LOCAL_WORLD_SIZE $NODE_RANK $MASTER_ADDR "
+                                      "$MASTER_PORT ${OMP_NUM_THREADS:-unset}")
+    assert out.split() == ["4", "7", "0", "2", "2", "10.0.0.1", str(20000 + 4242 % 20000), "6"]
+
+
+def test_launcher_torchrun_mode_builds_the_torchrun_command():
+    out = _launch({"SLURM_PROCID": "1", "SLURM_NODEID": "1", "SLURM_NNODES": "3", "SLURM_STEP_NUM_NODES": "3",
+                   "SLURM_STEP_NUM_TASKS": "3", "TORCHRUN": "echo", "MASTER_PORT": "29999"},
+                  "--torchrun", "--nproc-per-node", "4", "--", "osp-train", "cfg.yaml", "train.steps=2")
+    assert out.split() == ["--nnodes=3", "--node-rank=1", "--nproc-per-node=4", "--master-addr=10.0.0.1",
+                           "--master-port=29999", "--max-restarts=0", "--no-python", "osp-train", "cfg.yaml",
+                           "train.steps=2"]
