@@ -28,6 +28,7 @@ from osp_megatron.models.rope import rope_tables
 from osp_megatron.parallel import comm_stats
 from osp_megatron.parallel.collectives import all_to_all_equal
 from osp_megatron.parallel.ssp import switch_token_group
+from osp_megatron.parallel.ulysses import head_gather_seq_scatter, seq_gather_head_scatter
 
 
 @dataclass
@@ -246,7 +247,7 @@ class SequencePlan:
             group, size = self.cp.cp_group, self.cp.size
         if size > 1:
             with comm_stats.scope(kind):
-                q, k, v = (_seq_gather_head_scatter(t, group, size) for t in (q, k, v))
+                q, k, v = (seq_gather_head_scatter(t, group, size) for t in (q, k, v))
         g = self.classes_per_rank(layout)
         groups = self._attention_groups(layout, kind)
         s_tot, gb, h, d = q.shape
@@ -261,7 +262,7 @@ class SequencePlan:
             out = self._grouped_attention(q5, k5, v5, groups).view(s_tot, gb, h, d)
         if size > 1:
             with comm_stats.scope(kind):
-                out = _head_gather_seq_scatter(out, group, size)
+                out = head_gather_seq_scatter(out, group, size)
         return out
 
     def _grouped_attention(self, q5, k5, v5, groups):
@@ -311,24 +312,6 @@ class SequencePlan:
         groups = [(s.to(self.device), c.contiguous().to(self.device)) for s, c in groups]
         self._groups[key] = groups
         return groups
-
-
-def _seq_gather_head_scatter(x: torch.Tensor, group, size: int) -> torch.Tensor:
-    """Ulysses: [S_loc, B, h, d] -> [size*S_loc, B, h/size, d] (sequence gathered in group-rank order)."""
-    s, bsz, h, d = x.shape
-    if h % size:
-        raise ValueError(f"Ulysses over {size} ranks needs the local head count {h} divisible by it")
-    send = x.reshape(s, bsz, size, h // size, d).permute(2, 0, 1, 3, 4)
-    recv = all_to_all_equal(send, group)  # [src rank, S_loc, B, h/size, d]
-    return recv.reshape(size * s, bsz, h // size, d)
-
-
-def _head_gather_seq_scatter(x: torch.Tensor, group, size: int) -> torch.Tensor:
-    """Inverse Ulysses: [size*S_loc, B, h/size, d] -> [S_loc, B, h, d]."""
-    st, bsz, hs, d = x.shape
-    send = x.reshape(size, st // size, bsz, hs, d)
-    recv = all_to_all_equal(send, group)  # [head chunk j, S_loc, B, h/size, d]
-    return recv.permute(1, 2, 0, 3, 4).reshape(st // size, bsz, size * hs, d)
 
 
 class _GatherShards(torch.autograd.Function):

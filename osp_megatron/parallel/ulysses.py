@@ -1,0 +1,28 @@
+"""Ulysses sequence parallelism: all-to-all between sequence-sharded and head-sharded attention inputs.
+
+Used by full blocks over the whole context-parallel group, and inside a Skiparse class by the Ulysses part of
+SSP x Ulysses. Each call is one all-to-all of a [S_loc, B, h, d] tensor (4 per attention: q, k, v, out).
+"""
+from __future__ import annotations
+
+import torch
+
+from osp_megatron.parallel.collectives import all_to_all_equal
+
+
+def seq_gather_head_scatter(x: torch.Tensor, group, size: int) -> torch.Tensor:
+    """Ulysses: [S_loc, B, h, d] -> [size*S_loc, B, h/size, d] (sequence gathered in group-rank order)."""
+    s, bsz, h, d = x.shape
+    if h % size:
+        raise ValueError(f"Ulysses over {size} ranks needs the local head count {h} divisible by it")
+    send = x.reshape(s, bsz, size, h // size, d).permute(2, 0, 1, 3, 4)
+    recv = all_to_all_equal(send, group)  # [src rank, S_loc, B, h/size, d]
+    return recv.reshape(size * s, bsz, h // size, d)
+
+
+def head_gather_seq_scatter(x: torch.Tensor, group, size: int) -> torch.Tensor:
+    """Inverse Ulysses: [size*S_loc, B, h/size, d] -> [S_loc, B, h, d]."""
+    st, bsz, hs, d = x.shape
+    send = x.reshape(size, st // size, bsz, hs, d)
+    recv = all_to_all_equal(send, group)  # [head chunk j, S_loc, B, h/size, d]
+    return recv.permute(1, 2, 0, 3, 4).reshape(st // size, bsz, size * hs, d)
