@@ -15,13 +15,14 @@ _scope = "other"
 _counters: Dict[Tuple[str, str], Dict[str, float]] = defaultdict(lambda: {"calls": 0, "bytes": 0, "sent": 0})
 
 
-def record(collective: str, nbytes: int, group_size: int) -> None:
+def record(collective: str, nbytes: int, group_size: int, sent: float = None) -> None:
+    """`sent`: bytes that leave the rank, when not (S-1)/S of the input (uneven all-to-alls)."""
     if not _enabled or group_size <= 1:
         return
     c = _counters[(collective, _scope)]
     c["calls"] += 1
     c["bytes"] += nbytes
-    c["sent"] += nbytes * (group_size - 1) / group_size
+    c["sent"] += nbytes * (group_size - 1) / group_size if sent is None else sent
 
 
 @contextlib.contextmanager

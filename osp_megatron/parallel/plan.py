@@ -28,7 +28,13 @@ from osp_megatron.models.rope import rope_tables
 from osp_megatron.parallel import comm_stats
 from osp_megatron.parallel.collectives import all_to_all_equal
 from osp_megatron.parallel.ssp import switch_token_group
-from osp_megatron.parallel.ulysses import head_gather_seq_scatter, seq_gather_head_scatter
+from osp_megatron.parallel.exchange import TokenExchange
+from osp_megatron.parallel.ulysses import (
+    head_gather_seq_scatter,
+    head_gather_seq_scatter_uneven,
+    seq_gather_head_scatter,
+    seq_gather_head_scatter_uneven,
+)
 
 
 @dataclass
@@ -229,8 +235,18 @@ class SequencePlan:
             return skiparse.from_layout(x, self.grid, self.ratio, src)
         if {src, dst} != {"token", "group"}:
             raise ValueError(f"no layout switch from {src} to {dst} inside the block stack")
-        group = self.cp.ssp_group if self.cp.ssp > 1 else None
-        return switch_token_group(x, self.ratio, self.w_blocks, group)
+        if self.cp.ssp == 1 or self.sp_size > 1:  # local, or on sequence-parallel chunks (padded exchange)
+            group = self.cp.ssp_group if self.cp.ssp > 1 else None
+            return switch_token_group(x, self.ratio, self.w_blocks, group)
+        key = ("exchange", src, dst)
+        if key not in self._groups:
+            u = self.cp.ulysses_rank
+            self._groups[key] = TokenExchange(
+                [self.positions(src, j, u) for j in range(self.cp.ssp)],
+                [self.positions(dst, j, u) for j in range(self.cp.ssp)],
+                self.cp.ssp_rank, self.cp.ssp_group, self.num_tokens, self.device)
+        with comm_stats.scope("sparse"):
+            return self._groups[key](x)
 
     # ------------------------------------------------------------------ attention
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, kind: str) -> torch.Tensor:
@@ -245,6 +261,8 @@ class SequencePlan:
             group, size = self.cp.ulysses_group, self.cp.ulysses
         else:
             group, size = self.cp.cp_group, self.cp.size
+        if kind == "full" and size > 1 and self.sp_size == 1:
+            return self._full_attention_compacted(q, k, v, layout)
         if size > 1:
             with comm_stats.scope(kind):
                 q, k, v = (seq_gather_head_scatter(t, group, size) for t in (q, k, v))
@@ -264,6 +282,31 @@ class SequencePlan:
             with comm_stats.scope(kind):
                 out = head_gather_seq_scatter(out, group, size)
         return out
+
+    def _full_attention_compacted(self, q, k, v, layout):
+        """Full attention under CP with padding removed before the Ulysses all-to-all (uneven splits):
+        only valid tokens travel and the gathered sequence needs no further compaction."""
+        key = ("compact", layout)
+        if key not in self._groups:
+            counts = [int((self.positions(layout, r // self.cp.ulysses, r % self.cp.ulysses) >= 0).sum())
+                      for r in range(self.cp.size)]
+            rows = (self.positions(layout) >= 0).reshape(-1).nonzero().squeeze(1)
+            self._groups[key] = (counts, rows.to(self.device))
+        counts, rows = self._groups[key]
+        s, gb, h, d = q.shape
+        g = self.classes_per_rank(layout)
+        b = gb // g
+        total = s * g
+        me, group = self.cp.rank, self.cp.cp_group
+        with comm_stats.scope("full"):
+            qa, ka, va = (seq_gather_head_scatter_uneven(_RowGather.apply(t.reshape(total, b * h * d), rows)
+                                                         .view(-1, b, h, d), counts, me, group) for t in (q, k, v))
+        o = dense_attention(*(t.transpose(0, 1).contiguous() if b > 1 else t.transpose(0, 1) for t in (qa, ka, va)),
+                            self.backend).transpose(0, 1)
+        with comm_stats.scope("full"):
+            o = head_gather_seq_scatter_uneven(o.contiguous(), counts, me, group)  # [n_me, b, h, d]
+        out = _RowScatter.apply(o.reshape(-1, b * h * d), rows, total)
+        return out.view(s, gb, h, d)
 
     def _grouped_attention(self, q5, k5, v5, groups):
         """Gather each group's valid tokens into [m*b, n, h, d], run the dense kernel, scatter back.

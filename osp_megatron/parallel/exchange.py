@@ -1,0 +1,88 @@
+"""Padding-free token exchange between two sharded layouts: one `all_to_all_single` with uneven splits.
+
+Both layouts are described by global positions (raster index of every local slot on every rank of the
+group, -1 for padding), so every rank computes the same routing without communication: each valid token
+is sent once, from its slot in the source shard straight to its slot in the destination shard; padding
+never travels and arrives as zeros. Used for the SSP token <-> group switch, where it moves exactly the
+valid tokens (the padded H rows of 720P would otherwise add 6.7% to every switch).
+Backward is the reverse exchange.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import torch.distributed as dist
+
+from osp_megatron.parallel import comm_stats
+
+
+class TokenExchange:
+    """Routing for `src` shards -> `dst` shards over `group` (positions: one [S, G] long tensor per group rank)."""
+
+    def __init__(self, src_pos: Sequence[torch.Tensor], dst_pos: Sequence[torch.Tensor], rank: int, group,
+                 num_tokens: int, device):
+        size = len(src_pos)
+        dst_rank_of = torch.full((num_tokens,), -1, dtype=torch.long)
+        dst_row_of = torch.full((num_tokens,), -1, dtype=torch.long)
+        for r, pos in enumerate(dst_pos):
+            flat = pos.reshape(-1).cpu()
+            keep = flat >= 0
+            dst_rank_of[flat[keep]] = r
+            dst_row_of[flat[keep]] = torch.arange(flat.numel())[keep]
+        mine = src_pos[rank].reshape(-1).cpu()
+        rows = torch.arange(mine.numel())[mine >= 0]
+        ids = mine[mine >= 0]
+        order = torch.argsort(dst_rank_of[ids] * num_tokens + dst_row_of[ids])
+        self.send_rows = rows[order].to(device)
+        self.send_counts = torch.bincount(dst_rank_of[ids], minlength=size).tolist()
+        recv_rows, recv_counts = [], []
+        for j in range(size):
+            src = src_pos[j].reshape(-1).cpu()
+            src = src[src >= 0]
+            sel = src[dst_rank_of[src] == rank]
+            recv_rows.append(torch.sort(dst_row_of[sel]).values)
+            recv_counts.append(int(sel.numel()))
+        self.recv_rows = torch.cat(recv_rows).to(device)
+        self.recv_counts = recv_counts
+        self.src_rows = src_pos[rank].numel()
+        self.dst_rows = dst_pos[rank].numel()
+        self.dst_classes = dst_pos[rank].shape[1]
+        self.group = group
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [S_src, G_src*b, *R] -> [S_dst, G_dst*b, *R] (padding slots zero)."""
+        s, gb = x.shape[0], x.shape[1]
+        b = gb * s // self.src_rows
+        rows = x.reshape(self.src_rows, b, *x.shape[2:])
+        out = _Exchange.apply(rows, self)
+        return out.reshape(self.dst_rows // self.dst_classes, self.dst_classes * b, *x.shape[2:])
+
+
+def _uneven_all_to_all(x: torch.Tensor, in_counts: List[int], out_counts: List[int], group) -> torch.Tensor:
+    """all_to_all_single over rows of x [sum(in_counts), *F] -> [sum(out_counts), *F]."""
+    per_row = x[0].numel() if x.shape[0] else int(torch.tensor(x.shape[1:]).prod())
+    out = x.new_empty((sum(out_counts),) + tuple(x.shape[1:]))
+    me = dist.get_rank(group)
+    sent = sum(c for j, c in enumerate(in_counts) if j != me) * per_row * x.element_size()
+    comm_stats.record("all_to_all", x.numel() * x.element_size(), dist.get_world_size(group), sent=sent)
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=out_counts, input_split_sizes=in_counts, group=group)
+    return out
+
+
+class _Exchange(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, ex: TokenExchange):
+        ctx.ex = ex
+        recv = _uneven_all_to_all(rows.index_select(0, ex.send_rows), ex.send_counts, ex.recv_counts, ex.group)
+        out = rows.new_zeros((ex.dst_rows,) + tuple(rows.shape[1:]))
+        out.index_copy_(0, ex.recv_rows, recv)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        ex = ctx.ex
+        back = _uneven_all_to_all(grad.index_select(0, ex.recv_rows), ex.recv_counts, ex.send_counts, ex.group)
+        g = grad.new_zeros((ex.src_rows,) + tuple(grad.shape[1:]))
+        g.index_copy_(0, ex.send_rows, back)
+        return g, None
