@@ -91,26 +91,10 @@ def plan_text(cfg, gcfg, world_size: int) -> str:
 
 def init_base_weights(model, cfg, log=print) -> None:
     """Load `train.init_from` (megatron checkpoint, diffusers or Wan weights) into the model before LoRA."""
-    from osp_megatron.training.checkpoint import Checkpointer
-    from osp_megatron.training.trainer import read_weight_files, resolve_init_format
+    from osp_megatron.training.trainer import load_initial_weights
 
     path = Path(cfg.train.init_from)
-    fmt = resolve_init_format(path, cfg.train.init_format)
-    if fmt == "megatron":
-        ckpt = path
-        if (path / "checkpoints" / "latest").is_file():
-            ckpt = Checkpointer(path).latest_dir()
-        elif (path / "latest").is_file():
-            ckpt = path / (path / "latest").read_text().strip()
-        loaded = Checkpointer(ckpt.parent).load(ckpt, {"model": model.sharded_state_dict()})
-        model.load_state_dict(loaded["model"], strict=False)
-    else:
-        raw = read_weight_files(path)
-        if fmt == "diffusers":
-            from osp_megatron.models.adapters.diffusers import from_diffusers as convert
-        else:
-            from osp_megatron.models.adapters.wan import from_wan as convert
-        model.load_full_state_dict(convert(raw, cfg.model))
+    fmt = load_initial_weights(model, path, cfg.train.init_format, cfg.model)
     log(f"[osp-grpo] base weights from {path} ({fmt})")
 
 

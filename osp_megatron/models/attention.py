@@ -10,7 +10,7 @@ Shapes: x [S, G*b, C] (SP: [S/TP, G*b, C]), text [L, b, C].
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from megatron.core.transformer.module import MegatronModule

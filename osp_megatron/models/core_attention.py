@@ -8,7 +8,7 @@ backends: if neither can run the call, it raises instead of silently falling bac
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import torch
 import torch.nn.functional as F

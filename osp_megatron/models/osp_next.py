@@ -17,7 +17,7 @@ tensor that packs `[x; e; temb; text]` along the sequence axis.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,6 @@ from megatron.core.transformer.spec_utils import build_module
 
 from osp_megatron.models.skiparse import block_schedule
 from osp_megatron.models.specs import get_block_spec
-from osp_megatron.parallel.collectives import all_reduce_sum
 from osp_megatron.parallel.plan import SequencePlan
 
 

@@ -7,7 +7,6 @@ Inside each context-parallel group (ranks ordered by CP rank), Ulysses groups ar
 """
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass, field
 from typing import Optional

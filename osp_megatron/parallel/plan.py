@@ -26,7 +26,6 @@ from osp_megatron.models import skiparse
 from osp_megatron.models.core_attention import dense_attention
 from osp_megatron.models.rope import rope_tables
 from osp_megatron.parallel import comm_stats
-from osp_megatron.parallel.collectives import all_to_all_equal
 from osp_megatron.parallel.ssp import switch_token_group
 from osp_megatron.parallel.exchange import TokenExchange
 from osp_megatron.parallel.ulysses import (

@@ -32,8 +32,6 @@ def head_gather_seq_scatter(x: torch.Tensor, group, size: int) -> torch.Tensor:
 def seq_gather_head_scatter_uneven(x: torch.Tensor, counts, rank: int, group) -> torch.Tensor:
     """Ulysses on compacted (padding-free) rows: x [n_me, B, h, d] -> [sum(counts), B, h/size, d], where
     counts[j] is rank j's row count (known to every rank); rows arrive in group-rank order."""
-    from osp_megatron.parallel.exchange import _uneven_all_to_all
-
     size = len(counts)
     n, bsz, h, d = x.shape
     if h % size:

@@ -107,6 +107,28 @@ def resolve_init_format(path: Path, fmt: str) -> str:
     return "wan"
 
 
+def load_initial_weights(model, path: Path, init_format: str, model_cfg) -> str:
+    """Weights of a diffusers folder, an original Wan2.1 checkpoint or a megatron run/checkpoint dir -> the
+    (TP/PP-sharded) model, in place. Returns the resolved format."""
+    fmt = resolve_init_format(path, init_format)
+    if fmt == "megatron":
+        ckpt = path
+        if (path / "checkpoints" / "latest").is_file():
+            ckpt = Checkpointer(path).latest_dir()
+        elif (path / "latest").is_file():
+            ckpt = path / (path / "latest").read_text().strip()
+        loaded = Checkpointer(ckpt.parent).load(ckpt, {"model": model.sharded_state_dict()})
+        model.load_state_dict(loaded["model"], strict=False)
+        return fmt
+    raw = read_weight_files(path)
+    if fmt == "diffusers":
+        from osp_megatron.models.adapters.diffusers import from_diffusers as convert
+    else:
+        from osp_megatron.models.adapters.wan import from_wan as convert
+    model.load_full_state_dict(convert(raw, model_cfg))
+    return fmt
+
+
 def read_weight_files(path: Path) -> Dict[str, torch.Tensor]:
     """All tensors of a `.safetensors`/`.pt`/`.pth` file, or of every such file in a folder."""
     if path.is_dir():
@@ -425,28 +447,10 @@ class Trainer:
 
     def _init_weights(self, path: Path) -> None:
         """Sparse fine-tune init: load dense Wan2.1 (diffusers / original) or a megatron checkpoint's weights."""
-        from megatron.core import dist_checkpointing
-
-        fmt = resolve_init_format(path, self.cfg.train.init_format)
         model = unwrap(self.model)
-        if fmt == "megatron":
-            ckpt = path
-            if (path / "checkpoints" / "latest").is_file():
-                ckpt = Checkpointer(path).latest_dir()
-            elif (path / "latest").is_file():
-                ckpt = path / (path / "latest").read_text().strip()
-            loaded = Checkpointer(ckpt.parent).load(ckpt, {"model": model.sharded_state_dict()})
-            model.load_state_dict(loaded["model"], strict=False)
-        else:
-            raw = read_weight_files(path)
-            if fmt == "diffusers":
-                from osp_megatron.models.adapters.diffusers import from_diffusers as convert
-            else:
-                from osp_megatron.models.adapters.wan import from_wan as convert
-            model.load_full_state_dict(convert(raw, self.cfg.model))
+        fmt = load_initial_weights(model, path, self.cfg.train.init_format, self.cfg.model)
         if self.ema is not None:
             self.ema.copy_from(model)
-        del dist_checkpointing
         self.info(f"[osp-train] initialised weights from {path} ({fmt})")
 
     # ------------------------------------------------------------------------------------------ step
