@@ -1,6 +1,7 @@
 """Context parallelism on several GPUs: OSP-Next forward+backward with SSP vs Ulysses vs one GPU, same run.
 
     torchrun --nproc_per_node 2 benchmarks/parallel.py [--size wan_1_3b] [--grid 21 45 80]
+    torchrun --nproc_per_node 4 benchmarks/parallel.py --size wan_14b --layers 8     # 14B slice (issue 9)
 
 Every plan processes the same single 81x720P sample: `one_gpu` runs it on each GPU independently (no
 communication; the scaling baseline), `ssp` splits its Skiparse classes over the GPUs (one all-to-all per layout
@@ -30,6 +31,8 @@ def main(argv=None):
     ap.add_argument("--grid", type=int, nargs=3, default=[21, 45, 80])
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=0, help="model slice: this many blocks (e.g. 8 for a 14B slice)")
+    ap.add_argument("--num-full", type=int, default=0, help="full blocks of the slice's dual_end pattern (default 8 or 4)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     if cuda:
@@ -55,6 +58,9 @@ def main(argv=None):
     for name, pcfg, schedule in plans:
         ps = initialize_parallel(pcfg)
         mc = ModelConfig(size=size, schedule=schedule, recompute=True)
+        if args.layers:  # a slice with the released pattern: full blocks at both ends, token/group between
+            mc.num_layers = args.layers
+            mc.num_full_blocks = args.num_full or (4 if args.layers <= 16 else 8)
         cfg = make_osp_config(mc, pcfg, PrecisionConfig(dtype="bf16" if cuda else "fp32"), dtype)
         torch.manual_seed(0)
         model = build_model(cfg, parallel=ps, device=dev).train()
@@ -95,7 +101,8 @@ def main(argv=None):
         ]
         print_table(rows)
         if not args.tiny:
-            print(f"wrote {write_results(f'parallel-{world}gpu', rows, {'grid': grid, 'size': size, 'recompute': True})}")
+            tag = f"parallel-{world}gpu" + (f"-{size}-{args.layers}blocks" if args.layers else "")
+            print(f"wrote {write_results(tag, rows, {'grid': grid, 'size': size, 'layers': args.layers or None, 'recompute': True})}")
     dist.barrier()
     dist.destroy_process_group()
 
