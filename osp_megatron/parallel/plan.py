@@ -2,9 +2,14 @@
 
 The model calls four things per forward and never sees a process group itself:
 `enter` (patch tokens -> this rank's shard of the first layout, no communication), `switch`
-(token <-> group, SSP all-to-all), `attention` (Ulysses all-to-all as needed + padding-free dense
-kernel per class / per sample), and `exit` / `shard_target` / `valid` (gather once at the end for
+(token <-> group: one all-to-all over the SSP group that moves only valid tokens, see exchange.py),
+`attention` (Ulysses all-to-all as needed + padding-free dense kernel per class / per sample; full
+blocks send compacted rows), and `exit` / `shard_target` / `valid` (gather once at the end for
 sampling, or compute the loss on the rank's own tokens in training).
+
+On one device (no CP, no TP sequence parallelism) full blocks run on the unpadded raster sequence and
+sparse blocks switch into/out of the padded Skiparse layouts locally; under CP/SP the plan is
+layout-native (token layout from the first block, no communication at full <-> sparse boundaries).
 
 Notation: a local shard is `[S_loc, G*b, *R]` with G classes of the layout on this rank
 (class-major batch). Positions (`positions(layout)`: raster index or -1 for padding, `[S_loc, G]`)

@@ -11,6 +11,8 @@ switch needs no sequence gather:
 
 The map is an involution, so group -> token is the same call; backward is the same exchange
 (all-to-all's adjoint). With S = 1 it is the single-device `skiparse.token_to_group`.
+Under SSP the sequence plan uses the padding-free `exchange.TokenExchange` (same routing, valid tokens
+only); this reshape form serves one device and TP sequence-parallel chunks.
 """
 from __future__ import annotations
 
