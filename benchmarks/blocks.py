@@ -94,7 +94,9 @@ def main(argv=None):
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     grid = tuple(args.grid)
     peak = matmul_peak_tflops()
-    rows, extra = [], {"grid": grid, "blocks_ms": {}}
+    rows, extra = [], {"grid": grid, "blocks_ms": {},
+                       "kernel_backend": "sdpa(cudnn|flash)" if dev == "cuda" else "sdpa(cpu)",
+                       "fused_elementwise": "torch.compile" if dev == "cuda" else "eager"}
     for size in (["tiny"] if args.tiny else args.sizes):
         cfg, times, comp, dense, n = bench_size(size, grid, dev, dtype, tiny=args.tiny)
         extra["blocks_ms"][size] = {k: {"fwd": v[0], "fwd_bwd": v[1]} for k, v in times.items()}
