@@ -7,10 +7,11 @@ Per block with C = hidden, F = ffn hidden, L = text tokens, N = tokens the block
     cross-attn projections Q, O    : 2 * 2*N*C^2;  K, V of the text: 2 * 2*L*C^2 (once per sample)
     cross-attention core           : 4*N*L*C
     FFN                            : 2 * 2*N*C*F
-Layout-native plans (any context or sequence parallelism) run sparse blocks on the padded Skiparse grid
-(Np = T*Hp*Wp, H/W padded to multiples of P^2), so their FLOPs count the padding (executed work).
-Single-device plans run every block on the unpadded raster N = T*H*W, and sparse attention on each class's
-valid tokens only: sum over the P^2 classes of 4*n_c^2*C (`padded=False`). Full blocks always use N.
+Executed work, as the sequence plan runs it: sparse blocks hold the padded Skiparse grid (Np = T*Hp*Wp, H/W
+padded to multiples of P^2), so their projections, cross-attention and FFN run on Np tokens, while their
+self-attention sees each class's valid tokens only: sum over the P^2 classes of 4*n_c^2*C. Full blocks attend
+over the N = T*H*W valid tokens (4*N^2*C); their other work runs on N on one device (raster layout) and on Np
+in layout-native plans (`padded=True`: any context or sequence parallelism).
 Outside the blocks: patch embedding 2*N*(16*4)*C, head 2*N*C*(4*16), text embedding 2*L*(text_dim*C + C*C).
 Training = forward + backward = 3x forward; activation recompute executes one more forward (4x).
 """
@@ -38,7 +39,7 @@ def class_sizes(grid: Sequence[int], ratio: int, layout: str) -> List[int]:
 def forward_flops(model_cfg, latent_shape: Sequence[int], text_len: int, padded: bool = True) -> Dict[str, float]:
     """Forward FLOPs of one sample with latents [16, T, H, W]; returns a breakdown and `total`.
 
-    `padded`: sparse blocks run on the padded layout (layout-native plans, CP or SP > 1); else padding-free."""
+    `padded`: layout-native plan (CP or SP > 1): full blocks also hold the padded grid; else they run on raster."""
     dims = resolve_model_dims(model_cfg)
     c, f = dims["hidden_size"], dims["ffn_hidden_size"]
     pt, ph, pw = dims["patch_size"]
@@ -51,13 +52,12 @@ def forward_flops(model_cfg, latent_shape: Sequence[int], text_len: int, padded:
     lt = text_len
     kinds = block_schedule(dims["num_layers"], model_cfg.schedule, dims["num_full_blocks"])
     out = {"linear": 0.0, "self_attention": 0.0, "cross_attention": 0.0, "ffn": 0.0}
+    sparse_model = any(k != "full" for k in kinds)  # the dense Wan schedule never leaves the raster sequence
     for kind in kinds:
-        n = n_pad if (kind != "full" and padded) else n_full
+        n = n_pad if sparse_model and (kind != "full" or padded) else n_full
         out["linear"] += 4 * 2 * n * c * c + 2 * 2 * n * c * c + 2 * 2 * lt * c * c
         if kind == "full":
-            out["self_attention"] += 4.0 * n * n * c
-        elif padded:
-            out["self_attention"] += 4.0 * n * n * c / (ratio * ratio)
+            out["self_attention"] += 4.0 * n_full * n_full * c
         else:
             out["self_attention"] += sum(4.0 * m * m * c for m in class_sizes(grid, ratio, kind))
         out["cross_attention"] += 4.0 * n * lt * c

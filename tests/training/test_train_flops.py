@@ -1,4 +1,5 @@
-"""The explicit FLOPs formula: hand-checked terms, sparse attention counted as executed (with padding)."""
+"""The explicit FLOPs formula: hand-checked terms, work counted as executed (padded sparse layouts,
+padding-free attention per class)."""
 from osp_megatron.config import ModelConfig
 from osp_megatron.training.flops import forward_flops, model_flops_per_sample, train_flops_per_sample
 
@@ -17,15 +18,19 @@ def test_dense_tiny_matches_hand_count():
     assert model_flops_per_sample(m, [16, 2, 8, 8], lt) == 3 * expect
 
 
-def test_sparse_blocks_count_padding_and_divide_attention_by_p_squared():
+def test_sparse_blocks_count_padding_and_attention_per_class():
+    from osp_megatron.training.flops import class_sizes
+
     shape = [16, 21, 60, 104]  # 81x480x832 latents: grid 21x30x52, padded to 21x32x52 for P=2
     dense = forward_flops(ModelConfig(size="wan_1_3b", schedule="full"), shape, 512)
     sparse = forward_flops(ModelConfig(size="wan_1_3b", schedule="dual_end"), shape, 512)
     assert dense["tokens"] == 21 * 30 * 52 and sparse["tokens_padded"] == 21 * 32 * 52
     n, npad, c = dense["tokens"], sparse["tokens_padded"], 1536
-    # 8 full blocks on raster n, 22 sparse blocks on npad with P^2 = 4 classes
-    expect_attn = 8 * 4 * n * n * c + 22 * 4 * npad * npad * c / 4
+    # 8 full blocks over the n valid tokens; 22 sparse blocks attend within each class's valid tokens
+    per_class = {k: sum(4 * m * m * c for m in class_sizes((21, 30, 52), 2, k)) for k in ("token", "group")}
+    expect_attn = 8 * 4 * n * n * c + 11 * per_class["token"] + 11 * per_class["group"]
     assert abs(sparse["self_attention"] - expect_attn) / expect_attn < 1e-12
+    assert per_class["token"] < 4 * npad * npad * c / 4  # padding never reaches the kernel
     assert sparse["ffn"] > dense["ffn"]  # padded tokens run through the FFN too
     assert 1.4 < dense["total"] / sparse["total"] < 1.7
 
@@ -45,6 +50,8 @@ def test_padding_free_single_device_counts_valid_tokens_per_class():
     n, c = 21 * 30 * 52, 1536
     exact = 8 * 4 * n * n * c + 11 * sum(4 * k * k * c for k in class_sizes((21, 30, 52), 2, "token")) \
         + 11 * sum(4 * k * k * c for k in class_sizes((21, 30, 52), 2, "group"))
-    assert free["self_attention"] == exact
-    dense = forward_flops(ModelConfig(size="wan_1_3b", schedule="full"), shape, 512)
-    assert free["ffn"] == dense["ffn"] and free["linear"] == dense["linear"]
+    assert free["self_attention"] == exact == pad["self_attention"]
+    npad, f = 21 * 32 * 52, 8960
+    # one device: full blocks' FFN on the raster n tokens, sparse blocks' on the padded grid
+    assert free["ffn"] == 8 * 4 * n * c * f + 22 * 4 * npad * c * f
+    assert pad["ffn"] == 30 * 4 * npad * c * f
