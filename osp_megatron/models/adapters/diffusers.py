@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from osp_megatron.models.adapters.common import StateDict, check_keys, num_layers_in, our_keys, rename
+from osp_megatron.models.adapters.common import StateDict, export_state_dict, import_state_dict
 
 _TO_OURS = [
     (r"patch_embedding\.(weight|bias)", r"patch_embedding.\1"),
@@ -81,25 +81,10 @@ def diffusers_config(model_config) -> Dict[str, Any]:
 
 def from_diffusers(state_dict: StateDict, model_config) -> StateDict:
     """diffusers keys -> our full (unsharded) keys. Raises StateDictMismatch naming missing/unexpected keys."""
-    from osp_megatron.models.registry import resolve_model_dims
-
-    layers = resolve_model_dims(model_config)["num_layers"]
     sd = {k: v for k, v in state_dict.items() if not k.endswith("norm_added_q.weight")}
-    out = rename(sd, _TO_OURS, "from_diffusers")
-    w = out.get("patch_embedding.weight")
-    if w is not None and w.dim() == 5:
-        out["patch_embedding.weight"] = w.reshape(w.shape[0], -1)
-    check_keys(out, our_keys(layers), f"from_diffusers ({num_layers_in(state_dict)} blocks in the file, {layers} in the model)")
-    return out
+    return import_state_dict(sd, _TO_OURS, model_config, "from_diffusers")
 
 
 def to_diffusers(state_dict: StateDict, model_config) -> StateDict:
     """Our full keys -> diffusers keys (patch weight back to Conv3d [C, in, pt, ph, pw])."""
-    from osp_megatron.models.registry import resolve_model_dims
-
-    d = resolve_model_dims(model_config)
-    check_keys(state_dict, our_keys(d["num_layers"]), "to_diffusers")
-    out = rename(state_dict, _TO_DIFFUSERS, "to_diffusers")
-    w = out["patch_embedding.weight"]
-    out["patch_embedding.weight"] = w.reshape(w.shape[0], d["in_channels"], *d["patch_size"])
-    return out
+    return export_state_dict(state_dict, _TO_DIFFUSERS, model_config, "to_diffusers")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from osp_megatron.models.adapters.common import StateDict, check_keys, num_layers_in, our_keys, rename
+from osp_megatron.models.adapters.common import StateDict, export_state_dict, import_state_dict
 
 _TO_OURS = [
     (r"patch_embedding\.(weight|bias)", r"patch_embedding.\1"),
@@ -83,26 +83,13 @@ config_from_original = config_from_wan
 
 
 def from_wan(state_dict: StateDict, model_config) -> StateDict:
-    from osp_megatron.models.registry import resolve_model_dims
-
-    layers = resolve_model_dims(model_config)["num_layers"]
-    out = rename(state_dict, _TO_OURS, "from_wan")
-    w = out.get("patch_embedding.weight")
-    if w is not None and w.dim() == 5:
-        out["patch_embedding.weight"] = w.reshape(w.shape[0], -1)
-    check_keys(out, our_keys(layers), f"from_wan ({num_layers_in(state_dict)} blocks in the file, {layers} in the model)")
-    return out
+    """Original Wan2.1 keys -> our full keys. Raises StateDictMismatch naming missing/unexpected keys."""
+    return import_state_dict(state_dict, _TO_OURS, model_config, "from_wan")
 
 
 def to_wan(state_dict: StateDict, model_config) -> StateDict:
-    from osp_megatron.models.registry import resolve_model_dims
-
-    d = resolve_model_dims(model_config)
-    check_keys(state_dict, our_keys(d["num_layers"]), "to_wan")
-    out = rename(state_dict, _TO_WAN, "to_wan")
-    w = out["patch_embedding.weight"]
-    out["patch_embedding.weight"] = w.reshape(w.shape[0], d["in_channels"], *d["patch_size"])
-    return out
+    """Our full keys -> original Wan2.1 keys."""
+    return export_state_dict(state_dict, _TO_WAN, model_config, "to_wan")
 
 
 # DESIGN.md names: config_from_diffusers / from_diffusers / to_diffusers in `adapters.diffusers`,
