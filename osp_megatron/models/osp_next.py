@@ -98,12 +98,7 @@ class OSPNextDiT(MegatronModule):
             build_module(spec, config=config, layer_number=self.layer_offset + i, tp_group=tp_group)
             for i in range(per_stage)
         )
-        if parallel is not None and (parallel.tp > 1 or parallel.cp.size > 1):
-            from megatron.core import parallel_state as mps
-
-            amax_group = mps.get_tensor_and_context_parallel_group()
-        else:
-            amax_group = None
+        amax_group = parallel.tp_cp_group if parallel is not None and (parallel.tp > 1 or parallel.cp.size > 1) else None
         for blk in self.blocks:
             blk.self_attention.layer_number = blk.layer_number
             blk.self_attention.qkv_amax_group = amax_group

@@ -31,6 +31,7 @@ class ParallelState:
     pp_group: Optional[object] = None
     dp_group: Optional[object] = None
     dp_cp_group: Optional[object] = None
+    tp_cp_group: Optional[object] = None  # tensors sharded over heads (TP) and tokens (CP): per-tensor amax
 
     @property
     def is_first_stage(self) -> bool:
@@ -98,6 +99,7 @@ def initialize_parallel(parallel_cfg, seed: int = 1234) -> ParallelState:
         tp_group=mps.get_tensor_model_parallel_group(), pp_group=mps.get_pipeline_model_parallel_group(),
         dp_group=mps.get_data_parallel_group(),
         dp_cp_group=mps.get_data_parallel_group(with_context_parallel=True),
+        tp_cp_group=mps.get_tensor_and_context_parallel_group(),
     )
 
 
