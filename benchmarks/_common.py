@@ -65,6 +65,19 @@ def row(name, value, unit, baseline=None, baseline_value=None, goal=None, lower_
             "ratio": ratio, "goal": goal}
 
 
+def save_json(path: Path, doc: Dict) -> Path:
+    """Write a result document atomically (tmp + rename); on the device machine also hand it back via $OUT."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        Path(out_dir, path.name).write_text(json.dumps(doc, indent=1))
+    return path
+
+
 def write_results(benchmark: str, results: List[Dict], extra: Optional[Dict] = None) -> Path:
     date = _dt.date.today().isoformat()
     payload = {
@@ -74,15 +87,7 @@ def write_results(benchmark: str, results: List[Dict], extra: Optional[Dict] = N
     if torch.cuda.is_available():
         payload["cuda"] = torch.version.cuda
     payload.update(extra or {})
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{benchmark}-{device_name()}-{date}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
-    out_dir = os.environ.get("OUT")
-    if out_dir:  # device machine: also hand the file back
-        Path(out_dir, path.name).write_text(json.dumps(payload, indent=1))
-    return path
+    return save_json(RESULTS / f"{benchmark}-{device_name()}-{date}.json", payload)
 
 
 def print_table(results: List[Dict]) -> None:

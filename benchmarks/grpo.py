@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
-import json
 import os
 import re
 import sys
@@ -33,6 +32,9 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import save_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -193,9 +195,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"grpo-{device_slug(device)}{'-' + size if size == 'tiny' else ''}-{date}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    os.replace(tmp, path)
+    save_json(path, out)
     print(f"wrote {path}")
     return 0
 

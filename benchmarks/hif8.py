@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import math
-import os
 import re
 import sys
 import time
@@ -37,6 +35,9 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import save_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -288,9 +289,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"hif8-{slug}-{date}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    os.replace(tmp, path)
+    save_json(path, out)
     print(f"wrote {path}")
     return 0
 

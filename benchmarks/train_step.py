@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import re
 import socket
@@ -27,6 +26,9 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import save_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -218,9 +220,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"train_step-{slug}-{date}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
+    save_json(path, doc)
     print(f"\n{'name':45s} {'value':>12s} {'unit':>12s} {'ratio':>8s}")
     for r in results:
         v = "-" if r["value"] is None else f"{r['value']:.4g}"
