@@ -27,6 +27,7 @@ setup(
         "flash": ["flash-attn>=2.6"],
         "dev": [
             "pytest", "pytest-timeout", "en-dtypes==0.0.4",
+            "triton==3.6.0",  # CPU CI runs the HiF8 Triton kernels in the interpreter (TRITON_INTERPRET=1)
             "decord==0.6.0", "webdataset==1.0.2", "imageio-ffmpeg", "av",
             "mlflow==3.17.2", "diffusers>=0.35", "transformers>=4.50", "sentencepiece",
         ],

@@ -36,19 +36,16 @@ def test_torch_path_equals_reference(dtype, scale_max):
 
 
 def _lut_round(x: torch.Tensor, saturate: bool = False) -> torch.Tensor:
-    """The Triton kernel's table-driven rounding, re-done with torch int ops (no Triton needed)."""
+    """The Triton kernel's table-driven rounding on the signed bits, re-done with torch int ops (no Triton)."""
     lut, _ = K.round_tables()
     bits = x.view(torch.int32)
-    ab = bits & 0x7FFFFFFF
-    packed = lut[(ab >> 23).long()]
+    packed = lut[((bits >> 23) & 0x1FF).long()]
     mask = (packed & 0xFFFFFFFF).to(torch.int64)
     mask = torch.where(mask >= 2**31, mask - 2**32, mask).to(torch.int32)
     add = (packed >> 32).to(torch.int32)
-    r = ((ab + add) & mask).view(torch.float32)
-    r = torch.where(r > 32768.0, torch.full_like(r, 32768.0 if saturate else math.inf), r)
-    rb = r.view(torch.int32)
-    rb = rb | (bits & (torch.clamp(rb, max=1) << 31))
-    return rb.view(torch.float32)
+    q = ((bits + add) & mask).view(torch.float32)
+    big = q.abs() > 32768.0
+    return torch.where(big, q.sign() * (32768.0 if saturate else math.inf), q)
 
 
 @pytest.mark.parametrize("saturate", [False, True])
@@ -125,6 +122,13 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         y1, _ = K.qdq_with_scale(xf, torch.tensor(1e4), torch.float32, saturate=True, backend="triton")
         y0, _ = K.qdq_with_scale(xf, torch.tensor(1e4), torch.float32, saturate=True, backend="torch")
         assert torch.equal(bits(y1), bits(y0)) and torch.isfinite(y1).all()
+        # a whole number of blocks (the unmasked path), with Inf, NaN and overflow to Inf
+        xe = torch.cat([xf, xf])[: 2 * K.LAUNCH["qdq"]["block"]].clone()
+        xe[:3] = torch.tensor([float("nan"), float("-inf"), -7e4]).to(dt)
+        for sat in (False, True):
+            y1, m1 = K.qdq_with_scale(xe, torch.tensor(0.5), torch.float32, saturate=sat, record_amax=True, backend="triton")
+            y0, m0 = K.qdq_with_scale(xe, torch.tensor(0.5), torch.float32, saturate=sat, record_amax=True, backend="torch")
+            assert torch.equal(bits(y1[1:]), bits(y0[1:])) and y1[0].isnan() and m1.isnan(), (dt, sat)
     print("OK")
     """
 )
@@ -180,3 +184,33 @@ def test_triton_on_cuda_is_bit_identical_to_codec(dtype):
     ties = torch.cat([mids, -mids, torch.nextafter(mids, torch.zeros_like(mids))]).to(dtype)
     y1, _ = K.qdq_with_scale(ties.cuda(), torch.tensor(1.0, device="cuda"), torch.float32, backend="triton")
     assert torch.equal(_bits(y1.cpu()), _bits(hif8_round(ties.float())))
+
+
+@pytest.mark.gpu
+def test_triton_division_equals_ieee_division_over_scales():
+    """The kernel's reciprocal-plus-FMA division (and its div.rn fallback) equals torch's q / s bit for bit.
+
+    Every bf16 bit pattern, and 2^20 random fp32 patterns, quantized with 600 scales spread over 2^-120..2^100
+    (both sides of the fast-path range), plus the scales amax -> 15 / 224 of those inputs, compared with
+    the torch path (IEEE fp32 division on the device).
+    """
+    g = torch.Generator().manual_seed(5)
+    all_bf16 = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).cuda()
+    rnd_f32 = torch.randint(-(2**31), 2**31 - 1, (2**20,), generator=g, dtype=torch.int64).to(torch.int32)
+    rnd_f32 = rnd_f32.view(torch.float32).cuda()
+    exps = torch.empty(600).uniform_(-120, 100, generator=g)
+    scales = torch.exp2(exps) * torch.empty(600).uniform_(1, 2, generator=g)
+    scales = torch.cat([scales, torch.tensor([1.0, 2.0**-100, 2.0**70, 2.0**-101, 2.0**71, 15.0 / 3.0, 224 / 7.0])])
+    for x in (all_bf16, rnd_f32):
+        for s in scales.tolist():
+            st = torch.tensor(s, dtype=torch.float32, device="cuda")
+            for od in (torch.float32, torch.bfloat16):
+                y1, _ = K.qdq_with_scale(x, st, od, backend="triton")
+                y0, _ = K.qdq_with_scale(x, st, od, backend="torch")
+                same = (_bits(y1) == _bits(y0)) | (y1.isnan() & y0.isnan())
+                assert bool(same.all()), (s, od, x.dtype, int((~same).sum()))
+        for scale_max in (15.0, 224.0):
+            amax = K.hif8_amax(x[torch.isfinite(x)])
+            y1 = K.qdq_from_amax(x, amax, scale_max, torch.float32, backend="triton")
+            y0 = K.qdq_from_amax(x, amax, scale_max, torch.float32, backend="torch")
+            assert bool(((_bits(y1) == _bits(y0)) | (y1.isnan() & y0.isnan())).all())
