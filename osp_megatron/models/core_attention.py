@@ -1,9 +1,10 @@
 """Dense attention kernels, chosen by spec/config: torch SDPA, flash-attn, TransformerEngine, math.
 
 All take `q, k, v: [B, S, heads, d]` (the flash-attn layout; padding already compacted away by the
-caller) and return `[B, S, heads, d]`. On GPU the SDPA path is restricted to the cuDNN and flash
-backends: if neither can run the call, it raises instead of silently falling back to the masked
-"efficient"/"math" kernels.
+caller) and return `[B, S, heads, d]`. On GPU the bf16/fp16 SDPA path is restricted to the cuDNN and
+flash backends: if neither can run the call, it raises instead of silently falling back to the masked
+"efficient"/"math" kernels. fp32 (debug and reference runs) has no cuDNN/flash kernel and uses SDPA's
+own choice.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ _REPORTED = set()
 
 def _sdpa(q, k, v):
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if q.is_cuda:
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True):
