@@ -304,6 +304,9 @@ class Trainer:
             + (f"resumed at step {self.step}" if resumed else "fresh start")
             + (f", MLflow run {self.tracker.run_id} ({self.tracker.uri})" if self.tracker.active else "")
         )
+        if cfg.data.kind == "synthetic":
+            self.info(f"[osp-train] synthetic data: latents {list(cfg.data.synthetic_latent_shape)} "
+                      "(data.synthetic_latent_shape; data.buckets are not used)")
 
     # ------------------------------------------------------------------------------------------ state
     def _setup_quantization(self, model) -> None:
