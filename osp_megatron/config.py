@@ -118,6 +118,7 @@ class TrainConfig:
     seed: int = 1234
     log_interval: int = 1
     save_interval: int = 0  # 0 -> only at the end / on signal
+    save_checkpoints: bool = True  # false: never write checkpoints (benchmark and smoke runs; a signal just stops)
     keep_last: int = 3
     async_save: bool = True  # used on GPU; CPU saves synchronously
     sample_interval: int = 0  # 0 -> no periodic sample videos

@@ -52,7 +52,7 @@ class MetricsLog:
 
 
 def format_progress(step: int, total: int, m: Dict[str, float]) -> str:
-    """One console line: step, loss, grad norm, lr, throughput, TFLOP/s, MFU, skip counters."""
+    """One console line: step, loss, grad norm, lr, throughput, TFLOP/s, MFU, peak GPU memory, skip counters."""
     parts = [f"step {step}/{total}"]
     if "loss" in m:
         parts.append(f"loss {m['loss']:.4f}")
@@ -66,6 +66,8 @@ def format_progress(step: int, total: int, m: Dict[str, float]) -> str:
         parts.append(f"{m['tflops_per_device']:.3g} TFLOP/s/dev")
     if "mfu" in m:
         parts.append(f"MFU {100 * m['mfu']:.3g}%")
+    if "max_memory_gib" in m:
+        parts.append(f"mem {m['max_memory_gib']:.1f} GiB")
     if m.get("nonfinite_steps_total"):
         parts.append(f"nonfinite {int(m['nonfinite_steps_total'])}")
     if m.get("data_skipped_total"):

@@ -348,6 +348,8 @@ class Trainer:
         return state
 
     def save(self, before_commit=None) -> None:
+        if not self.cfg.train.save_checkpoints:
+            return
         state = self._sharded_state(loading=False)
         loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
         state["osp"] = {
@@ -566,6 +568,8 @@ class Trainer:
             "nonfinite_steps_total": float(self.nonfinite_total),
             "nonfinite_in_row": float(self.nonfinite_in_row),
         }
+        if self.device.type == "cuda":  # this rank's peak since start (rank 0's is what the console shows)
+            metrics["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return metrics
 
     def _data_metrics(self) -> Dict[str, float]:
@@ -644,8 +648,10 @@ class Trainer:
                         self.save()
                         self.checkpointer.finalize(blocking=True)
                         why = f"signal {self.stop.signum}" if stop else f"train.exit_after_steps={t.exit_after_steps}"
-                        self.info(f"[osp-train] stopped at step {self.step} ({why}); checkpointed for requeue "
-                                  f"(exit code {signals.EXIT_REQUEUE})")
+                        self.info(f"[osp-train] stopped at step {self.step} ({why}); "
+                                  + ("checkpointed for requeue" if t.save_checkpoints else
+                                     "NOT checkpointed (train.save_checkpoints=false)")
+                                  + f" (exit code {signals.EXIT_REQUEUE})")
                         status, code = "KILLED", signals.EXIT_REQUEUE
                         return code
                     break

@@ -164,3 +164,13 @@ def test_dry_run_prints_config_and_plan_and_bad_plans_fail_before_init(monkeypat
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0 and "Exit codes: 0 done" in capsys.readouterr().out
+
+
+def test_save_checkpoints_false_writes_no_checkpoint(tmp_path):
+    cfg = _config(tmp_path, train={"steps": 2, "warmup_steps": 1, "save_interval": 1, "save_checkpoints": False,
+                                   "ema_decay": 0.0}, tracking={"backend": "none"})
+    run = tmp_path / "run"
+    assert run_world(1, cfg, [f"train.run_dir={run}"], tmp_path / "logs") == [0]
+    assert [m["step"] for m in metrics(run)] == [1, 2]
+    ckpt = run / "checkpoints"
+    assert not ckpt.exists() or not any(ckpt.iterdir()), list(ckpt.iterdir())
