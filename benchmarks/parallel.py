@@ -2,13 +2,17 @@
 
     torchrun --nproc_per_node 2 benchmarks/parallel.py [--size wan_1_3b] [--grid 21 45 80]
     torchrun --nproc_per_node 4 benchmarks/parallel.py --size wan_14b --layers 8     # 14B slice (issue 9)
+    torchrun --nproc_per_node 8 benchmarks/parallel.py --hybrid [--size wan_14b --layers 16]   # + SSP x Ulysses, TP2 x SSP
 
 Every plan processes the same single 81x720P sample: `one_gpu` runs it on each GPU independently (no
 communication; the scaling baseline), `ssp` splits its Skiparse classes over the GPUs (one all-to-all per layout
 switch, Ulysses in the full blocks), `ulysses` splits heads everywhere (4 all-to-alls per block). Reports step
 time, bytes sent per GPU (comm_stats), and scaling efficiency = t_one_gpu / (N * t_plan). Full activation
 recompute is on for all plans so the 1.3B model fits at 75,600 tokens. `dense_ulysses` is dense Wan
-(schedule full) at Ulysses=N, the baseline of the paper's multi-GPU comparison. `--tiny` is a CPU/gloo smoke run.
+(schedule full) at Ulysses=N, the baseline of the paper's multi-GPU comparison. `--hybrid` adds
+SSP=min(4, N/2) x Ulysses=rest and TP=2 (sequence parallel) x SSP=N/2, both against Ulysses=N (bytes count the
+context-parallel all-to-alls only; TP's all-gathers and reduce-scatters are not in comm_stats). `--tiny` is a
+CPU/gloo smoke run.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--layers", type=int, default=0, help="model slice: this many blocks (e.g. 8 for a 14B slice)")
     ap.add_argument("--num-full", type=int, default=0, help="full blocks of the slice's dual_end pattern (default 8 or 4)")
+    ap.add_argument("--hybrid", action="store_true", help="also SSP x Ulysses and TP2 x SSP (needs >= 4 processes)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     if cuda:
@@ -55,6 +60,15 @@ def main(argv=None):
     results = {}
     plans = [("one_gpu", ParallelConfig(), "dual_end"), ("ssp", ParallelConfig(ssp=world), "dual_end"),
              ("ulysses", ParallelConfig(ulysses=world), "dual_end"), ("dense_ulysses", ParallelConfig(ulysses=world), "full")]
+    hybrid = []
+    if args.hybrid:
+        if world < 4 or world % 2:
+            ap.error(f"--hybrid needs an even world size >= 4 (got {world})")
+        ssp = min(4, world // 2)
+        hybrid = [(f"ssp{ssp}_ulysses{world // ssp}", ParallelConfig(ssp=ssp, ulysses=world // ssp), "dual_end"),
+                  (f"tp2_ssp{world // 2}", ParallelConfig(tensor_parallel=2, sequence_parallel=True, ssp=world // 2),
+                   "dual_end")]
+        plans += hybrid
     for name, pcfg, schedule in plans:
         ps = initialize_parallel(pcfg)
         mc = ModelConfig(size=size, schedule=schedule, recompute=True)
@@ -99,9 +113,21 @@ def main(argv=None):
             row(f"bytes sent per GPU per step, OSP-Next SSP={world} vs dense Wan Ulysses={world}", ssp[1] / 1e9, "GB",
                 f"dense Wan Ulysses={world}", results["dense_ulysses"][1] / 1e9, None, True),
         ]
+        for name, _, _ in hybrid:
+            h = results[name]
+            rows += [
+                row(f"{size} fwd+bwd step ms, {name}", h[0], "ms", f"Ulysses={world}", uly[0], None, True),
+                row(f"scaling efficiency {name}", one[0] / (world * h[0]), "fraction", f"Ulysses={world}",
+                    one[0] / (world * uly[0]), None),
+                row(f"CP bytes sent per GPU per step, {name}", h[1] / 1e9, "GB", f"Ulysses={world}", uly[1] / 1e9,
+                    None, True),
+                row(f"OSP-Next {name} vs dense Wan Ulysses={world} step speedup", results["dense_ulysses"][0] / h[0],
+                    "x", f"dense Wan Ulysses={world} ({results['dense_ulysses'][0]:.0f} ms)", 1.0),
+            ]
         print_table(rows)
         if not args.tiny:
-            tag = f"parallel-{world}gpu" + (f"-{size}-{args.layers}blocks" if args.layers else "")
+            tag = f"parallel-{world}gpu" + (f"-{size}-{args.layers}blocks" if args.layers else "") + (
+                "-hybrid" if args.hybrid else "")
             print(f"wrote {write_results(tag, rows, {'grid': grid, 'size': size, 'layers': args.layers or None, 'recompute': True})}")
     dist.barrier()
     dist.destroy_process_group()
