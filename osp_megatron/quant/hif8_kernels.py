@@ -102,7 +102,7 @@ if HAVE_TRITON:
     def _hif8_round_signed(v, idx, seed_mix, lut_ptr, sr_ptr, HYBRID: tl.constexpr):
         """fp32 tensor -> HiF8 rounding of v with the sign kept, before the overflow rule.
 
-        One table lookup on the fp32 exponent byte gives the rounding add and keep-mask (`round_tables`):
+        One table lookup on the top 9 bits (sign and exponent) gives the rounding add and keep-mask (`round_tables`):
         `(bits + add) & mask` on the signed bits (the masks keep the sign bit, the flush rows clear it, so
         tiny values become +0). Magnitudes the table leaves above 32768 (binade >= 2^15 after rounding, Inf)
         are for the caller to map to Inf or 32768; NaN passes through.
