@@ -9,8 +9,9 @@ communication; the scaling baseline), `ssp` splits its Skiparse classes over the
 switch, Ulysses in the full blocks), `ulysses` splits heads everywhere (4 all-to-alls per block). Reports step
 time, bytes sent per GPU (comm_stats), and scaling efficiency = t_one_gpu / (N * t_plan). Full activation
 recompute is on for all plans so the 1.3B model fits at 75,600 tokens. `dense_ulysses` is dense Wan
-(schedule full) at Ulysses=N, the baseline of the paper's multi-GPU comparison. `--hybrid` adds
-SSP=min(4, N/2) x Ulysses=rest and TP=2 (sequence parallel) x SSP=N/2, both against Ulysses=N (bytes count the
+(schedule full) at Ulysses=N, the baseline of the paper's multi-GPU comparison. The SSP plan is
+SSP=min(N, P^2) x Ulysses=rest (on 8 GPUs: SSP=4 x Ulysses=2). `--hybrid` adds TP=2 (sequence parallel) x
+SSP=N/2 and, where N <= P^2, SSP=N/2 x Ulysses=2, against Ulysses=N (bytes count the
 context-parallel all-to-alls only; TP's all-gathers and reduce-scatters are not in comm_stats). `--tiny` is a
 CPU/gloo smoke run.
 """
@@ -58,16 +59,21 @@ def main(argv=None):
     grid = (2, 9, 8) if args.tiny else tuple(args.grid)
     text_dim = 32 if args.tiny else 4096
     results = {}
-    plans = [("one_gpu", ParallelConfig(), "dual_end"), ("ssp", ParallelConfig(ssp=world), "dual_end"),
+    classes = ModelConfig().sparse_ratio ** 2  # P^2 Skiparse classes: SSP divides it, Ulysses takes the rest
+    ssp_deg = next(d for d in range(min(world, classes), 0, -1) if classes % d == 0 and world % d == 0)
+    ssp_label = f"SSP={ssp_deg}" + (f"xUlysses={world // ssp_deg}" if world > ssp_deg else "")
+    plans = [("one_gpu", ParallelConfig(), "dual_end"),
+             ("ssp", ParallelConfig(ssp=ssp_deg, ulysses=world // ssp_deg), "dual_end"),
              ("ulysses", ParallelConfig(ulysses=world), "dual_end"), ("dense_ulysses", ParallelConfig(ulysses=world), "full")]
     hybrid = []
     if args.hybrid:
-        if world < 4 or world % 2:
-            ap.error(f"--hybrid needs an even world size >= 4 (got {world})")
-        ssp = min(4, world // 2)
-        hybrid = [(f"ssp{ssp}_ulysses{world // ssp}", ParallelConfig(ssp=ssp, ulysses=world // ssp), "dual_end"),
-                  (f"tp2_ssp{world // 2}", ParallelConfig(tensor_parallel=2, sequence_parallel=True, ssp=world // 2),
-                   "dual_end")]
+        if world < 4 or world % 2 or classes % (world // 2):
+            ap.error(f"--hybrid needs an even world size >= 4 with world/2 dividing P^2={classes} (got {world})")
+        if world <= classes:  # SSP x Ulysses (at world > P^2 the main SSP plan already is one)
+            half = world // 2
+            hybrid.append((f"ssp{half}_ulysses2", ParallelConfig(ssp=half, ulysses=2), "dual_end"))
+        hybrid.append((f"tp2_ssp{world // 2}", ParallelConfig(tensor_parallel=2, sequence_parallel=True, ssp=world // 2),
+                       "dual_end"))
         plans += hybrid
     for name, pcfg, schedule in plans:
         ps = initialize_parallel(pcfg)
@@ -102,15 +108,15 @@ def main(argv=None):
     if dist.get_rank() == 0:
         one, ssp, uly = results["one_gpu"], results["ssp"], results["ulysses"]
         rows = [
-            row(f"{size} fwd+bwd step ms, SSP={world}", ssp[0], "ms", f"Ulysses={world}", uly[0], None, True),
+            row(f"{size} fwd+bwd step ms, {ssp_label}", ssp[0], "ms", f"Ulysses={world}", uly[0], None, True),
             row(f"{size} fwd+bwd step ms, one GPU", one[0], "ms"),
-            row(f"scaling efficiency SSP={world}", one[0] / (world * ssp[0]), "fraction", f"Ulysses={world}",
+            row(f"scaling efficiency {ssp_label}", one[0] / (world * ssp[0]), "fraction", f"Ulysses={world}",
                 one[0] / (world * uly[0]), ">= 0.90"),
-            row(f"bytes sent per GPU per step, SSP={world}", ssp[1] / 1e9, "GB", f"Ulysses={world}", uly[1] / 1e9, None, True),
-            row(f"peak memory SSP={world}", ssp[2], "GiB", f"Ulysses={world}", uly[2]),
-            row(f"OSP-Next SSP={world} vs dense Wan Ulysses={world} step speedup", results["dense_ulysses"][0] / ssp[0], "x",
+            row(f"bytes sent per GPU per step, {ssp_label}", ssp[1] / 1e9, "GB", f"Ulysses={world}", uly[1] / 1e9, None, True),
+            row(f"peak memory {ssp_label}", ssp[2], "GiB", f"Ulysses={world}", uly[2]),
+            row(f"OSP-Next {ssp_label} vs dense Wan Ulysses={world} step speedup", results["dense_ulysses"][0] / ssp[0], "x",
                 f"dense Wan Ulysses={world} ({results['dense_ulysses'][0]:.0f} ms)", 1.0),
-            row(f"bytes sent per GPU per step, OSP-Next SSP={world} vs dense Wan Ulysses={world}", ssp[1] / 1e9, "GB",
+            row(f"bytes sent per GPU per step, OSP-Next {ssp_label} vs dense Wan Ulysses={world}", ssp[1] / 1e9, "GB",
                 f"dense Wan Ulysses={world}", results["dense_ulysses"][1] / 1e9, None, True),
         ]
         for name, _, _ in hybrid:

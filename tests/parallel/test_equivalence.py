@@ -80,3 +80,10 @@ def test_four_way_plans(reference, tmp_path):
 def test_mixed_plan(reference, tmp_path):
     # TP2 (+sequence parallel) x PP2 x SSP2 on 8 processes
     _check(_run(reference, 8, ["tp2sp_pp2_ssp2:tensor_parallel=2,sequence_parallel=true,pipeline_parallel=2,ssp=2"], tmp_path))
+
+
+@pytest.mark.slow
+def test_eight_way_plans_of_the_multi_gpu_benchmarks(reference, tmp_path):
+    # issue 9's 8-GPU plans: SSP4 x Ulysses2 (CP 8 > P^2 = 4 classes) and TP2 (+sequence parallel) x SSP4
+    plans = ["ssp4_ulysses2:ssp=4,ulysses=2", "tp2sp_ssp4:tensor_parallel=2,sequence_parallel=true,ssp=4"]
+    _check(_run(reference, 8, plans, tmp_path))
