@@ -20,14 +20,14 @@ def device_name() -> str:
     return "cpu-" + (platform.processor() or platform.machine()).replace(" ", "_")
 
 
-def time_fn(fn: Callable[[], None], warmup: int = 3, iters: int = 10) -> float:
-    """Median milliseconds of fn() (CUDA events on GPU, perf_counter on CPU)."""
+def time_fn(fn: Callable[[], None], warmup: int = 3, iters: int = 10, cuda: Optional[bool] = None) -> float:
+    """Median milliseconds of fn() (CUDA events when `cuda`, default: CUDA is available; else perf_counter)."""
     import time
 
     for _ in range(warmup):
         fn()
     times = []
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() if cuda is None else cuda:
         torch.cuda.synchronize()
         for _ in range(iters):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -30,7 +30,6 @@ import datetime as dt
 import math
 import re
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -38,7 +37,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import save_json  # noqa: E402
+from _common import save_json, time_fn  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -53,26 +52,8 @@ TOKENS_14B = 75_600
 
 # ------------------------------------------------------------------------------------------------
 def timeit(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
-    """Median seconds per call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(iters):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+    """Median seconds per call (CUDA events on a CUDA device, perf_counter otherwise)."""
+    return time_fn(fn, warmup, iters, cuda=device.type == "cuda") / 1e3
 
 
 def row(name, value, unit, baseline, baseline_value, ratio, goal) -> Dict[str, object]:
