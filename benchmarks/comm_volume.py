@@ -48,7 +48,7 @@ def worker(out_path: str) -> None:
         ps = initialize_parallel(pcfg)
         mc = ModelConfig(size="tiny", schedule=schedule, num_full_blocks=8, num_layers=40, num_attention_heads=40,
                          hidden_size=240, ffn_hidden_size=64)
-        model = build_model(make_osp_config(mc, pcfg, None, torch.float32), parallel=ps)
+        model = build_model(make_osp_config(mc, pcfg, None, torch.float32), ps)
         comm_stats.reset()
         with torch.no_grad():
             model(x, t, txt, target=torch.randn_like(x))

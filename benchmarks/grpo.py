@@ -79,7 +79,7 @@ def sync(device):
 
 def run_method(name: str, over: Dict, size: str, spec: Dict, args, device) -> Dict[str, float]:
     from osp_megatron.config import Config
-    from osp_megatron.rl.config import grpo_config_from_dict
+    from osp_megatron.config import GRPOConfig, parse_section
     from osp_megatron.rl.trainer import GRPOTrainer
 
     cfg = Config()
@@ -99,7 +99,7 @@ def run_method(name: str, over: Dict, size: str, spec: Dict, args, device) -> Di
     from osp_megatron.training.trainer import seed_everything
 
     seed_everything(0)
-    trainer = GRPOTrainer(cfg, grpo_config_from_dict(g), device=device)
+    trainer = GRPOTrainer(cfg, parse_section(GRPOConfig, g), device=device)
     times, rollout_t, train_t, metrics = [], [], [], {}
     for i in range(args.warmup + args.iters):
         sync(device)

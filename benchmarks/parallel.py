@@ -83,7 +83,7 @@ def main(argv=None):
             mc.num_full_blocks = args.num_full or (4 if args.layers <= 16 else 8)
         cfg = make_osp_config(mc, pcfg, PrecisionConfig(dtype="bf16" if cuda else "fp32"), dtype)
         torch.manual_seed(0)
-        model = build_model(cfg, parallel=ps, device=dev).train()
+        model = build_model(cfg, ps, device=dev).train()
         g = torch.Generator(device="cpu").manual_seed(1)  # identical input on every rank
         x = torch.randn(1, 16, grid[0], 2 * grid[1], 2 * grid[2], generator=g).to(dev, dtype)
         target = torch.randn(x.shape, generator=g).to(dev, dtype)

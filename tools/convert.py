@@ -179,27 +179,24 @@ def write_output(fmt: str, sd, model_config, out: str, layout: Dict[str, int], s
 
 # ------------------------------------------------------------------------------------------ main
 def convert(args) -> Dict[str, Any]:
-    from osp_megatron.models.registry import resolve_model_dims
+
+    from osp_megatron.config import updated
 
     layout = validate_args(args)
     overrides = parse_model_overrides(args.model)
     model_config, where = read_config(args.src, args.input)
-    model_config = replace(model_config, **overrides)
-    from osp_megatron.config import Config, ConfigError
+    model_config = updated(model_config, overrides)
+    from osp_megatron.config.validate import FLAG_NAMES, layout_errors
+    from osp_megatron.config import ParallelConfig
 
     errors: List[str] = []
-    try:
-        Config(model=model_config).validate()
-    except ConfigError as exc:
-        errors = [line for line in str(exc).splitlines() if line.strip().startswith("- model.")]
-    if errors:
-        raise ConvertError("the resulting model config is invalid:\n" + "\n".join(errors))
+    model_config.check(errors)
     if args.dst == "megatron":
-        from tools.megatron_io import layout_problems
-
-        problem = layout_problems(model_config, layout)
-        if problem:
-            raise ConvertError(problem)
+        errors += layout_errors(model_config, ParallelConfig(tensor_parallel=layout["tp"], pipeline_parallel=layout["pp"],
+                                                             ssp=layout["ssp"], ulysses=layout["ulysses"]),
+                                names=FLAG_NAMES)
+    if errors:
+        raise ConvertError("the resulting model config / layout is invalid:\n  - " + "\n  - ".join(errors))
     sd, osp = read_weights(args.src, where, model_config, args.ema)
     if args.lora:
         from osp_megatron.rl.lora import merge_lora
@@ -229,10 +226,9 @@ def convert(args) -> Dict[str, Any]:
 
 
 def run_check(args, sd, model_config, where) -> Dict[str, Any]:
-    from osp_megatron.models.registry import resolve_model_dims
     from tools import model_check
 
-    inputs = model_check.random_inputs(resolve_model_dims(model_config))
+    inputs = model_check.random_inputs(model_config.resolve())
     dense = model_config.schedule == "full"
     untouched = not args.lora and args.dtype == "keep" and not args.ema
     if args.src == "diffusers" and dense and untouched:

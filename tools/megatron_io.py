@@ -77,12 +77,11 @@ def read_megatron(path: str | os.PathLike, ema: bool = False) -> Tuple[StateDict
     from megatron.core import dist_checkpointing
 
     from osp_megatron.models.adapters.common import our_keys
-    from osp_megatron.models.registry import resolve_model_dims
 
     _ensure_world()
     ckpt = find_checkpoint_dir(path)
     model_config, osp = read_model_config(ckpt)
-    names = our_keys(resolve_model_dims(model_config)["num_layers"])
+    names = our_keys(model_config.resolve().num_layers)
     prefix = "ema." if ema else ""
     meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
     wanted = {prefix + n for n in names}
@@ -148,7 +147,7 @@ def _save_rank(rank: int, world: int, port: int, weights_file: str, model_config
                           ulysses=layout["ulysses"])
     ps = initialize_parallel(pcfg)
     tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    model = build_model(make_osp_config(model_config, pcfg, None, tdtype), parallel=ps, device="cpu")
+    model = build_model(make_osp_config(model_config, pcfg, None, tdtype), ps, device="cpu")
     model.load_full_state_dict(LazySafetensors(weights_file))
     ck = Checkpointer(out, keep_last=1_000_000, async_save=False)
     ck.root = Path(out)  # OUT/step_*, OUT/latest (an init_from target, not a run dir to resume)
@@ -200,25 +199,3 @@ def write_megatron(sd: StateDict, model_config, out: str | os.PathLike, layout: 
     finally:
         os.unlink(weights_file)
     return find_checkpoint_dir(out)
-
-
-def layout_problems(model_config, layout: Dict[str, int]) -> Optional[str]:
-    """Why a layout cannot hold this model (None if it can): checked before any process starts."""
-    from osp_megatron.models.registry import resolve_model_dims
-
-    d = resolve_model_dims(model_config)
-    tp, pp, ssp, ul = layout["tp"], layout["pp"], layout["ssp"], layout["ulysses"]
-    for name, v in layout.items():
-        if v < 1:
-            return f"--{name} {v}: must be >= 1"
-    if d["num_attention_heads"] % (tp * ul):
-        return (f"--tp {tp} x --ulysses {ul} must divide the {d['num_attention_heads']} attention heads; "
-                "pick degrees that divide it")
-    if d["num_layers"] % pp:
-        return f"--pp {pp} must divide the {d['num_layers']} blocks"
-    p2 = model_config.sparse_ratio ** 2
-    if p2 % ssp:
-        return f"--ssp {ssp} must divide P^2 = {p2} (model.sparse_ratio={model_config.sparse_ratio})"
-    if d["ffn_hidden_size"] % tp or d["hidden_size"] % tp:
-        return f"--tp {tp} must divide hidden size {d['hidden_size']} and FFN size {d['ffn_hidden_size']}"
-    return None

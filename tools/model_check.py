@@ -11,19 +11,20 @@ from typing import Any, Dict
 import torch
 
 
-def random_inputs(dims: Dict[str, Any], seed: int = 0):
+def random_inputs(dims, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, dims["in_channels"], 3, 8, 12, generator=g)
+    x = torch.randn(1, dims.in_channels, 3, 8, 12, generator=g)
     t = torch.tensor([500.0])
-    text = torch.randn(1, 8, dims["text_dim"], generator=g)
+    text = torch.randn(1, 8, dims.text_dim, generator=g)
     return x, t, text
 
 
 @torch.no_grad()
 def run_ours(sd, model_config, inputs) -> torch.Tensor:
     from osp_megatron.models import build_model
+    from osp_megatron.parallel import ParallelState
 
-    model = build_model(model_config, device="cpu").float().eval()
+    model = build_model(model_config, ParallelState.single(), device="cpu").float().eval()
     model.load_full_state_dict({k: v.float() for k, v in sd.items()})
     return model(*inputs).float()
 

@@ -1,6 +1,6 @@
 """`osp-grpo CONFIG [key=value ...] [--dry-run]`: Mix-GRPO post-training (LoRA) of an OSP-Next / Wan DiT.
 
-The `grpo:` section of CONFIG (see configs/grpo_*.yaml and osp_megatron/rl/config.py) sets sampling, the SDE
+The `grpo:` section of CONFIG (see configs/grpo_*.yaml and osp_megatron/config/grpo.py) sets sampling, the SDE
 window, group size, rewards and LoRA; model/parallel/precision/train/tracking/encoders are the usual sections
 (`train.init_from` loads the base weights, `train.run_dir` holds checkpoints and the MLflow store).
 Launch like osp-train: torchrun / srun for several processes (gloo on CPU, nccl with CUDA), or plainly.
@@ -33,19 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve(config: str, overrides: Sequence[str], world_size: int = 1):
-    """-> (Config, GRPOConfig), validated. GRPO reads prompts, not a dataset: without data.shards the data section
-    is set to `synthetic` so that its validation does not ask for shards."""
-    from osp_megatron.config import load_config
-    from osp_megatron.rl.config import grpo_config_from
+def resolve(config: str, overrides: Sequence[str], world_size: int = 1, check_paths: bool = False):
+    """-> (Config, GRPOConfig), validated (GRPO reads prompts, not a dataset: the data section is not checked)."""
+    from osp_megatron.config import GRPO_SECTIONS, ConfigError, load_config
 
     cfg = load_config(config, overrides)
-    if not cfg.data.shards:
-        cfg.data.kind = "synthetic"
-    gcfg = grpo_config_from(cfg)
-    cfg.validate(world_size)
-    from osp_megatron.config import ConfigError
-
+    cfg.validate(world_size, check_paths=check_paths, sections=GRPO_SECTIONS)
     problems = []
     if cfg.parallel.pipeline_parallel != 1:
         problems.append("parallel.pipeline_parallel must be 1 for osp-grpo (rollouts step the whole model); "
@@ -57,7 +50,7 @@ def resolve(config: str, overrides: Sequence[str], world_size: int = 1):
         problems.append("parallel.sequence_parallel=true is not supported by the LoRA adapters: set it false")
     if problems:
         raise ConfigError("invalid configuration for osp-grpo:\n  - " + "\n  - ".join(problems))
-    return cfg, gcfg
+    return cfg, cfg.grpo
 
 
 def plan_text(cfg, gcfg, world_size: int) -> str:
@@ -127,7 +120,7 @@ def run(cfg, gcfg, env) -> int:
     parallel = initialize_parallel(cfg.parallel)
     seed_everything(cfg.train.seed)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    model = build_model(cfg, parallel=parallel, device=device)
+    model = build_model(cfg.model, parallel, precision=cfg.precision, device=device)
     log = print if env["rank"] == 0 else (lambda *_: None)
     if cfg.train.init_from:
         init_base_weights(model, cfg, log)
@@ -153,7 +146,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if not args.dry_run:
                 raise ValueError("--world-size is only for --dry-run; launch N processes with torchrun/srun instead")
             env["world_size"] = args.world_size
-        cfg, gcfg = resolve(args.config, args.overrides, env["world_size"])
+        cfg, gcfg = resolve(args.config, args.overrides, env["world_size"], check_paths=args.dry_run)
     except (ConfigError, ValueError) as exc:
         print(f"osp-grpo: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG

@@ -138,18 +138,18 @@ def detect_format(path: str) -> str:
 # ------------------------------------------------------------------------------------------ model
 def load_dit(args, fmt: str, overrides: Dict[str, Any], parallel, dtype: torch.dtype, device):
     """(model in eval mode, ModelConfig): TP/CP-sharded by `parallel`, weights from the checkpoint."""
-    from osp_megatron.config import ParallelConfig
+    from osp_megatron.config import ParallelConfig, updated
     from osp_megatron.models import build_model
     from osp_megatron.models.transformer_config import make_osp_config
     from tools import convert
 
     model_config, where = convert.read_config(fmt, args.checkpoint)
-    model_config = replace(model_config, **overrides)
+    model_config = updated(model_config, overrides)
     pcfg = ParallelConfig(tensor_parallel=args.tp, ssp=args.ssp, ulysses=args.ulysses)
     problem = _layout_problem(model_config, pcfg)
     if problem:
         raise SampleError(problem)
-    model = build_model(make_osp_config(model_config, pcfg, None, dtype), parallel=parallel, device=device)
+    model = build_model(make_osp_config(model_config, pcfg, None, dtype), parallel, device=device)
     if fmt == "megatron":
         from osp_megatron.training.checkpoint import Checkpointer
 
@@ -168,10 +168,12 @@ def load_dit(args, fmt: str, overrides: Dict[str, Any], parallel, dtype: torch.d
 
 
 def _layout_problem(model_config, pcfg) -> Optional[str]:
-    from tools.megatron_io import layout_problems
+    from osp_megatron.config.validate import FLAG_NAMES, layout_errors
 
-    return layout_problems(model_config, {"tp": pcfg.tensor_parallel, "pp": 1, "ssp": pcfg.ssp,
-                                          "ulysses": pcfg.ulysses})
+    errors = []
+    model_config.check(errors)
+    errors += layout_errors(model_config, pcfg, names=FLAG_NAMES)
+    return "; ".join(errors) or None
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -193,7 +195,6 @@ def run(args) -> int:
     from osp_megatron.config import ParallelConfig
     from osp_megatron.diffusion import samplers
     from osp_megatron.encoders import load_text_encoder, load_vae
-    from osp_megatron.models.registry import resolve_model_dims
     from osp_megatron.training.samples import sample_latents, write_mp4
 
     rank, world, local = _dist_env()
@@ -226,12 +227,12 @@ def run(args) -> int:
         parallel = ensure_single_process()
     t0 = time.time()
     model, model_config = load_dit(args, fmt, overrides, parallel, dtype, device)
-    dims = resolve_model_dims(model_config)
+    dims = model_config.resolve()
     vae = load_vae(args.vae, device, torch.float32)
-    if vae.z_dim != dims["in_channels"]:
-        raise SampleError(f"--vae {args.vae}: {vae.z_dim} latent channels, but the DiT takes {dims['in_channels']}")
+    if vae.z_dim != dims.in_channels:
+        raise SampleError(f"--vae {args.vae}: {vae.z_dim} latent channels, but the DiT takes {dims.in_channels}")
     text_encoder = load_text_encoder(args.text_encoder, device, torch.float32, args.text_len,
-                                     text_dim=dims["text_dim"], tokenizer=args.tokenizer)
+                                     text_dim=dims.text_dim, tokenizer=args.tokenizer)
     latent_shape = vae.latent_shape(args.frames, args.height, args.width)
     null = None
     if args.guidance != 1.0:

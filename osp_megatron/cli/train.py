@@ -54,20 +54,19 @@ def _resolve_port(env: Dict[str, object]) -> int:
 
 def parallel_plan(cfg, world_size: int) -> str:
     """Human-readable parallel plan: group sizes, micro-batching, pipeline split, per-block layouts."""
-    from osp_megatron.models.registry import resolve_model_dims
     from osp_megatron.models.skiparse import block_schedule
     from osp_megatron.training.flops import forward_flops
 
     p = cfg.parallel
-    dims = resolve_model_dims(cfg.model)
+    dims = cfg.model.resolve()
     tp, pp, ssp, uly = p.tensor_parallel, p.pipeline_parallel, p.ssp, p.ulysses
     cp = ssp * uly
     dp = world_size // (tp * pp * cp)
     mbs = cfg.data.micro_batch_size
     gbs = cfg.train.global_batch_size or mbs * dp
     nmb = gbs // (mbs * dp)
-    layouts = block_schedule(dims["num_layers"], cfg.model.schedule, dims["num_full_blocks"])
-    per_stage = dims["num_layers"] // pp
+    layouts = block_schedule(dims.num_layers, cfg.model.schedule, dims.num_full_blocks)
+    per_stage = dims.num_layers // pp
     sched = "no pipelining (forward_backward_no_pipelining)" if pp == 1 else \
         f"1F1B (forward_backward_pipelining_without_interleaving), {nmb} micro-batches over {pp} stages"
     lines = [
@@ -76,8 +75,8 @@ def parallel_plan(cfg, world_size: int) -> str:
         f"pipeline schedule: {sched}",
         f"sequence parallel: {p.sequence_parallel}, distributed optimizer: {p.distributed_optimizer}, "
         f"recompute: {cfg.model.recompute}",
-        f"model {cfg.model.size}: {dims['num_layers']} blocks, hidden {dims['hidden_size']}, "
-        f"{dims['num_attention_heads']} heads, schedule {cfg.model.schedule} "
+        f"model {cfg.model.size}: {dims.num_layers} blocks, hidden {dims.hidden_size}, "
+        f"{dims.num_attention_heads} heads, schedule {cfg.model.schedule} "
         f"({sum(k == 'full' for k in layouts)} full), P={cfg.model.sparse_ratio}",
         "blocks (index: layout):",
     ]
@@ -89,7 +88,7 @@ def parallel_plan(cfg, world_size: int) -> str:
     if cfg.data.kind == "synthetic":
         shape = list(cfg.data.synthetic_latent_shape)
     else:
-        shape = [dims["in_channels"], (b.frames - 1) // 4 + 1, b.height // 8, b.width // 8]
+        shape = [dims.in_channels, (b.frames - 1) // 4 + 1, b.height // 8, b.width // 8]
     padded = cp > 1 or (p.sequence_parallel and tp > 1)  # layout-native plans run sparse blocks padded
     f = forward_flops(cfg.model, shape, cfg.data.text_len, padded)
     lines.append(
@@ -107,23 +106,39 @@ def build_parser() -> argparse.ArgumentParser:
         prog="osp-train",
         description="Flow-matching training of OSP-Next / Wan2.1 DiTs on megatron-core (run under torchrun or srun).",
         epilog="Exit codes: 0 done, 1 error, 2 invalid config, 3 checkpointed after SIGTERM/SIGUSR1 (requeue), "
-               "4 too many non-finite steps in a row.",
+               "4 too many non-finite steps in a row. Every config key: osp-train --help-config.",
     )
-    ap.add_argument("config", help="YAML recipe (see configs/)")
+    ap.add_argument("config", nargs="?", help="YAML recipe or preset name (see configs/)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4 parallel.ssp=2")
     ap.add_argument("--dry-run", action="store_true",
-                    help="print the resolved config and the parallel plan, then exit without starting anything")
+                    help="validate (inputs included), print the resolved config and the parallel plan, and exit")
+    ap.add_argument("--world-size", type=int, default=None,
+                    help="with --dry-run: plan for this many processes (default: the launched world size)")
+    ap.add_argument("--help-config", action="store_true", help="print every config key (type, default, meaning)")
     return ap
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
     from osp_megatron.config import ConfigError, load_config
+    from osp_megatron.config.reference import config_reference
 
+    if args.help_config:
+        print(config_reference())
+        return 0
+    if args.config is None:
+        ap.error("the config argument is required (a YAML file or a preset name)")
     try:
         env = dist_env()
+        if args.world_size is not None:
+            if not args.dry_run:
+                raise ValueError("--world-size is only for --dry-run; launch N processes with torchrun/srun instead")
+            if args.world_size < 1:
+                raise ValueError(f"--world-size {args.world_size}: must be >= 1")
+            env["world_size"] = args.world_size
         cfg = load_config(args.config, args.overrides)
-        cfg.validate(world_size=env["world_size"])
+        cfg.validate(world_size=env["world_size"], check_paths=args.dry_run)
     except (ConfigError, ValueError) as exc:
         print(f"osp-train: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG

@@ -1,4 +1,4 @@
-"""Model construction: `build_model(config, parallel=None, pre_process=True, post_process=True)`."""
+"""Model construction: `build_model(model_config, parallel)`."""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,40 +6,33 @@ from typing import Optional
 import torch
 
 
-def build_model(config, parallel=None, pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
-                dtype: Optional[torch.dtype] = None, device=None):
-    """Build the OSP-Next DiT.
+def build_model(config, parallel, *, precision=None, dtype: Optional[torch.dtype] = None, device=None,
+                pre_process: Optional[bool] = None, post_process: Optional[bool] = None):
+    """Build the OSP-Next DiT on this rank's share of `parallel`.
 
-    `config`: an `osp_megatron.config.Config` (model + parallel + precision sections), a `ModelConfig`
-    (e.g. from `adapters.diffusers.config_from_diffusers`), or a ready `OSPNextConfig`.
-    `parallel`: a `ParallelState` from `osp_megatron.parallel.initialize_parallel`; without it a
-    single-process world is set up (TP = PP = CP = 1).
+    `config`: a `ModelConfig` (e.g. `cfg.model`, or from `adapters.diffusers.config_from_diffusers`; its
+    quantized-training structure comes from `precision`, a `PrecisionConfig`) or a ready `OSPNextConfig`.
+    `parallel`: the `ParallelState` of this process (`osp_megatron.parallel.initialize_parallel`, or the
+    single-process state); the model takes every process group from it and never creates one.
     The model is moved to `device` (default: the current CUDA device if available, else CPU).
     """
-    from osp_megatron import cpu_shims
-    from osp_megatron.config import Config, ModelConfig
+    from osp_megatron.config import ModelConfig, ParallelConfig
     from osp_megatron.models.osp_next import OSPNextDiT
     from osp_megatron.models.transformer_config import OSPNextConfig, make_osp_config
-    from osp_megatron.parallel.groups import ensure_single_process
 
-    cpu_shims.apply()
     if parallel is None:
-        parallel = ensure_single_process()
-    if isinstance(config, Config):
-        config.validate()
-        ocfg = make_osp_config(config.model, config.parallel, config.precision, dtype)
-    elif isinstance(config, ModelConfig):
-        from osp_megatron.config import ParallelConfig
-
-        pc = ParallelConfig(
+        raise ValueError("build_model needs the ParallelState of this process (initialize_parallel, or the "
+                         "single-process state for one device)")
+    if isinstance(config, ModelConfig):
+        layout = ParallelConfig(
             tensor_parallel=parallel.tp, pipeline_parallel=parallel.pp, ssp=parallel.cp.ssp,
             ulysses=parallel.cp.ulysses, sequence_parallel=parallel.sequence_parallel,
         )
-        ocfg = make_osp_config(config, pc, None, dtype)
+        ocfg = make_osp_config(config, layout, precision, dtype)
     elif isinstance(config, OSPNextConfig):
         ocfg = config
     else:
-        raise TypeError(f"build_model: expected Config, ModelConfig or OSPNextConfig, got {type(config).__name__}")
+        raise TypeError(f"build_model: expected a ModelConfig or an OSPNextConfig, got {type(config).__name__}")
     pre = parallel.is_first_stage if pre_process is None else pre_process
     post = parallel.is_last_stage if post_process is None else post_process
     model = OSPNextDiT(ocfg, parallel=parallel, pre_process=pre, post_process=post)

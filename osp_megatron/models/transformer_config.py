@@ -36,30 +36,38 @@ class OSPNextConfig(TransformerConfig):
 
 
 def make_osp_config(model_cfg, parallel_cfg=None, precision_cfg=None, dtype=None) -> OSPNextConfig:
-    """ModelConfig (+ ParallelConfig, PrecisionConfig) -> OSPNextConfig with CPU-safe megatron settings."""
-    from osp_megatron.config import ParallelConfig, PrecisionConfig, resolved_dtype
+    """ModelConfig (+ ParallelConfig, PrecisionConfig) -> OSPNextConfig with CPU-safe megatron settings.
+
+    Raises ConfigError (naming the field and the fix) when the model or its parallel layout is invalid: the same
+    checks as `Config.validate`, so every way of building a model refuses the same plans."""
+    from osp_megatron.config import ConfigError, ParallelConfig, PrecisionConfig, layout_errors, resolved_dtype
     from osp_megatron.models.core_attention import resolve_backend
-    from osp_megatron.models.registry import resolve_model_dims
 
     parallel_cfg = parallel_cfg or ParallelConfig()
     precision_cfg = precision_cfg or PrecisionConfig()
-    dims = resolve_model_dims(model_cfg)
+    errors = []
+    model_cfg.check(errors)
+    errors += layout_errors(model_cfg, parallel_cfg)
+    precision_cfg.check(errors, model_cfg)
+    if errors:
+        raise ConfigError("invalid model configuration:\n  - " + "\n  - ".join(errors))
+    dims = model_cfg.resolve()
     dtype = dtype or resolved_dtype(precision_cfg)
     cuda = torch.cuda.is_available()
     return OSPNextConfig(
-        num_layers=dims["num_layers"],
-        hidden_size=dims["hidden_size"],
-        ffn_hidden_size=dims["ffn_hidden_size"],
-        num_attention_heads=dims["num_attention_heads"],
-        layernorm_epsilon=dims["eps"],
-        in_channels=dims["in_channels"],
-        out_channels=dims["out_channels"],
-        text_dim=dims["text_dim"],
-        freq_dim=dims["freq_dim"],
-        patch_size=list(dims["patch_size"]),
-        rope_theta=dims["rope_theta"],
+        num_layers=dims.num_layers,
+        hidden_size=dims.hidden_size,
+        ffn_hidden_size=dims.ffn_hidden_size,
+        num_attention_heads=dims.num_attention_heads,
+        layernorm_epsilon=dims.eps,
+        in_channels=dims.in_channels,
+        out_channels=dims.out_channels,
+        text_dim=dims.text_dim,
+        freq_dim=dims.freq_dim,
+        patch_size=list(dims.patch_size),
+        rope_theta=dims.rope_theta,
         schedule=model_cfg.schedule,
-        num_full_blocks=dims["num_full_blocks"],
+        num_full_blocks=dims.num_full_blocks,
         sparse_ratio=model_cfg.sparse_ratio,
         attention_backend=resolve_backend(model_cfg.attention_backend),
         spec_name=model_cfg.spec,

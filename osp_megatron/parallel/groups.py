@@ -41,6 +41,11 @@ class ParallelState:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
+    @classmethod
+    def single(cls) -> "ParallelState":
+        """The state of a single-process world (rank 0 of 1, TP = PP = CP = 1), set up if needed (tools, tests)."""
+        return ensure_single_process()
+
     def describe(self) -> str:
         return (
             f"TP={self.tp} PP={self.pp} CP={self.cp.size} (SSP={self.cp.ssp} x Ulysses={self.cp.ulysses}) DP={self.dp}"
@@ -55,6 +60,9 @@ def initialize_parallel(parallel_cfg, seed: int = 1234) -> ParallelState:
     """
     from megatron.core import parallel_state as mps
 
+    from osp_megatron import cpu_shims
+
+    cpu_shims.apply()  # megatron-core assumes CUDA; on CPU its few CUDA calls are shimmed, once per process
     if not dist.is_initialized():
         raise RuntimeError("initialize_parallel needs torch.distributed to be initialised first (torchrun/srun)")
     world = dist.get_world_size()

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from osp_megatron.diffusion.samplers import cfg_velocity_fn, seeded_noise
 from osp_megatron.rl.advantages import combine_rewards, reward_stats, shuffled
-from osp_megatron.rl.config import GRPOConfig
+from osp_megatron.config import GRPOConfig
 from osp_megatron.rl.lora import apply_lora, load_lora_state_dict, lora_disabled, lora_parameters, lora_state_dict
 from osp_megatron.rl.loss import kl_penalty, ppo_clip_loss
 from osp_megatron.rl.rewards import LatentPreviewDecoder, MultiReward
@@ -180,7 +180,7 @@ class _Dist:
 # trainer
 # --------------------------------------------------------------------------------------------
 class GRPOTrainer:
-    """Mix-GRPO on a DiT with LoRA. `model` (optional): a built model, else `build_model(cfg)`.
+    """Mix-GRPO on a DiT with LoRA. `model` (optional): a built model, else one built from `cfg`.
 
     `reward`: optional callable videos, prompts -> {name: scores}; default from `gcfg.rewards`.
     """
@@ -192,8 +192,10 @@ class GRPOTrainer:
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
         if model is None:
             from osp_megatron.models import build_model
+            from osp_megatron.parallel import ParallelState
 
-            model = build_model(cfg, parallel=parallel, device=self.device)
+            model = build_model(cfg.model, parallel or ParallelState.single(), precision=cfg.precision,
+                                device=self.device)
         if parallel is None:
             parallel = getattr(model, "parallel", None)
         if parallel is not None and getattr(parallel, "pp", 1) > 1:

@@ -18,8 +18,6 @@ Training = forward + backward = 3x forward; activation recompute executes one mo
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
-
-from osp_megatron.models.registry import resolve_model_dims
 from osp_megatron.models.skiparse import block_schedule, padded_grid
 
 
@@ -40,9 +38,9 @@ def forward_flops(model_cfg, latent_shape: Sequence[int], text_len: int, padded:
     """Forward FLOPs of one sample with latents [16, T, H, W]; returns a breakdown and `total`.
 
     `padded`: layout-native plan (CP or SP > 1): full blocks also hold the padded grid; else they run on raster."""
-    dims = resolve_model_dims(model_cfg)
-    c, f = dims["hidden_size"], dims["ffn_hidden_size"]
-    pt, ph, pw = dims["patch_size"]
+    dims = model_cfg.resolve()
+    c, f = dims.hidden_size, dims.ffn_hidden_size
+    pt, ph, pw = dims.patch_size
     _, t, h, w = latent_shape
     grid = (t // pt, h // ph, w // pw)
     n_full = grid[0] * grid[1] * grid[2]
@@ -50,7 +48,7 @@ def forward_flops(model_cfg, latent_shape: Sequence[int], text_len: int, padded:
     tp, hp, wp = padded_grid(grid, ratio, 1, sparse=True)
     n_pad = tp * hp * wp
     lt = text_len
-    kinds = block_schedule(dims["num_layers"], model_cfg.schedule, dims["num_full_blocks"])
+    kinds = block_schedule(dims.num_layers, model_cfg.schedule, dims.num_full_blocks)
     out = {"linear": 0.0, "self_attention": 0.0, "cross_attention": 0.0, "ffn": 0.0}
     sparse_model = any(k != "full" for k in kinds)  # the dense Wan schedule never leaves the raster sequence
     for kind in kinds:
@@ -62,9 +60,9 @@ def forward_flops(model_cfg, latent_shape: Sequence[int], text_len: int, padded:
             out["self_attention"] += sum(4.0 * m * m * c for m in class_sizes(grid, ratio, kind))
         out["cross_attention"] += 4.0 * n * lt * c
         out["ffn"] += 2 * 2 * n * c * f
-    patch_dim = dims["in_channels"] * pt * ph * pw
-    out["embed_head"] = 2.0 * n_full * patch_dim * c + 2.0 * n_full * c * dims["out_channels"] * pt * ph * pw
-    out["text_embed"] = 2.0 * lt * (dims["text_dim"] * c + c * c)
+    patch_dim = dims.in_channels * pt * ph * pw
+    out["embed_head"] = 2.0 * n_full * patch_dim * c + 2.0 * n_full * c * dims.out_channels * pt * ph * pw
+    out["text_embed"] = 2.0 * lt * (dims.text_dim * c + c * c)
     out["total"] = sum(out.values())
     out["tokens"] = float(n_full)
     out["tokens_padded"] = float(n_pad)

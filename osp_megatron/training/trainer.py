@@ -183,7 +183,6 @@ class Trainer:
 
         from osp_megatron import cpu_shims
         from osp_megatron.models import build_model
-        from osp_megatron.models.registry import resolve_model_dims
         from osp_megatron.parallel import initialize_parallel
 
         cfg, t = self.cfg, self.cfg.train
@@ -194,7 +193,7 @@ class Trainer:
         self.cp_size = parallel_state.get_context_parallel_world_size()
         self.pp_size = parallel_state.get_pipeline_model_parallel_world_size()
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
-        self.dims = resolve_model_dims(cfg.model)
+        self.dims = cfg.model.resolve()
         # layout-native plans (CP or SP) run sparse blocks on the padded grid; single-device plans do not
         self.padded = self.cp_size > 1 or (cfg.parallel.sequence_parallel and cfg.parallel.tensor_parallel > 1)
         mbs = cfg.data.micro_batch_size
@@ -206,7 +205,7 @@ class Trainer:
         seed_everything(seed)
 
         def build(device=None):
-            return build_model(cfg, parallel=self.ps, pre_process=parallel_state.is_pipeline_first_stage(),
+            return build_model(cfg.model, self.ps, precision=cfg.precision, pre_process=parallel_state.is_pipeline_first_stage(),
                                post_process=self.is_last_stage, device=device)
 
         model = build()
@@ -243,7 +242,7 @@ class Trainer:
 
         # data + encoders
         self._setup_data()
-        self.flow = FlowMatching.from_train_config(t, self.dims["patch_size"])
+        self.flow = FlowMatching.from_train_config(t, self.dims.patch_size)
         self.preparer = BatchPreparer(self.flow, t.seed, self.dp_rank, self.device, self.dtype,
                                       vae=self.vae, text_encoder=self.text_encoder)
         self.checkpointer = Checkpointer(
@@ -266,7 +265,7 @@ class Trainer:
         import data_pipeline
 
         self.loader = data_pipeline.build_loader(cfg.data, rank=self.dp_rank, world_size=self.dp_size,
-                                                 text_dim=self.dims["text_dim"])
+                                                 text_dim=self.dims.text_dim)
         self.data = EndlessLoader(self.loader)
         need_vae = cfg.data.kind == "raw" or cfg.train.sample_interval > 0
         need_text = cfg.data.kind == "raw" or cfg.train.sample_interval > 0
@@ -279,7 +278,7 @@ class Trainer:
             if need_text:
                 # umT5 in the training dtype (bf16 on GPU, as Wan2.1 does), the VAE in fp32
                 self.text_encoder = load_text_encoder(cfg.encoders.text_encoder, self.device, self.dtype,
-                                                      cfg.data.text_len, text_dim=self.dims["text_dim"])
+                                                      cfg.data.text_len, text_dim=self.dims.text_dim)
 
     def _log_run_start(self, resumed: bool) -> None:
         cfg = self.cfg
@@ -477,7 +476,7 @@ class Trainer:
             tp_sp = self.ps.tp if getattr(model.config, "sequence_parallel", False) else 1
             return {"seq_length": s * self.cp_size * tp_sp, "micro_batch_size": b}
         _, t, h, w = latent_shape
-        pt, ph, pw = self.dims["patch_size"]
+        pt, ph, pw = self.dims.patch_size
         return {"seq_length": (t // pt) * (h // ph) * (w // pw), "micro_batch_size": mbs}
 
     def next_microbatches(self, step: int) -> List[Dict[str, torch.Tensor]]:
@@ -488,7 +487,7 @@ class Trainer:
         """(executed FLOPs, model FLOPs, tokens, samples) of these micro-batches on this DP rank."""
         cfg = self.cfg
         flops_exec = flops_model = tokens = samples = 0.0
-        pt, ph, pw = self.dims["patch_size"]
+        pt, ph, pw = self.dims.patch_size
         for mb in micro:
             shape = tuple(mb["x_t"].shape[1:])
             b, text_len = mb["x_t"].shape[0], mb["text"].shape[1]

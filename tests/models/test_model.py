@@ -6,6 +6,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from osp_megatron.config import Config, ConfigError, ModelConfig, load_config
 from osp_megatron.models import build_model
+from osp_megatron.parallel import ParallelState
 from osp_megatron.models import skiparse
 from osp_megatron.models.adapters import diffusers as ad
 from osp_megatron.models.adapters import wan as aw
@@ -28,7 +29,7 @@ def _reference(num_layers=4, heads=4, head_dim=16, seed=0):
 def _ours_from(ref, schedule="full", ratio=2, num_full=None):
     mc = ad.config_from_diffusers(dict(ref.config))
     mc.schedule, mc.sparse_ratio, mc.num_full_blocks = schedule, ratio, num_full
-    model = build_model(mc).eval()
+    model = build_model(mc, ParallelState.single()).eval()
     model.load_full_state_dict(ad.from_diffusers(ref.state_dict(), mc))
     return model, mc
 
@@ -115,7 +116,7 @@ def test_adapters_round_trip_bitwise_and_wan_equals_diffusers():
     assert "blocks.0.norm3.weight" in wan_sd and "head.head.weight" in wan_sd and "time_projection.1.weight" in wan_sd
     again = aw.from_wan(wan_sd, aw.config_from_wan(aw.wan_config(mc)))
     assert set(again) == set(ours) and all(torch.equal(again[k], ours[k]) for k in ours)
-    model = build_model(mc).eval()
+    model = build_model(mc, ParallelState.single()).eval()
     model.load_full_state_dict(again)
     full = model.full_state_dict()
     assert all(torch.equal(full[k], ours[k]) for k in ours)
@@ -149,12 +150,10 @@ def test_safetensors_sharded_round_trip(tmp_path):
 
 
 def test_registry_sizes_and_released_schedules():
-    from osp_megatron.models.registry import resolve_model_dims
-
-    d14 = resolve_model_dims(ModelConfig(size="wan_14b"))
-    assert (d14["hidden_size"], d14["ffn_hidden_size"], d14["num_attention_heads"], d14["num_layers"]) == (5120, 13824, 40, 40)
-    d13 = resolve_model_dims(ModelConfig(size="wan_1_3b"))
-    assert (d13["hidden_size"], d13["ffn_hidden_size"], d13["num_attention_heads"], d13["num_layers"]) == (1536, 8960, 12, 30)
+    d14 = ModelConfig(size="wan_14b").resolve()
+    assert (d14.hidden_size, d14.ffn_hidden_size, d14.num_attention_heads, d14.num_layers) == (5120, 13824, 40, 40)
+    d13 = ModelConfig(size="wan_1_3b").resolve()
+    assert (d13.hidden_size, d13.ffn_hidden_size, d13.num_attention_heads, d13.num_layers) == (1536, 8960, 12, 30)
     s14 = skiparse.block_schedule(40, "dual_end", 8)
     assert [i for i, k in enumerate(s14) if k == "full"] == [0, 1, 2, 3, 36, 37, 38, 39]
     assert [i for i, k in enumerate(s14) if k == "token"] == list(range(4, 36, 2))

@@ -31,7 +31,7 @@ def main():
     ]:
         ps = initialize_parallel(pcfg)
         mcfg = ModelConfig(size="tiny", schedule=schedule, num_full_blocks=4, num_attention_heads=8)
-        model = build_model(make_osp_config(mcfg, pcfg, None, torch.float32), parallel=ps)
+        model = build_model(make_osp_config(mcfg, pcfg, None, torch.float32), ps)
         comm_stats.reset()
         with torch.no_grad():
             model(x, t, txt, target=torch.randn_like(x))

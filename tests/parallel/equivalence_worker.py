@@ -38,7 +38,7 @@ def run_plan(spec, ref):
     ps = initialize_parallel(pcfg)
     mcfg = ref["model_config"]
     ocfg = make_osp_config(mcfg, pcfg, None, torch.float32)
-    model = build_model(ocfg, parallel=ps)
+    model = build_model(ocfg, ps)
     model.load_full_state_dict(ref["state_dict"])
     x, t, txt, target = ref["x"], ref["t"], ref["text"], ref["target"]
     if ps.dp > 1:  # each DP rank takes its slice of the batch

@@ -26,7 +26,7 @@ def build(ref, spec):
         fields[k] = v.lower() == "true" if v.lower() in ("true", "false") else int(v)
     pcfg = ParallelConfig(**fields)
     ps = initialize_parallel(pcfg)
-    return ps, build_model(make_osp_config(ref["model_config"], pcfg, None, torch.float32), parallel=ps)
+    return ps, build_model(make_osp_config(ref["model_config"], pcfg, None, torch.float32), ps)
 
 
 def main():

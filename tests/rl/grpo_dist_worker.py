@@ -126,7 +126,7 @@ def case_lora_tp(rank):
 def case_dp_grpo(rank):
     from osp_megatron.config import Config
     from osp_megatron.parallel.groups import initialize_parallel
-    from osp_megatron.rl.config import grpo_config_from_dict
+    from osp_megatron.config import GRPOConfig, parse_section
     from osp_megatron.rl.lora import lora_parameters
     from osp_megatron.rl.trainer import GRPOTrainer
 
@@ -139,8 +139,8 @@ def case_dp_grpo(rank):
     torch.manual_seed(0)
     from osp_megatron.models import build_model
 
-    model = build_model(cfg, parallel=par, device="cpu")
-    g = grpo_config_from_dict(dict(iterations=2, steps=6, window=dict(strategy="fixed", size=2), group_size=4,
+    model = build_model(cfg.model, par, precision=cfg.precision, device="cpu")
+    g = parse_section(GRPOConfig, dict(iterations=2, steps=6, window=dict(strategy="fixed", size=2), group_size=4,
                                    prompts_per_iteration=2, rollout_batch=2, train_batch=2, lr=1e-3,
                                    latent_shape=[1, 4, 4], prompts=["p", "q"], lora=dict(rank=4, alpha=4)))
     t = GRPOTrainer(cfg, g, model=model, parallel=par)
@@ -156,7 +156,7 @@ def case_cp_grpo(rank):
     from osp_megatron.config import Config, ParallelConfig
     from osp_megatron.models import build_model
     from osp_megatron.parallel.groups import ParallelState, initialize_parallel
-    from osp_megatron.rl.config import grpo_config_from_dict
+    from osp_megatron.config import GRPOConfig, parse_section
     from osp_megatron.rl.lora import lora_parameters
     from osp_megatron.rl.trainer import GRPOTrainer
 
@@ -167,7 +167,7 @@ def case_cp_grpo(rank):
     cfg.train.run_dir = sys.argv[2] + "/run"
     cfg.tracking.backend = "none"
     par = initialize_parallel(cfg.parallel)
-    g = grpo_config_from_dict(dict(iterations=1, steps=6, window=dict(strategy="fixed", start=1, size=2),
+    g = parse_section(GRPOConfig, dict(iterations=1, steps=6, window=dict(strategy="fixed", start=1, size=2),
                                    group_size=2, prompts_per_iteration=2, rollout_batch=2, train_batch=2, lr=0.0,
                                    latent_shape=[1, 8, 8], prompts=["p", "q"], lora=dict(rank=4, alpha=4),
                                    cfg_scale=2.0))
@@ -175,7 +175,7 @@ def case_cp_grpo(rank):
     runs = {}
     for name, p in (("cp", par), ("single", ParallelState())):
         torch.manual_seed(0)
-        model = build_model(cfg, parallel=p, device="cpu")
+        model = build_model(cfg.model, p, precision=cfg.precision, device="cpu")
         t = GRPOTrainer(cfg, g, model=model, parallel=p)
         with torch.no_grad():  # LoRA B = 0 gives no signal through A: start from a non-trivial adapter
             gen = torch.Generator().manual_seed(1)
@@ -204,7 +204,7 @@ def case_tp_grpo(rank):
     from osp_megatron.config import Config
     from osp_megatron.models import build_model
     from osp_megatron.parallel.groups import ParallelState, initialize_parallel
-    from osp_megatron.rl.config import grpo_config_from_dict
+    from osp_megatron.config import GRPOConfig, parse_section
     from osp_megatron.rl.trainer import GRPOTrainer
 
     cfg = Config()
@@ -218,13 +218,13 @@ def case_tp_grpo(rank):
     ref_state = ParallelState(tp_group=singles[rank])
     ref_cfg = copy.deepcopy(cfg)
     ref_cfg.parallel.tensor_parallel = 1
-    g = grpo_config_from_dict(dict(iterations=1, steps=6, window=dict(strategy="fixed", start=1, size=2),
+    g = parse_section(GRPOConfig, dict(iterations=1, steps=6, window=dict(strategy="fixed", start=1, size=2),
                                    group_size=2, prompts_per_iteration=2, rollout_batch=2, train_batch=2, lr=0.0,
                                    latent_shape=[1, 4, 4], prompts=["p", "q"], lora=dict(rank=4, alpha=4),
                                    clip_grad=1e9))
     torch.manual_seed(0)
-    ref_model = build_model(ref_cfg, parallel=ref_state, device="cpu")
-    tp_model = build_model(cfg, parallel=par, device="cpu")
+    ref_model = build_model(ref_cfg.model, ref_state, precision=ref_cfg.precision, device="cpu")
+    tp_model = build_model(cfg.model, par, precision=cfg.precision, device="cpu")
     tp_model.load_full_state_dict(ref_model.full_state_dict())
     runs = {}
     for name, model, p in (("ref", ref_model, ref_state), ("tp", tp_model, par)):

@@ -7,10 +7,10 @@ import torch
 
 from osp_megatron.cli.grpo import main as grpo_main
 from osp_megatron.config import Config
-from osp_megatron.rl.config import grpo_config_from_dict
+from osp_megatron.config import GRPOConfig, parse_section
 from osp_megatron.rl.lora import lora_parameters
 from osp_megatron.rl.rewards import MultiReward
-from osp_megatron.rl.config import RewardSpec
+from osp_megatron.config import RewardSpec
 from osp_megatron.rl.trainer import GRPOTrainer, merge_grpo_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +28,7 @@ def make_trainer(run_dir, layers=6, schedule="dual_end", tracking="none", **over
              eval_seeds=8, save_interval=0, lora=dict(rank=8, alpha=8))
     g.update(over)
     torch.manual_seed(0)  # same base model in every run
-    return GRPOTrainer(cfg, grpo_config_from_dict(g), device="cpu")
+    return GRPOTrainer(cfg, parse_section(GRPOConfig, g), device="cpu")
 
 
 @pytest.mark.slow
@@ -88,11 +88,18 @@ def test_resume_rejects_changed_window(tmp_path):
         make_trainer(tmp_path, layers=2, schedule="full", **small).fit(track=False)
 
 
-def test_cli_dry_run_and_bad_override(capsys):
+def test_cli_dry_run_and_bad_override(capsys, tmp_path):
     assert grpo_main([str(ROOT / "configs/grpo_demo_cpu.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "grpo:" in out and "iteration 10: window 1..3" in out and "NFE/iteration 176" in out
-    assert grpo_main([str(ROOT / "configs/grpo_osp_14b.yaml"), "--dry-run", "--world-size", "64"]) == 0
+    # the released recipe names placeholder paths: a dry run reports each one, and plans once they exist
+    assert grpo_main([str(ROOT / "configs/grpo_osp_14b.yaml"), "--dry-run", "--world-size", "64"]) == 2
+    err = capsys.readouterr().err
+    assert all(k in err for k in ("train.init_from=", "encoders.vae=", "grpo.prompts_file=")), err
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    paths = [f"train.init_from={tmp_path}", f"encoders.vae={tmp_path}", f"encoders.text_encoder={tmp_path}",
+             f"grpo.prompts_file={tmp_path / 'prompts.txt'}"]
+    assert grpo_main([str(ROOT / "configs/grpo_osp_14b.yaml"), *paths, "--dry-run", "--world-size", "64"]) == 0
     assert "steps [SSSSSSSSSSooooooooooooooo]" in capsys.readouterr().out
     assert grpo_main([str(ROOT / "configs/grpo_demo_cpu.yaml"), "grpo.window.strategy=decay", "--dry-run"]) == 2
     assert "grpo.window.strategy='decay'" in capsys.readouterr().err
@@ -131,8 +138,9 @@ def test_sigterm_checkpoints_and_stops_then_export_merges(tmp_path):
     merged = merge_grpo_checkpoint(base, ckpt)
     torch.manual_seed(0)
     from osp_megatron.models import build_model
+    from osp_megatron.parallel import ParallelState
 
-    plain = build_model(t.cfg, device="cpu")
+    plain = build_model(t.cfg.model, ParallelState.single(), precision=t.cfg.precision, device="cpu")
     plain.load_state_dict(merged)
     x, ts, txt = torch.randn(2, 16, 1, 4, 4), torch.tensor([200.0, 800.0]), torch.randn(2, 16, 32)
     with torch.no_grad():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from osp_megatron.config import ConfigError, load_config
-from osp_megatron.rl.config import RewardSpec, grpo_config_from, grpo_config_from_dict
+from osp_megatron.config import GRPOConfig, RewardSpec, parse_section
 from osp_megatron.rl.rewards import Brightness, Colourfulness, LatentPreviewDecoder, MultiReward, TargetColour, load_reward
 
 
@@ -76,14 +76,14 @@ def test_preview_decoder_shape_and_range():
 
 # ------------------------------------------------------------------------------------------ config
 def test_defaults_are_mixgrpo():
-    g = grpo_config_from_dict({})
+    g = parse_section(GRPOConfig, {})
     assert (g.steps, g.shift, g.eta, g.window.size, g.group_size, g.clip_range, g.adv_clip_max) == (
         25, 3.0, 0.7, 4, 12, 1e-4, 5.0)
 
 
 def test_validation_names_fields_and_fixes():
     with pytest.raises(ConfigError) as exc:
-        grpo_config_from_dict({"window": {"size": 30, "strategy": "decay"}, "group_size": 1, "noise_level": "x",
+        parse_section(GRPOConfig, {"window": {"size": 30, "strategy": "decay"}, "group_size": 1, "noise_level": "x",
                                "flash": {"enabled": True, "compression": 2.0}, "reward_mix": "sum",
                                "latent_shape": [1, 7, 8]})
     msg = str(exc.value)
@@ -91,9 +91,9 @@ def test_validation_names_fields_and_fixes():
                   "grpo.flash.compression=2.0", "grpo.reward_mix='sum'", "grpo.latent_shape"):
         assert field in msg, field
     with pytest.raises(ConfigError, match=r"grpo.window: unknown field\(s\) \['sise'\]"):
-        grpo_config_from_dict({"window": {"sise": 4}})
+        parse_section(GRPOConfig, {"window": {"sise": 4}})
     with pytest.raises(ConfigError, match="grpo.lr: expected a number"):
-        grpo_config_from_dict({"lr": "fast"})
+        parse_section(GRPOConfig, {"lr": "fast"})
 
 
 def test_from_yaml_with_overrides(tmp_path):
@@ -101,9 +101,8 @@ def test_from_yaml_with_overrides(tmp_path):
     p.write_text("model: {size: tiny}\ngrpo:\n  steps: 10\n  window: {size: 3}\n  rewards:\n"
                  "    - {name: brightness, weight: 2}\n")
     cfg = load_config(p, ["grpo.window.strategy=fixed", "grpo.lr=1e-3"])
-    g = grpo_config_from(cfg)
+    g = cfg.grpo
     assert g.steps == 10 and g.window.size == 3 and g.window.strategy == "fixed" and g.lr == 1e-3
     assert g.rewards[0].name == "brightness" and g.rewards[0].weight == 2.0
-    cfg.extra["grpoo"] = {}
     with pytest.raises(ConfigError, match="grpoo"):
-        grpo_config_from(cfg)
+        load_config(p, ["grpoo.steps=3"])

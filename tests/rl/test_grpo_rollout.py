@@ -4,7 +4,7 @@ import torch
 
 from osp_megatron.config import Config
 from osp_megatron.diffusion import samplers as S
-from osp_megatron.rl.config import grpo_config_from_dict
+from osp_megatron.config import GRPOConfig, parse_section
 from osp_megatron.rl.lora import lora_disabled
 from osp_megatron.rl.rollout import NoiseSource, make_plan, rollout, transition_log_prob
 from osp_megatron.rl.trainer import GRPOTrainer
@@ -101,7 +101,7 @@ def tiny_trainer(tmp_path, recompute=False, recipe="none", **over):
              prompts=["one", "two"], lora=dict(rank=4, alpha=4))
     g.update(over)
     torch.manual_seed(0)
-    return GRPOTrainer(cfg, grpo_config_from_dict(g), device="cpu")
+    return GRPOTrainer(cfg, parse_section(GRPOConfig, g), device="cpu")
 
 
 def test_ratio_exactly_one_before_first_update(tmp_path):

@@ -28,19 +28,18 @@ def _forward(ckpt, tp, ps):
 
     from osp_megatron.config import ParallelConfig
     from osp_megatron.models import build_model
-    from osp_megatron.models.registry import resolve_model_dims
     from osp_megatron.models.transformer_config import make_osp_config
     from tools import model_check
     from tools.megatron_io import find_checkpoint_dir, read_model_config
 
     step = find_checkpoint_dir(ckpt)
     mc, _ = read_model_config(step)
-    model = build_model(make_osp_config(mc, ParallelConfig(tensor_parallel=tp), None, torch.float32), parallel=ps,
+    model = build_model(make_osp_config(mc, ParallelConfig(tensor_parallel=tp), None, torch.float32), ps,
                         device="cpu").eval()
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(step))
     model.load_state_dict(loaded["model"], strict=False)
     with torch.no_grad():
-        return model(*model_check.random_inputs(resolve_model_dims(mc)))
+        return model(*model_check.random_inputs(mc.resolve()))
 
 
 def _forward_rank(rank, world, port, ckpt, out):
@@ -91,9 +90,9 @@ def ema_checkpoint(diffusers_dir, out):
     ps = ensure_single_process()
     mc = ad.config_from_diffusers(json.loads((Path(diffusers_dir) / "config.json").read_text()))
     sd = ad.from_diffusers(load_safetensors_dir(diffusers_dir), mc)
-    model = build_model(mc, parallel=ps, device="cpu")
+    model = build_model(mc, ps, device="cpu")
     model.load_full_state_dict(sd)
-    ema = build_model(mc, parallel=ps, device="cpu")
+    ema = build_model(mc, ps, device="cpu")
     ema.load_full_state_dict({k: v * 0.5 for k, v in sd.items()})
     ck = Checkpointer(out, async_save=False)
     ck.save(7, {"model": model.sharded_state_dict(), "ema": ema.sharded_state_dict(prefix="ema."),

@@ -142,12 +142,13 @@ def test_nonfinite_steps_in_a_row_stop_with_last_good_checkpoint(tmp_path):
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000002"
 
 
-def test_dry_run_prints_config_and_plan_and_bad_plans_fail_before_init(monkeypatch, capsys):
+def test_dry_run_prints_config_and_plan_and_bad_plans_fail_before_init(monkeypatch, capsys, tmp_path):
     from osp_megatron.cli.train import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    assert main(["configs/demo_cpu.yaml", "parallel.ssp=2", "--dry-run"]) == 0
+    (tmp_path / "shards").mkdir()  # --dry-run checks that the inputs exist
+    assert main(["configs/demo_cpu.yaml", "parallel.ssp=2", f"data.shards={tmp_path / 'shards'}", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "# resolved config" in out and yaml.safe_load(out.split("# parallel plan")[0])["parallel"]["ssp"] == 2
     assert "world size 2 = TP 1 x CP 2 (SSP 2 x Ulysses 1) x DP 1 x PP 1" in out

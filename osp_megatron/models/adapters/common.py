@@ -74,9 +74,8 @@ def num_layers_in(sd: StateDict, prefix: str = "blocks.") -> int:
 
 def import_state_dict(state_dict: StateDict, rules, model_config, what: str) -> StateDict:
     """External keys -> our full keys via `rules`; Conv3d patch weight -> Linear [C, in*pt*ph*pw]; strict."""
-    from osp_megatron.models.registry import resolve_model_dims
 
-    layers = resolve_model_dims(model_config)["num_layers"]
+    layers = model_config.resolve().num_layers
     out = rename(state_dict, rules, what)
     w = out.get("patch_embedding.weight")
     if w is not None and w.dim() == 5:
@@ -87,13 +86,12 @@ def import_state_dict(state_dict: StateDict, rules, model_config, what: str) -> 
 
 def export_state_dict(state_dict: StateDict, rules, model_config, what: str) -> StateDict:
     """Our full keys -> external keys via `rules`; Linear patch weight back to Conv3d [C, in, pt, ph, pw]; strict."""
-    from osp_megatron.models.registry import resolve_model_dims
 
-    d = resolve_model_dims(model_config)
-    check_keys(state_dict, our_keys(d["num_layers"]), what)
+    d = model_config.resolve()
+    check_keys(state_dict, our_keys(d.num_layers), what)
     out = rename(state_dict, rules, what)
     w = out["patch_embedding.weight"]
-    out["patch_embedding.weight"] = w.reshape(w.shape[0], d["in_channels"], *d["patch_size"])
+    out["patch_embedding.weight"] = w.reshape(w.shape[0], d.in_channels, *d.patch_size)
     return out
 
 

@@ -45,8 +45,7 @@ _TO_DIFFUSERS = [
 
 def config_from_diffusers(config: Dict[str, Any]):
     """diffusers WanTransformer3DModel config.json dict -> ModelConfig (schedule `full`; set it for OSP-Next)."""
-    from osp_megatron.config import ModelConfig
-    from osp_megatron.models.registry import SIZES
+    from osp_megatron.config import SIZES, ModelConfig
 
     if config.get("image_dim") or config.get("added_kv_proj_dim"):
         raise ValueError("image-conditioned (I2V) Wan checkpoints are not supported: use a T2V checkpoint")
@@ -59,22 +58,21 @@ def config_from_diffusers(config: Dict[str, Any]):
         eps=float(config.get("eps", 1e-6)),
     )
     for name, entry in SIZES.items():
-        if all(entry[k] == v for k, v in dims.items()):
+        if all(getattr(entry, k) == v for k, v in dims.items()):
             return ModelConfig(size=name, schedule="full")
     return ModelConfig(size="tiny", schedule="full", **dims)
 
 
 def diffusers_config(model_config) -> Dict[str, Any]:
     """ModelConfig -> a diffusers WanTransformer3DModel config dict."""
-    from osp_megatron.models.registry import resolve_model_dims
 
-    d = resolve_model_dims(model_config)
+    d = model_config.resolve()
     return {
-        "_class_name": "WanTransformer3DModel", "patch_size": list(d["patch_size"]),
-        "num_attention_heads": d["num_attention_heads"], "attention_head_dim": d["hidden_size"] // d["num_attention_heads"],
-        "in_channels": d["in_channels"], "out_channels": d["out_channels"], "text_dim": d["text_dim"],
-        "freq_dim": d["freq_dim"], "ffn_dim": d["ffn_hidden_size"], "num_layers": d["num_layers"],
-        "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": d["eps"], "image_dim": None,
+        "_class_name": "WanTransformer3DModel", "patch_size": list(d.patch_size),
+        "num_attention_heads": d.num_attention_heads, "attention_head_dim": d.hidden_size // d.num_attention_heads,
+        "in_channels": d.in_channels, "out_channels": d.out_channels, "text_dim": d.text_dim,
+        "freq_dim": d.freq_dim, "ffn_dim": d.ffn_hidden_size, "num_layers": d.num_layers,
+        "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": d.eps, "image_dim": None,
         "added_kv_proj_dim": None, "rope_max_seq_len": 1024,
     }
 

@@ -67,14 +67,13 @@ def config_from_wan(config: Dict[str, Any]):
 
 
 def wan_config(model_config) -> Dict[str, Any]:
-    from osp_megatron.models.registry import resolve_model_dims
 
-    d = resolve_model_dims(model_config)
+    d = model_config.resolve()
     return {
-        "_class_name": "WanModel", "model_type": "t2v", "patch_size": list(d["patch_size"]), "text_len": 512,
-        "in_dim": d["in_channels"], "dim": d["hidden_size"], "ffn_dim": d["ffn_hidden_size"], "freq_dim": d["freq_dim"],
-        "text_dim": d["text_dim"], "out_dim": d["out_channels"], "num_heads": d["num_attention_heads"],
-        "num_layers": d["num_layers"], "window_size": [-1, -1], "qk_norm": True, "cross_attn_norm": True, "eps": d["eps"],
+        "_class_name": "WanModel", "model_type": "t2v", "patch_size": list(d.patch_size), "text_len": 512,
+        "in_dim": d.in_channels, "dim": d.hidden_size, "ffn_dim": d.ffn_hidden_size, "freq_dim": d.freq_dim,
+        "text_dim": d.text_dim, "out_dim": d.out_channels, "num_heads": d.num_attention_heads,
+        "num_layers": d.num_layers, "window_size": [-1, -1], "qk_norm": True, "cross_attn_norm": True, "eps": d.eps,
     }
 
 
