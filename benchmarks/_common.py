@@ -165,9 +165,10 @@ def free_port() -> int:
 
 # ---------------------------------------------------------------------------------------------- memory
 def free_memory(device=None) -> None:
-    """Collect garbage, return cached CUDA blocks and reset the peak-memory counter (call between variants)."""
-    gc.collect()
+    """On CUDA: collect garbage, return cached blocks and reset the peak-memory counter (call between variants).
+    On CPU nothing (memory is not measured there and reference counting frees the models)."""
     if _device(device).type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
