@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from _common import matmul_peak_tflops, print_table, row, time_fn, write_results
+from _common import add_out_dir, matmul_peak_tflops, peak_row, print_table, row, time_fn, write_results
 from osp_megatron.models import skiparse
 from osp_megatron.parallel.plan import SequencePlan, skiparse_attention
 
@@ -24,6 +24,7 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, nargs="+", default=[12, 40])
     ap.add_argument("--ratio", type=int, default=2)
     ap.add_argument("--head-dim", type=int, default=128)
+    add_out_dir(ap)
     args = ap.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -73,17 +74,18 @@ def main(argv=None):
         rows.append(row(f"attention fwd+bwd speedup, {heads} heads", dfb / sfb, "x", "dense SDPA", 1.0, f">= 3.4 (ideal padded {ideal:.2f})"))
         rows.append(row(f"in-layout (model path) fwd speedup, {heads} heads", df / lf, "x", "dense SDPA", 1.0, "report"))
         rows.append(row(f"in-layout (model path) fwd+bwd speedup, {heads} heads", dfb / lfb, "x", "dense SDPA", 1.0, "report"))
-        rows.append(row(f"skiparse fwd ms, {heads} heads", sf, "ms", "dense fwd ms", df, None, lower_is_better=True))
-        rows.append(row(f"skiparse fwd+bwd ms, {heads} heads", sfb, "ms", "dense fwd+bwd ms", dfb, None, lower_is_better=True))
+        rows.append(row(f"skiparse fwd ms, {heads} heads", sf, "ms", "dense fwd ms", df, higher_is_better=False))
+        rows.append(row(f"skiparse fwd+bwd ms, {heads} heads", sfb, "ms", "dense fwd+bwd ms", dfb, higher_is_better=False))
         rows.append(row(f"skiparse fwd TFLOP/s executed, {heads} heads", sfl / sf / 1e9, "TFLOP/s", "dense fwd TFLOP/s", dfl / df / 1e9))
         rows.append(row(f"skiparse fwd+bwd TFLOP/s executed, {heads} heads", 3.5 * sfl / sfb / 1e9, "TFLOP/s",
                         "dense fwd+bwd TFLOP/s", 3.5 * dfl / dfb / 1e9))
-    rows.append(row("bf16 matmul peak (8192^3, measured)", peak, "TFLOP/s"))
-    print_table(rows)
-    path = write_results("attention", rows, {"shapes": {"grid": grid, "ratio": p, "head_dim": d, "class_valid_tokens": counts,
-                                                        "tokens": n, "padded_class_len": sparse_plan.local_len("token")},
-                                             "kernel_backend": "sdpa(cudnn|flash)" if dev == "cuda" else "sdpa(cpu)"})
+    rows.append(peak_row(peak))
+    shapes = {"grid": grid, "ratio": p, "head_dim": d, "heads": args.heads, "class_valid_tokens": counts, "tokens": n,
+              "padded_class_len": sparse_plan.local_len("token"), "dtype": str(dtype)}
+    path = write_results("attention", rows, {"kernel_backend": "sdpa(cudnn|flash)" if dev == "cuda" else "sdpa(cpu)"},
+                         shapes=shapes, out_dir=args.out_dir, argv=argv)
     print(f"wrote {path}")
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from _common import matmul_peak_tflops, print_table, row, time_fn, write_results
+from _common import add_out_dir, matmul_peak_tflops, peak_row, print_table, row, time_fn, write_results
 from osp_megatron import cpu_shims
 from osp_megatron.config import ModelConfig, PrecisionConfig
 from osp_megatron.models.skiparse import block_schedule
@@ -86,7 +86,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=["wan_14b", "wan_1_3b"])
     ap.add_argument("--grid", type=int, nargs=3, default=[21, 45, 80])
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke: tiny widths")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke: tiny widths (writes no JSON)")
+    add_out_dir(ap)
     args = ap.parse_args(argv)
     cpu_shims.apply()
     ensure_single_process()
@@ -94,7 +95,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     grid = tuple(args.grid)
     peak = matmul_peak_tflops()
-    rows, extra = [], {"grid": grid, "blocks_ms": {},
+    rows, extra = [], {"blocks_ms": {},
                        "kernel_backend": "sdpa(cudnn|flash)" if dev == "cuda" else "sdpa(cpu)",
                        "fused_elementwise": "torch.compile" if dev == "cuda" else "eager"}
     for size in (["tiny"] if args.tiny else args.sizes):
@@ -103,19 +104,20 @@ def main(argv=None):
         g_f, g_fb = GOALS.get(size, (None, None))
         rows.append(row(f"{size} dual_end model fwd speedup (composed)", dense[0] / comp[0], "x", "dense Wan", 1.0, g_f))
         rows.append(row(f"{size} dual_end model fwd+bwd speedup (composed)", dense[1] / comp[1], "x", "dense Wan", 1.0, g_fb))
-        rows.append(row(f"{size} dual_end model fwd ms", comp[0], "ms", "dense fwd ms", dense[0], None, True))
-        rows.append(row(f"{size} dual_end model fwd+bwd ms", comp[1], "ms", "dense fwd+bwd ms", dense[1], None, True))
+        rows.append(row(f"{size} dual_end model fwd ms", comp[0], "ms", "dense fwd ms", dense[0], higher_is_better=False))
+        rows.append(row(f"{size} dual_end model fwd+bwd ms", comp[1], "ms", "dense fwd+bwd ms", dense[1], higher_is_better=False))
         # overhead of layouts: a switching sparse block vs the same block without the switch
         sw = times["token_with_switch"][1] / times["token_no_switch"][1] - 1
         rows.append(row(f"{size} layout switch overhead per sparse block (fwd+bwd)", 100 * sw, "%", None, None, "< 3"))
         dense_fl = block_flops(cfg, n, n * n)
         rows.append(row(f"{size} dense block fwd+bwd TFLOP/s", 3 * dense_fl / times["dense"][1] / 1e9, "TFLOP/s",
-                        "bf16 matmul peak", peak))
+                        "measured matmul peak", peak))
         print(f"{size}: " + ", ".join(f"{k} {v[0]:.1f}/{v[1]:.1f} ms" for k, v in times.items()))
-    rows.append(row("bf16 matmul peak (8192^3, measured)", peak, "TFLOP/s"))
-    print_table(rows)
+    rows.append(peak_row(peak))
     if not args.tiny:
-        print(f"wrote {write_results('blocks', rows, extra)}")
+        shapes = {"grid": grid, "batch": 1, "text_len": 512, "dtype": str(dtype)}
+        print(f"wrote {write_results('blocks', rows, extra, shapes=shapes, out_dir=args.out_dir, argv=argv)}")
+    print_table(rows)
 
 
 if __name__ == "__main__":

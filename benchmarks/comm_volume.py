@@ -1,7 +1,7 @@
 """Structural communication volume (CPU, counters): whole-forward all-to-all bytes of the 40-block 14B
 `dual_end` schedule with SSP = 4 vs all-Ulysses at S = 4, per sparse block and end to end.
 
-    python benchmarks/comm_volume.py            # launches 4 gloo processes itself
+    python benchmarks/comm_volume.py [--out-dir DIR]     # launches 4 gloo processes itself
 
 Bytes come from comm_stats on a real forward of a narrow model with the 14B schedule (40 blocks, 40 heads,
 8 full blocks) on a 720P-shaped grid slice (H = 45 -> 48 padded, so the padding overhead matches 81x720P).
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -64,14 +63,17 @@ def worker(out_path: str) -> None:
     dist.destroy_process_group()
 
 
-def main() -> None:
-    from _common import print_table, row, write_results
+def main(argv=None) -> None:
+    import argparse
 
+    from _common import add_out_dir, free_port, print_table, row, write_results
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_out_dir(ap)
+    args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "comm.json"
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         env = dict(os.environ, OMP_NUM_THREADS="1")
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port",
                         str(port), __file__, "--worker", str(out)], check=True, env=env, timeout=600)
@@ -88,7 +90,8 @@ def main() -> None:
     ssp0 = ssp[0]
     rows = [
         row("whole forward, SSP=4 (ours, mean over ranks) / all-Ulysses S=4 on the unpadded sequence",
-            total(ssp) / r["ideal_ulysses_bytes"], "fraction", "OSP-Next code (8x4 + 31 + 2 all-gathers)", 0.44, "<= 0.40"),
+            total(ssp) / r["ideal_ulysses_bytes"], "fraction", "OSP-Next code (8x4 + 31 + 2 all-gathers)", 0.44, "<= 0.40",
+            higher_is_better=False),
         row("whole forward, SSP=4 (ours, busiest rank) / all-Ulysses S=4", total(ssp, max) / r["ideal_ulysses_bytes"],
             "fraction", None, None, "report"),
         row("whole forward, SSP=4 (ours) / our dense-schedule Ulysses=4 (measured, mean)", total(ssp) / total(uly_dense),
@@ -100,14 +103,17 @@ def main() -> None:
         row("collectives at full<->sparse boundaries (training forward)",
             sum(v["calls"] for k, v in ssp0.items() if not k.startswith("all_to_all/")), "calls", None, None, "0"),
         row("whole forward bytes per rank in units of one [N/S, C] all-to-all (SSP=4, mean)", total(ssp) / r["unit_bytes"],
-            "units", "all-Ulysses", 160.0, None, True),
+            "units", "all-Ulysses", 160.0, higher_is_better=False),
     ]
+    shapes = {"grid_slice": [1, 45, 8], "hidden": 240, "heads": 40, "layers": 40, "full_blocks": 8, "processes": 4}
+    path = write_results("comm_volume", rows, {"schedule": "dual_end, 40 blocks, 8 full", "raw": r}, shapes=shapes,
+                         out_dir=args.out_dir, argv=argv)
+    print(f"wrote {path}")
     print_table(rows)
-    print(f"wrote {write_results('comm_volume', rows, {'grid_slice': [1, 45, 8], 'schedule': 'dual_end, 40 blocks, 8 full', 'raw': r})}")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
+    if len(sys.argv) > 2 and sys.argv[1] == "--worker":  # one of the 4 gloo processes
         worker(sys.argv[2])
     else:
         main()

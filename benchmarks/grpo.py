@@ -9,7 +9,7 @@ random (int(24 x 0.6)), constant noise 0.3. MixGRPO: SDE window 0..3 (Flow-GRPO 
 elsewhere. Flash: the same window, then DPM-Solver++ (2M) on the compressed grid (ratio 0.4: 7 steps).
 Also reported: MixGRPO with its window late in a run (steps 11..14), where the 11 Euler steps before the window are
 run once per group (all members share the initial noise).
-Goal (issue 8): MixGRPO <= 55% of the baseline's time, Flash <= 40% (MixGRPO reports ~52% and ~38%).
+Goals: MixGRPO <= 55% of the baseline's time, Flash <= 40% (the MixGRPO paper reports ~52% and ~38%).
 Cost model: per sample 25 rollout forwards + k trained steps x c forward-equivalents. With a frozen base (LoRA)
 c is ~2 without recompute (forward + input-gradient backward) and ~3 with full recompute (MixGRPO's full-parameter
 runs with checkpointing have c ~4), so the MixGRPO/baseline ratio (25+4c)/(25+14c) is ~0.62 without and ~0.55 with
@@ -17,27 +17,21 @@ recompute; Flash (11+4c)/(25+14c) is ~0.36 / ~0.34. `--recompute auto` (default)
 The reward here is the brightness of a fixed latent->RGB preview (cheap, identical for all methods); a VAE decode
 and a large reward model add the same constant to every method and move the ratios towards 1.
 
-Prints a table and writes benchmarks/results/grpo-<device>-<date>.json.
+Iteration time is the median over the timed iterations. Prints a table and writes
+benchmarks/results/grpo-<device>-<date>.json (`grpo-smoke-...` for the tiny model).
 """
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import gc
 import os
-import re
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import save_json  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _common import add_out_dir, free_memory, peak_memory_gib, print_table, row, time_fn, write_results  # noqa: E402
 
 SIZES = {
     # latent [T, H, W]: 17 frames x 480 x 832 after the Wan VAE; text 512 x 4096 (umT5) as random embeddings
@@ -64,19 +58,6 @@ def methods(steps: int) -> Dict[str, Dict]:
     }
 
 
-def device_slug(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name(device).lower()
-    m = re.search(r"(h100|h200|a100|b200|gb200|l40s|h20)", name)
-    return m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_method(name: str, over: Dict, size: str, spec: Dict, args, device) -> Dict[str, float]:
     from osp_megatron.config import Config
     from osp_megatron.config import GRPOConfig, parse_section
@@ -100,30 +81,22 @@ def run_method(name: str, over: Dict, size: str, spec: Dict, args, device) -> Di
 
     seed_everything(0)
     trainer = GRPOTrainer(cfg, parse_section(GRPOConfig, g), device=device)
-    times, rollout_t, train_t, metrics = [], [], [], {}
-    for i in range(args.warmup + args.iters):
-        sync(device)
-        t0 = time.perf_counter()
+    seen: List[Dict[str, float]] = []
+
+    def iteration():
         m = trainer.step()
-        sync(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-            rollout_t.append(m["time/rollout_s"])
-            train_t.append(m["time/train_s"])
-            metrics = m
-        print(f"  {name} iteration {i}{' (warm-up)' if i < args.warmup else ''}: {time.perf_counter() - t0:.2f} s "
-              f"(rollout {m['time/rollout_s']:.2f} s, train {m['time/train_s']:.2f} s), "
-              f"NFE {int(m['nfe/nfe_per_iteration'])}", flush=True)
-    out = {"time": sum(times) / len(times), "nfe": metrics["nfe/nfe_per_iteration"],
-           "nfe_sample": metrics["nfe/nfe_per_sample"], "rollout": sum(rollout_t) / len(rollout_t),
-           "train": sum(train_t) / len(train_t)}
-    if device.type == "cuda":
-        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    del trainer
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        seen.append(m)
+        i = len(seen) - 1
+        print(f"  {name} iteration {i}{' (warm-up)' if i < args.warmup else ''}: rollout {m['time/rollout_s']:.2f} s, "
+              f"train {m['time/train_s']:.2f} s, NFE {int(m['nfe/nfe_per_iteration'])}", flush=True)
+
+    ms = time_fn(iteration, warmup=args.warmup, iters=args.iters, cuda=device.type == "cuda")
+    timed = seen[args.warmup:]
+    out = {"time": ms / 1e3, "nfe": timed[-1]["nfe/nfe_per_iteration"], "nfe_sample": timed[-1]["nfe/nfe_per_sample"],
+           "rollout": sum(m["time/rollout_s"] for m in timed) / len(timed),
+           "train": sum(m["time/train_s"] for m in timed) / len(timed), "peak_gib": peak_memory_gib(device)}
+    del trainer, seen
+    free_memory(device)
     return out
 
 
@@ -141,7 +114,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="full activation recompute in the training forward (auto: on for GPU sizes, as in MixGRPO's "
                          "runs, which use activation checkpointing; off for tiny)")
     ap.add_argument("--run-dir", default="/tmp/osp_grpo_bench")
-    ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
+    add_out_dir(ap)
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     size = args.size or ("wan_1_3b" if cuda else "tiny")
@@ -154,6 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not cuda:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     spec = SIZES[size]
+    free_memory(device)
     res = {}
     for name, over in methods(args.steps).items():
         res[name] = run_method(name, over, size, spec, args, device)
@@ -164,15 +138,12 @@ def main(argv: Optional[List[str]] = None) -> int:
              "mixgrpo_window11": "informational: late window, pre-window steps shared per group"}
     rows = []
     for name, r in res.items():
-        rows.append(dict(name=f"{name}/time_per_iteration", value=r["time"], unit="s",
-                         baseline="dancegrpo_all_sde/time_per_iteration", baseline_value=base["time"],
-                         ratio=base["time"] / r["time"], goal=goals[name]))
-        rows.append(dict(name=f"{name}/nfe_per_iteration", value=r["nfe"], unit="NFE",
-                         baseline="dancegrpo_all_sde/nfe_per_iteration", baseline_value=base["nfe"],
-                         ratio=base["nfe"] / r["nfe"], goal="fewer model evaluations"))
-        rows.append(dict(name=f"{name}/time_fraction_of_baseline", value=r["time"] / base["time"], unit="fraction",
-                         baseline="dancegrpo_all_sde", baseline_value=1.0, ratio=base["time"] / r["time"],
-                         goal=goals[name]))
+        rows.append(row(f"{name}/time_per_iteration", r["time"], "s", "dancegrpo_all_sde/time_per_iteration",
+                        base["time"], goals[name], higher_is_better=False, peak_memory_gib=r["peak_gib"]))
+        rows.append(row(f"{name}/nfe_per_iteration", r["nfe"], "NFE", "dancegrpo_all_sde/nfe_per_iteration",
+                        base["nfe"], "fewer model evaluations", higher_is_better=False))
+        rows.append(row(f"{name}/time_fraction_of_baseline", r["time"] / base["time"], "fraction", "dancegrpo_all_sde",
+                        1.0, goals[name], higher_is_better=False))
     print(f"\nsize {size}, {args.steps} steps, G={args.group or spec['group']}, recompute {args.recompute}, device "
           f"{torch.cuda.get_device_name(device) if cuda else 'cpu'}")
     print(f"{'method':<20} {'s/iter':>9} {'rollout s':>10} {'train s':>9} {'NFE/iter':>9} {'NFE/sample':>11} "
@@ -180,23 +151,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name, r in res.items():
         print(f"{name:<20} {r['time']:>9.3f} {r['rollout']:>10.3f} {r['train']:>9.3f} {int(r['nfe']):>9d} "
               f"{int(r['nfe_sample']):>11d} {r['time'] / base['time']:>8.1%}")
-    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-    out = dict(
-        benchmark="grpo",
-        device=(torch.cuda.get_device_name(device) if cuda else "cpu"),
-        torch=torch.__version__,
-        command="python benchmarks/grpo.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        size=size,
-        recompute=args.recompute,
-        details=res,
-        results=rows,
-    )
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"grpo-{device_slug(device)}{'-' + size if size == 'tiny' else ''}-{date}.json"
-    save_json(path, out)
-    print(f"wrote {path}")
+    shapes = {"latent": spec["latent"], "text_len": spec["text_len"], "group": args.group or spec["group"],
+              "prompts": args.prompts or spec["prompts"], "batch": args.batch or spec["batch"], "steps": args.steps,
+              "dtype": spec["dtype"]}
+    path = write_results("grpo-smoke" if size == "tiny" else "grpo", rows,
+                         {"size": size, "recompute": args.recompute, "details": res}, shapes=shapes,
+                         out_dir=args.out_dir, device=device, argv=argv)
+    print(f"wrote {path}\n")
+    print_table(rows)
     return 0
 
 

@@ -3,8 +3,9 @@
     python benchmarks/hif8.py                 # CUDA GPU: 14B shapes (75,600 tokens), Triton kernels
     python benchmarks/hif8.py --cpu-smoke     # any machine: tiny shapes, torch path (checks the script)
 
-Prints a table and writes benchmarks/results/hif8-<device>-<date>.json (rows: name, value, unit, baseline,
-baseline_value, ratio, goal; ratio is "higher is better", baseline measured in the same run).
+Prints a table and writes benchmarks/results/hif8-<device>-<date>.json (`hif8-smoke-...` for --cpu-smoke; rows:
+name, value, unit, baseline, baseline_value, ratio, goal; ratio is "higher is better", baseline measured in the
+same run).
 
 1. Quantize throughput (bf16 [tokens, 5120] in and out) vs `dst.copy_(src)` of the same bytes, each timed over
    10 back-to-back calls (as in a training step, where the host runs ahead; `--sweep` adds launch shapes):
@@ -26,9 +27,7 @@ baseline_value, ratio, goal; ratio is "higher is better", baseline measured in t
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import math
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -37,11 +36,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import save_json, time_fn  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
+from _common import add_out_dir, print_table, row, time_fn, write_results  # noqa: E402
 from osp_megatron.quant import hif8_kernels as K  # noqa: E402
 from osp_megatron.quant.modules import hif8_linear  # noqa: E402
 from osp_megatron.quant.recipes import HiF8CurrentScaling, autocast  # noqa: E402
@@ -51,22 +46,9 @@ TOKENS_14B = 75_600
 
 
 # ------------------------------------------------------------------------------------------------
-def timeit(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
-    """Median seconds per call (CUDA events on a CUDA device, perf_counter otherwise)."""
-    return time_fn(fn, warmup, iters, cuda=device.type == "cuda") / 1e3
-
-
-def row(name, value, unit, baseline, baseline_value, ratio, goal) -> Dict[str, object]:
-    return dict(name=name, value=value, unit=unit, baseline=baseline, baseline_value=baseline_value,
-                ratio=ratio, goal=goal)
-
-
-# ------------------------------------------------------------------------------------------------
-def timeit_chained(fn: Callable[[], object], device: torch.device, warmup: int, iters: int, chain: int) -> float:
-    """Median seconds per call over `iters` timings of `chain` back-to-back calls (launch overhead hidden, as
-    inside a training step where the host runs ahead of the GPU)."""
-    t = timeit(lambda: [fn() for _ in range(chain)], device, warmup, iters)
-    return t / chain
+def timeit(fn: Callable[[], object], device: torch.device, warmup: int, iters: int, chain: int = 1) -> float:
+    """Median seconds per call (time_fn: CUDA events on a CUDA device, `chain` back-to-back calls per timing)."""
+    return time_fn(fn, warmup, iters, cuda=device.type == "cuda", chain=chain) / 1e3
 
 
 def bench_quantize(device, tokens, hidden, warmup, iters, sweep=False) -> List[Dict[str, object]]:
@@ -75,7 +57,7 @@ def bench_quantize(device, tokens, hidden, warmup, iters, sweep=False) -> List[D
     nbytes = 2 * x.numel() * x.element_size()  # read + write
     scale = torch.tensor(15.0 / 4.0, device=device)
     chain = 10 if device.type == "cuda" else 1
-    tm = lambda fn: timeit_chained(fn, device, warmup, iters, chain)  # noqa: E731
+    tm = lambda fn: timeit(fn, device, warmup, iters, chain)  # noqa: E731
     t_copy = tm(lambda: dst.copy_(x))
     t_one = tm(lambda: K.qdq_with_scale(x, scale, record_amax=True))
     t_cur = tm(lambda: K.qdq_current(x, 15.0))
@@ -85,11 +67,11 @@ def bench_quantize(device, tokens, hidden, warmup, iters, sweep=False) -> List[D
     cfg = K.LAUNCH["qdq"]
     rows = [
         row(f"qdq one-pass (known scale, records amax) {shape}", gbs(t_one), "GB/s", "d2d copy", gbs(t_copy),
-            t_copy / t_one, ">= 0.8"),
+            ">= 0.8"),
         row(f"qdq current scaling (amax + qdq) {shape}", gbs(t_cur), "GB/s", "d2d copy", gbs(t_copy),
-            t_copy / t_cur, ">= 0.8 (bandwidth bound 0.67: 2 reads + 1 write)"),
+            ">= 0.8 (bandwidth bound 0.67: 2 reads + 1 write)"),
         row(f"amax reduction {shape} (read only)", gbs(t_amax, nbytes / 2), "GB/s", "d2d copy", gbs(t_copy),
-            t_copy / t_amax, "report"),
+            "report", ratio=t_copy / t_amax),
     ]
     if sweep and device.type == "cuda":  # launch shapes and variants of the one-pass kernel, for the record
         default = dict(cfg)
@@ -103,7 +85,7 @@ def bench_quantize(device, tokens, hidden, warmup, iters, sweep=False) -> List[D
                             t = tm(lambda: K.qdq_with_scale(x, scale, record_amax=True))
                             t_c = tm(lambda: dst.copy_(x))  # copy re-timed beside each variant
                             rows.append(row(f"sweep qdq one-pass {K.LAUNCH['qdq']}", gbs(t), "GB/s", "d2d copy",
-                                            gbs(t_c), t_c / t, "report"))
+                                            gbs(t_c), "report"))
         finally:
             K.LAUNCH["qdq"] = default
     return rows
@@ -132,9 +114,9 @@ def bench_linear(device, tokens, shapes, warmup, iters) -> List[Dict[str, object
         t_hif8 = timeit(quant, device, warmup, iters)
         flops = 3 * 2 * tokens * k * n
         rows.append(row(f"HiF8 linear fwd+bwd {k}->{n} x {tokens} tokens", t_hif8 * 1e3, "ms", "bf16 linear fwd+bwd",
-                        t_bf16 * 1e3, t_bf16 / t_hif8, ">= 0.833 (<= 1.2x bf16)"))
+                        t_bf16 * 1e3, ">= 0.833 (<= 1.2x bf16)", higher_is_better=False))
         rows.append(row(f"HiF8 linear TFLOP/s {k}->{n}", flops / t_hif8 / 1e12, "TFLOP/s", "bf16 linear",
-                        flops / t_bf16 / 1e12, t_bf16 / t_hif8, "report"))
+                        flops / t_bf16 / 1e12, "report"))
         del x, w, dy
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -223,32 +205,24 @@ def bench_snr(device, sources: Dict[str, Dict[str, List[torch.Tensor]]]) -> List
                 h = sum(snr_db(t, q) for t, q in zip(tensors, hq)) / len(tensors)
                 tag = f"{source} {kind} ({len(tensors)} tensors), HiF8 amax->{scale_max:g}"
                 for fmt, _ in fp8:
-                    rows.append(row(f"SNR {tag}", h, "dB", f"FP8 {fmt} per-tensor", b_snr[fmt],
-                                    10 ** ((h - b_snr[fmt]) / 10), "report"))
+                    rows.append(row(f"SNR {tag}", h, "dB", f"FP8 {fmt} per-tensor", b_snr[fmt], "report",
+                                    ratio=10 ** ((h - b_snr[fmt]) / 10)))  # error power FP8 / HiF8
                 hf = sum(flushed(t, q) for t, q in zip(tensors, hq)) / len(tensors)
                 for fmt, _ in fp8:
                     bf = sum(flushed(t, q) for t, q in zip(tensors, base[fmt])) / len(tensors)
                     rows.append(row(f"flushed-to-zero fraction {tag}", hf, "fraction", f"FP8 {fmt} per-tensor", bf,
-                                    (1 - hf) / (1 - bf), "report (ratio: kept fraction HiF8 / FP8)"))
+                                    "report (ratio: kept fraction HiF8 / FP8)", ratio=(1 - hf) / (1 - bf)))
     return rows
 
 
 # ------------------------------------------------------------------------------------------------
-def device_slug(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name(device).lower()
-    m = re.search(r"(h100|h200|a100|b200|gb200|l40s|h20)", name)
-    return m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (checks the script)")
     ap.add_argument("--tokens", type=int, default=TOKENS_14B)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
+    add_out_dir(ap)
     ap.add_argument("--sweep", action="store_true", help="also time the one-pass kernel over launch shapes")
     args = ap.parse_args(argv)
     if args.tokens < 1 or args.iters < 1 or args.warmup < 0:
@@ -279,28 +253,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     sources["synthetic"] = synthetic_tensors(device, min(tokens, 8192), min(hidden, 5120))
     results += bench_snr(device, sources)
 
-    width = max(len(r["name"]) for r in results)
-    bwidth = max(len(r["baseline"]) for r in results)
-    print(f"{'name':<{width}}  {'value':>11} {'unit':<8} {'baseline':<{bwidth}} {'base value':>11} {'ratio':>8}  goal")
-    for r in results:
-        print(f"{r['name']:<{width}}  {r['value']:>11.4g} {r['unit']:<8} {r['baseline']:<{bwidth}} "
-              f"{r['baseline_value']:>11.4g} {r['ratio']:>8.3f}  {r['goal']}")
-    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-    slug = device_slug(device) + ("-smoke" if args.cpu_smoke else "")
-    out = dict(
-        benchmark="hif8",
-        device=(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
-        torch=torch.__version__,
-        triton=(getattr(K.triton, "__version__", None) if K.HAVE_TRITON else None),
-        command="python benchmarks/hif8.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        results=results,
-    )
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"hif8-{slug}-{date}.json"
-    save_json(path, out)
-    print(f"wrote {path}")
+    shape_info = {"tokens": tokens, "hidden": hidden, "linear_shapes": [list(s) for s in shapes], "dtype": "bf16",
+                  "qdq_launch": dict(K.LAUNCH["qdq"])}
+    path = write_results("hif8-smoke" if args.cpu_smoke else "hif8", results, shapes=shape_info, out_dir=args.out_dir,
+                         device=device, argv=argv)
+    print(f"wrote {path}\n")
+    print_table(results)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Loader throughput on this machine's CPU: clips/s per worker for 81 frames at 480P and 720P (decode + resize +
 crop, the loader's real path), end-to-end loader clips/s with one worker, and samples/s from latent shards.
 
-    python benchmarks/loader.py [--repeats 3] [--step-time SECONDS] [--out benchmarks/results]
+    python benchmarks/loader.py [--repeats 3] [--step-time SECONDS] [--out-dir benchmarks/results]
 
 Baselines measured in the same run: PyAV decoding every frame up to the window's end with its own resize
 (the torchvision.io-style path peers used), and, for latent shards, the raw 480P decode path.
@@ -11,14 +11,11 @@ benchmark on one H100) turns the rates into "workers needed to keep one GPU busy
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
 import json
 import math
 import os
-import platform
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -26,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_out_dir, print_table, row, write_results  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -38,18 +35,6 @@ from data_pipeline.synthetic import ffmpeg_exe  # noqa: E402
 
 SIZES = {"480p": (854, 480, BucketSpec(81, 480, 832)), "720p": (1280, 720, BucketSpec(81, 720, 1280))}
 SRC_FPS, SRC_SECONDS = 24, 6  # 144 source frames; 81 frames at 16 fps span 5 s
-
-
-def cpu_name() -> str:
-    name = platform.processor() or "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return "cpu-" + re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
 
 
 def make_clip(path: Path, width: int, height: int) -> bytes:
@@ -95,13 +80,6 @@ def pyav_baseline(data: bytes, bucket: BucketSpec, indices, src_w: int, src_h: i
     return center_crop(np.stack([got[i] for i in indices]), bucket.width, bucket.height)
 
 
-def row(name, value, unit, baseline, baseline_value, goal, higher_is_better=True):
-    ratio = (value / baseline_value if higher_is_better else baseline_value / value) if baseline_value else None
-    return {"name": name, "value": round(value, 4), "unit": unit, "baseline": baseline,
-            "baseline_value": None if baseline_value is None else round(baseline_value, 4),
-            "ratio": None if ratio is None else round(ratio, 3), "goal": goal}
-
-
 def write_latent_shard(path: Path, n: int, shape, text_tokens: int, dtype: torch.dtype) -> None:
     import webdataset as wds
 
@@ -127,7 +105,7 @@ def main(argv=None) -> int:
                    help="measured seconds per OSP-Next-1.3B 480P training sample on one H100 (micro-batch 1); "
                         "default: estimated from the FLOPs formula at --mfu of 989 TFLOP/s (bf16 dense)")
     p.add_argument("--mfu", type=float, default=0.4, help="MFU assumed for the step-time estimate")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    add_out_dir(p)
     p.add_argument("--work", default=None, help="scratch folder for clips and shards (default: a temp dir)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -250,24 +228,14 @@ def main(argv=None) -> int:
                            "not counted", higher_is_better=False))
         print(f"workers to keep one H100 busy ({label}, {step_time:.2f} s/sample, {source}): {workers}")
 
-    device = cpu_name()
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    out = {"benchmark": "loader", "device": device, "torch": torch.__version__, "load_average_1min": load,
-           "command": " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:])),
-           "date": date, "cores": os.cpu_count(), "results": results}
-    print()
-    print(f"{'name':48s} {'value':>10s} {'unit':10s} {'baseline':24s} {'base':>9s} {'ratio':>7s}")
-    for r in results:
-        bv = "" if r["baseline_value"] is None else f"{r['baseline_value']:.3f}"
-        ra = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        print(f"{r['name']:48s} {r['value']:10.3f} {r['unit']:10s} {str(r['baseline'] or ''):24s} {bv:>9s} {ra:>7s}")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / f"loader-{device}-{date}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    os.replace(tmp, path)
-    print(f"\nwrote {path}")
+    shapes = {"clips": {k: {"source": [SRC_FPS * SRC_SECONDS, h, w], "bucket": [b.frames, b.height, b.width]}
+                        for k, (w, h, b) in SIZES.items()},
+              "latent": [16, 21, 60, 104], "text_tokens": 120}
+    path = write_results("loader", results, {"load_average_1min": load, "cores": os.cpu_count()}, shapes=shapes,
+                         out_dir=args.out_dir, device="cpu", argv=argv)
+    print(f"\nwrote {path}\n")
+    print_table(results)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Context parallelism on several GPUs: OSP-Next forward+backward with SSP vs Ulysses vs one GPU, same run.
 
     torchrun --nproc_per_node 2 benchmarks/parallel.py [--size wan_1_3b] [--grid 21 45 80]
-    torchrun --nproc_per_node 4 benchmarks/parallel.py --size wan_14b --layers 8     # 14B slice (issue 9)
+    torchrun --nproc_per_node 4 benchmarks/parallel.py --size wan_14b --layers 8     # 14B slice
     torchrun --nproc_per_node 8 benchmarks/parallel.py --hybrid [--size wan_14b --layers 16]   # + SSP x Ulysses, TP2 x SSP
 
 Every plan processes the same single 81x720P sample: `one_gpu` runs it on each GPU independently (no
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 import torch.distributed as dist
 
-from _common import print_table, row, time_fn, write_results
+from _common import add_out_dir, free_memory, peak_memory_gib, print_table, row, time_fn, write_results
 
 
 def main(argv=None):
@@ -39,6 +39,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=0, help="model slice: this many blocks (e.g. 8 for a 14B slice)")
     ap.add_argument("--num-full", type=int, default=0, help="full blocks of the slice's dual_end pattern (default 8 or 4)")
     ap.add_argument("--hybrid", action="store_true", help="also SSP x Ulysses and TP2 x SSP (needs >= 4 processes)")
+    add_out_dir(ap)
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     if cuda:
@@ -75,6 +76,7 @@ def main(argv=None):
         hybrid.append((f"tp2_ssp{world // 2}", ParallelConfig(tensor_parallel=2, sequence_parallel=True, ssp=world // 2),
                        "dual_end"))
         plans += hybrid
+    free_memory(dev)
     for name, pcfg, schedule in plans:
         ps = initialize_parallel(pcfg)
         mc = ModelConfig(size=size, schedule=schedule, recompute=True)
@@ -99,42 +101,44 @@ def main(argv=None):
         sent = comm_stats.total(field="sent")
         ms = time_fn(step, warmup=1, iters=args.iters)
         model.zero_grad(set_to_none=True)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-        results[name] = (ms, sent, peak)
+        results[name] = (ms, sent, peak_memory_gib(dev))
         del model
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+        free_memory(dev)
     if dist.get_rank() == 0:
         one, ssp, uly = results["one_gpu"], results["ssp"], results["ulysses"]
         rows = [
-            row(f"{size} fwd+bwd step ms, {ssp_label}", ssp[0], "ms", f"Ulysses={world}", uly[0], None, True),
+            row(f"{size} fwd+bwd step ms, {ssp_label}", ssp[0], "ms", f"Ulysses={world}", uly[0],
+                higher_is_better=False),
             row(f"{size} fwd+bwd step ms, one GPU", one[0], "ms"),
             row(f"scaling efficiency {ssp_label}", one[0] / (world * ssp[0]), "fraction", f"Ulysses={world}",
                 one[0] / (world * uly[0]), ">= 0.90"),
-            row(f"bytes sent per GPU per step, {ssp_label}", ssp[1] / 1e9, "GB", f"Ulysses={world}", uly[1] / 1e9, None, True),
-            row(f"peak memory {ssp_label}", ssp[2], "GiB", f"Ulysses={world}", uly[2]),
+            row(f"bytes sent per GPU per step, {ssp_label}", ssp[1] / 1e9, "GB", f"Ulysses={world}", uly[1] / 1e9,
+                higher_is_better=False),
+            row(f"peak memory {ssp_label}", ssp[2], "GiB", f"Ulysses={world}", uly[2], higher_is_better=False),
             row(f"OSP-Next {ssp_label} vs dense Wan Ulysses={world} step speedup", results["dense_ulysses"][0] / ssp[0], "x",
                 f"dense Wan Ulysses={world} ({results['dense_ulysses'][0]:.0f} ms)", 1.0),
             row(f"bytes sent per GPU per step, OSP-Next {ssp_label} vs dense Wan Ulysses={world}", ssp[1] / 1e9, "GB",
-                f"dense Wan Ulysses={world}", results["dense_ulysses"][1] / 1e9, None, True),
+                f"dense Wan Ulysses={world}", results["dense_ulysses"][1] / 1e9, higher_is_better=False),
         ]
         for name, _, _ in hybrid:
             h = results[name]
             rows += [
-                row(f"{size} fwd+bwd step ms, {name}", h[0], "ms", f"Ulysses={world}", uly[0], None, True),
+                row(f"{size} fwd+bwd step ms, {name}", h[0], "ms", f"Ulysses={world}", uly[0], higher_is_better=False),
                 row(f"scaling efficiency {name}", one[0] / (world * h[0]), "fraction", f"Ulysses={world}",
                     one[0] / (world * uly[0]), None),
                 row(f"CP bytes sent per GPU per step, {name}", h[1] / 1e9, "GB", f"Ulysses={world}", uly[1] / 1e9,
-                    None, True),
+                    higher_is_better=False),
                 row(f"OSP-Next {name} vs dense Wan Ulysses={world} step speedup", results["dense_ulysses"][0] / h[0],
                     "x", f"dense Wan Ulysses={world} ({results['dense_ulysses'][0]:.0f} ms)", 1.0),
             ]
-        print_table(rows)
         if not args.tiny:
             tag = f"parallel-{world}gpu" + (f"-{size}-{args.layers}blocks" if args.layers else "") + (
                 "-hybrid" if args.hybrid else "")
-            print(f"wrote {write_results(tag, rows, {'grid': grid, 'size': size, 'layers': args.layers or None, 'recompute': True})}")
+            shapes = {"grid": grid, "batch": 1, "text_len": 512, "dtype": str(dtype), "processes": world}
+            path = write_results(tag, rows, {"size": size, "layers": args.layers or None, "recompute": True},
+                                 shapes=shapes, out_dir=args.out_dir, device=dev, argv=argv)
+            print(f"wrote {path}")
+        print_table(rows)
     dist.barrier()
     dist.destroy_process_group()
 

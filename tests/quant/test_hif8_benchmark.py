@@ -11,9 +11,11 @@ def test_cpu_smoke_writes_results(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.main(["--cpu-smoke", "--out-dir", str(tmp_path)]) == 0
-    (path,) = tmp_path.glob("hif8-cpu-smoke-*.json")
+    (path,) = tmp_path.glob("hif8-smoke-cpu-*.json")
     data = json.loads(path.read_text())
-    assert {"benchmark", "device", "torch", "command", "date", "results"} <= set(data)
+    assert {"benchmark", "device", "torch", "command", "date", "results", "versions", "shapes"} <= set(data)
+    assert (data["benchmark"], data["device"]) == ("hif8-smoke", "cpu")
+    assert path.name == f"hif8-smoke-cpu-{data['date']}.json"
     keys = {"name", "value", "unit", "baseline", "baseline_value", "ratio", "goal"}
     assert data["results"] and all(keys <= set(r) for r in data["results"])
     names = " ".join(r["name"] for r in data["results"])
