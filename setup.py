@@ -1,18 +1,35 @@
 """osp-megatron: OSP-Next-style sparse video DiT training on megatron-core."""
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+HERE = Path(__file__).resolve().parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "osp_megatron" / "__init__.py").read_text()).group(1)
+
+DATA = ["decord==0.6.0", "webdataset==1.0.2", "imageio-ffmpeg", "av"]
+TRACK = ["mlflow>=3.1"]
+ENCODERS = ["diffusers>=0.35", "transformers>=4.50", "sentencepiece", "accelerate>=1.0"]  # accelerate: diffusers export
 
 setup(
     name="osp-megatron",
-    version="0.1.0",
+    version=VERSION,
     description="Training stack for OSP-Next sparse video diffusion transformers on megatron-core",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
     python_requires=">=3.11",
-    packages=find_packages(include=["osp_megatron", "osp_megatron.*", "data_pipeline", "data_pipeline.*", "tools", "tools.*"]),
+    packages=find_packages(include=["osp_megatron", "osp_megatron.*", "data_pipeline", "data_pipeline.*", "tools", "tools.*"])
+    + ["osp_megatron.presets", "osp_megatron.slurm_templates"],
+    # the YAML presets and SLURM templates live at the top of the repository and ship inside the package
+    package_dir={"osp_megatron.presets": "configs", "osp_megatron.slurm_templates": "slurm"},
+    package_data={"osp_megatron.presets": ["*.yaml"], "osp_megatron.slurm_templates": ["*.sh", "*.sbatch", "*.md"]},
     include_package_data=True,
     install_requires=[
-        # CPU installs: this pin takes the local CPU wheel; GPU clusters bring their own CUDA torch
-        # (install it first, then `pip install --no-deps -e .` or keep a matching constraint).
-        "torch==2.13.0",
-        "megatron-core==0.16.1",
+        # ranges, so a cluster's own CUDA build of torch satisfies them; CPU machines pin the local CPU wheel with
+        # `pip install -c constraints-cpu.txt ...` (see README)
+        "torch>=2.5",
+        "megatron-core>=0.16,<0.20",
         "psutil",  # megatron's checkpoint writers need it (undeclared upstream)
         "numpy",
         "pyyaml",
@@ -20,16 +37,16 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "data": ["decord==0.6.0", "webdataset==1.0.2", "imageio-ffmpeg", "av"],
-        "track": ["mlflow==3.17.2"],
-        "encoders": ["diffusers>=0.35", "transformers>=4.50", "sentencepiece"],
+        "data": DATA,
+        "track": TRACK,
+        "encoders": ENCODERS,
         "te": ["transformer-engine[pytorch]>=2.9"],
         "flash": ["flash-attn>=2.6"],
+        "all": DATA + TRACK + ENCODERS,
         "dev": [
             "pytest", "pytest-timeout", "en-dtypes==0.0.4",
             "triton==3.6.0",  # CPU CI runs the HiF8 Triton kernels in the interpreter (TRITON_INTERPRET=1)
-            "decord==0.6.0", "webdataset==1.0.2", "imageio-ffmpeg", "av",
-            "mlflow==3.17.2", "diffusers>=0.35", "transformers>=4.50", "sentencepiece",
+            *DATA, *TRACK, *ENCODERS,
         ],
     },
     entry_points={

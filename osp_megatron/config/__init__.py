@@ -41,7 +41,17 @@ from osp_megatron.config.sections import (
 from osp_megatron.config.sizes import SIZES, ModelDims
 from osp_megatron.config.validate import layout_errors, path_errors
 
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs"
+def _presets_dir() -> Path:
+    """The shipped YAML presets: `configs/` of a source checkout, else the installed package data."""
+    checkout = Path(__file__).resolve().parents[2] / "configs"
+    if checkout.is_dir():
+        return checkout
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("osp_megatron.presets")))
+
+
+PRESETS_DIR = _presets_dir()
 # the sections each entry point reads (and validates)
 TRAIN_SECTIONS = ("model", "parallel", "precision", "data", "train", "tracking", "encoders")
 GRPO_SECTIONS = ("model", "parallel", "precision", "train", "tracking", "encoders", "grpo")
