@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
+from osp_megatron.skiparse import block_schedule
+
 SIZES: Dict[str, Dict[str, Any]] = {
     "tiny": dict(
         hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_layers=8,
@@ -72,8 +74,6 @@ def validate_model_config(model_cfg, errors: List[str]) -> None:
     if list(dims["patch_size"]) != [1, 2, 2]:
         errors.append(f"model.patch_size={dims['patch_size']}: only [1, 2, 2] (Wan2.1) is supported")
     if model_cfg.schedule != "full":
-        from osp_megatron.models.skiparse import block_schedule
-
         try:
             block_schedule(dims["num_layers"], model_cfg.schedule, dims["num_full_blocks"])
         except ValueError as exc:

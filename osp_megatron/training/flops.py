@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Dict, List, Sequence
 
 from osp_megatron.models.registry import resolve_model_dims
-from osp_megatron.models.skiparse import block_schedule, padded_grid
+from osp_megatron.skiparse import block_schedule, padded_grid
 
 
 def class_sizes(grid: Sequence[int], ratio: int, layout: str) -> List[int]:
