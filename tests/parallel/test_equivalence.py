@@ -22,9 +22,10 @@ MODEL = ModelConfig(size="tiny", schedule="dual_end", num_full_blocks=4, num_att
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     from osp_megatron.models import build_model
+    from osp_megatron.parallel import ParallelState
 
     torch.manual_seed(0)
-    model = build_model(MODEL, dtype=torch.float32)
+    model = build_model(MODEL, parallel=ParallelState.single(), dtype=torch.float32)
     torch.manual_seed(1)
     # grid (2, 9, 6): H and W not multiples of 4 -> padded token/group layouts
     x = torch.randn(2, 16, 2, 18, 12)
