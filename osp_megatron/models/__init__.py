@@ -1,36 +1,38 @@
-"""Model construction: `build_model(config, parallel=None, pre_process=True, post_process=True)`."""
+"""Model construction: `build_model(config, parallel, pre_process=None, post_process=None, dtype=None, device=None)`.
+
+The caller owns the process groups: a `ParallelState` from `osp_megatron.parallel.initialize_parallel(...)`, or
+`ParallelState.single()` for one process (tools, tests, single-GPU sampling). The model never creates one.
+"""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
+from osp_megatron import cpu_shims
+from osp_megatron.config import Config, ModelConfig, ParallelConfig
+from osp_megatron.models.osp_next import OSPNextDiT
+from osp_megatron.models.transformer_config import OSPNextConfig, make_osp_config
+from osp_megatron.parallel import ParallelState
 
-def build_model(config, parallel=None, pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
-                dtype: Optional[torch.dtype] = None, device=None):
+
+def build_model(config, parallel: ParallelState = None, pre_process: Optional[bool] = None,
+                post_process: Optional[bool] = None, dtype: Optional[torch.dtype] = None, device=None) -> OSPNextDiT:
     """Build the OSP-Next DiT.
 
     `config`: an `osp_megatron.config.Config` (model + parallel + precision sections), a `ModelConfig`
     (e.g. from `adapters.diffusers.config_from_diffusers`), or a ready `OSPNextConfig`.
-    `parallel`: a `ParallelState` from `osp_megatron.parallel.initialize_parallel`; without it a
-    single-process world is set up (TP = PP = CP = 1).
+    `parallel` (required): the `ParallelState` whose process groups the model uses.
     The model is moved to `device` (default: the current CUDA device if available, else CPU).
     """
-    from osp_megatron import cpu_shims
-    from osp_megatron.config import Config, ModelConfig
-    from osp_megatron.models.osp_next import OSPNextDiT
-    from osp_megatron.models.transformer_config import OSPNextConfig, make_osp_config
-    from osp_megatron.parallel.groups import ensure_single_process
-
-    cpu_shims.apply()
     if parallel is None:
-        parallel = ensure_single_process()
+        raise ValueError("build_model needs parallel=ParallelState: initialize_parallel(cfg.parallel) in a "
+                         "distributed job, or ParallelState.single() for one process")
+    cpu_shims.apply()
     if isinstance(config, Config):
         config.validate()
         ocfg = make_osp_config(config.model, config.parallel, config.precision, dtype)
     elif isinstance(config, ModelConfig):
-        from osp_megatron.config import ParallelConfig
-
         pc = ParallelConfig(
             tensor_parallel=parallel.tp, pipeline_parallel=parallel.pp, ssp=parallel.cp.ssp,
             ulysses=parallel.cp.ulysses, sequence_parallel=parallel.sequence_parallel,

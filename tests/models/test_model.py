@@ -5,11 +5,12 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from osp_megatron.config import Config, ConfigError, ModelConfig, load_config
+from osp_megatron import skiparse
 from osp_megatron.models import build_model
-from osp_megatron.models import skiparse
 from osp_megatron.models.adapters import diffusers as ad
 from osp_megatron.models.adapters import wan as aw
 from osp_megatron.models.adapters.common import StateDictMismatch
+from osp_megatron.parallel import ParallelState
 
 
 def _rel(a, b):
@@ -28,7 +29,7 @@ def _reference(num_layers=4, heads=4, head_dim=16, seed=0):
 def _ours_from(ref, schedule="full", ratio=2, num_full=None):
     mc = ad.config_from_diffusers(dict(ref.config))
     mc.schedule, mc.sparse_ratio, mc.num_full_blocks = schedule, ratio, num_full
-    model = build_model(mc).eval()
+    model = build_model(mc, parallel=ParallelState.single()).eval()
     model.load_full_state_dict(ad.from_diffusers(ref.state_dict(), mc))
     return model, mc
 
@@ -115,7 +116,7 @@ def test_adapters_round_trip_bitwise_and_wan_equals_diffusers():
     assert "blocks.0.norm3.weight" in wan_sd and "head.head.weight" in wan_sd and "time_projection.1.weight" in wan_sd
     again = aw.from_wan(wan_sd, aw.config_from_wan(aw.wan_config(mc)))
     assert set(again) == set(ours) and all(torch.equal(again[k], ours[k]) for k in ours)
-    model = build_model(mc).eval()
+    model = build_model(mc, parallel=ParallelState.single()).eval()
     model.load_full_state_dict(again)
     full = model.full_state_dict()
     assert all(torch.equal(full[k], ours[k]) for k in ours)

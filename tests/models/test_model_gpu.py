@@ -5,6 +5,7 @@ import torch
 
 from osp_megatron.config import ModelConfig
 from osp_megatron.models import build_model
+from osp_megatron.parallel import ParallelState
 
 
 def _run(model, device, inputs):
@@ -23,7 +24,7 @@ def _run(model, device, inputs):
 def test_cuda_compiled_block_equals_cpu_eager(schedule):
     mc = ModelConfig(size="tiny", schedule=schedule)
     torch.manual_seed(0)
-    model = build_model(mc, device="cpu").float().train()
+    model = build_model(mc, parallel=ParallelState.single(), device="cpu").float().train()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 16, 3, 18, 16, generator=g)  # grid 3 x 9 x 8: H padded for the P=2 layouts
     inputs = (x, torch.tensor([100.0, 700.0]), torch.randn(2, 8, 32, generator=g), torch.randn(x.shape, generator=g))

@@ -11,6 +11,7 @@ import torch
 
 from osp_megatron.config import load_config
 from osp_megatron.models import build_model
+from osp_megatron.parallel import ParallelState
 from osp_megatron.quant.recipes import HiF8CurrentScaling, autocast
 
 STEPS = 60
@@ -47,7 +48,7 @@ def _train(recipe_name: str, init_state=None):
     cfg = load_config(None, ["data.kind=synthetic", "model.size=tiny", "model.schedule=full", f"precision.recipe={recipe_name}",
                              "precision.dtype=fp32", f"precision.quantize_attention={recipe_name != 'none'}"])
     torch.manual_seed(0)
-    model = build_model(cfg, device="cpu")
+    model = build_model(cfg, parallel=ParallelState.single(), device="cpu")
     if init_state is not None:
         model.load_state_dict(init_state)
     state = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in model.state_dict().items()}
