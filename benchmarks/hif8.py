@@ -161,10 +161,11 @@ def capture_model_tensors(device) -> Dict[str, List[torch.Tensor]]:
     """Inputs, weights and output-grads of every linear of the tiny DiT after one flow-matching fwd+bwd."""
     from osp_megatron.config import load_config
     from osp_megatron.models import build_model
+    from osp_megatron.parallel import ParallelState
 
     cfg = load_config(None, ["data.kind=synthetic", "model.size=tiny", "model.schedule=full", "precision.dtype=fp32"])
     torch.manual_seed(0)
-    model = build_model(cfg, device=device)
+    model = build_model(cfg, parallel=ParallelState.single(), device=device)
     got: Dict[str, List[torch.Tensor]] = {"activations": [], "weights": [], "gradients": []}
     hooks = []
     for m in model.modules():

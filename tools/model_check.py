@@ -10,6 +10,8 @@ from typing import Any, Dict
 
 import torch
 
+from osp_megatron.parallel import ParallelState
+
 
 def random_inputs(dims: Dict[str, Any], seed: int = 0):
     g = torch.Generator().manual_seed(seed)
@@ -23,7 +25,7 @@ def random_inputs(dims: Dict[str, Any], seed: int = 0):
 def run_ours(sd, model_config, inputs) -> torch.Tensor:
     from osp_megatron.models import build_model
 
-    model = build_model(model_config, device="cpu").float().eval()
+    model = build_model(model_config, parallel=ParallelState.single(), device="cpu").float().eval()
     model.load_full_state_dict({k: v.float() for k, v in sd.items()})
     return model(*inputs).float()
 

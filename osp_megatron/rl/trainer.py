@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from osp_megatron.diffusion.samplers import cfg_velocity_fn, seeded_noise
+from osp_megatron.parallel import ParallelState
 from osp_megatron.rl.advantages import combine_rewards, reward_stats, shuffled
 from osp_megatron.rl.config import GRPOConfig
 from osp_megatron.rl.lora import apply_lora, load_lora_state_dict, lora_disabled, lora_parameters, lora_state_dict
@@ -193,7 +194,8 @@ class GRPOTrainer:
         if model is None:
             from osp_megatron.models import build_model
 
-            model = build_model(cfg, parallel=parallel, device=self.device)
+            model = build_model(cfg, parallel=parallel if parallel is not None else ParallelState.single(),
+                                device=self.device)
         if parallel is None:
             parallel = getattr(model, "parallel", None)
         if parallel is not None and getattr(parallel, "pp", 1) > 1:

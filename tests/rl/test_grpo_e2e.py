@@ -131,8 +131,9 @@ def test_sigterm_checkpoints_and_stops_then_export_merges(tmp_path):
     merged = merge_grpo_checkpoint(base, ckpt)
     torch.manual_seed(0)
     from osp_megatron.models import build_model
+    from osp_megatron.parallel import ParallelState
 
-    plain = build_model(t.cfg, device="cpu")
+    plain = build_model(t.cfg, parallel=ParallelState.single(), device="cpu")
     plain.load_state_dict(merged)
     x, ts, txt = torch.randn(2, 16, 1, 4, 4), torch.tensor([200.0, 800.0]), torch.randn(2, 16, 32)
     with torch.no_grad():

@@ -96,12 +96,13 @@ def test_unsupported_linear_type_is_rejected():
 
 def _tiny_model(layers=2):
     from osp_megatron.models import build_model
+    from osp_megatron.parallel import ParallelState
 
     cfg = Config()
     cfg.data.kind = "synthetic"
     cfg.model.num_layers, cfg.model.schedule = layers, "full"
     torch.manual_seed(0)
-    return build_model(cfg, device="cpu")
+    return build_model(cfg, parallel=ParallelState.single(), device="cpu")
 
 
 def test_default_targets_on_tiny_model():
