@@ -27,7 +27,7 @@ megatron's own path unchanged (bf16 first/last blocks get megatron's plain linea
 from __future__ import annotations
 
 import itertools
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear

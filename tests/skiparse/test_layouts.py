@@ -1,6 +1,4 @@
 """Skiparse-2D layout properties: classes, round trips, involution, two-hop connectivity, sharding."""
-import itertools
-
 import pytest
 import torch
 
