@@ -14,8 +14,9 @@ import argparse
 import torch
 
 from _common import add_out_dir, matmul_peak_tflops, peak_row, print_table, row, time_fn, write_results
-from osp_megatron.models import skiparse
-from osp_megatron.parallel.plan import SequencePlan, skiparse_attention
+from osp_megatron import skiparse
+from osp_megatron.models.core_attention import dense_attention
+from osp_megatron.skiparse import AttentionProblems, LayoutGeometry, SkiparseAttention, grouped_attention
 
 
 def main(argv=None):
@@ -31,9 +32,11 @@ def main(argv=None):
     grid, p, d = tuple(args.grid), args.ratio, args.head_dim
     n = grid[0] * grid[1] * grid[2]
     peak = matmul_peak_tflops()
-    dense_plan = SequencePlan(grid, p, ["full"], d, 10000.0, device=torch.device(dev))
-    sparse_plan = SequencePlan(grid, p, ["full", "token"], d, 10000.0, device=torch.device(dev))
-    counts = sparse_plan.valid("token").sum(0).tolist()
+    dense_problems = AttentionProblems.from_positions(skiparse.positions(grid, p, "raster"), "full", torch.device(dev))
+    token_problems = AttentionProblems.from_positions(skiparse.positions(grid, p, "token"), "sparse", torch.device(dev))
+    padded_class_len = LayoutGeometry(grid, p).local_len("token")
+    skiparse_attention = SkiparseAttention(dense_attention)
+    counts = skiparse.valid_mask(grid, p, "token").sum(0).tolist()
     results = []
     for heads in args.heads:
         torch.manual_seed(0)
@@ -41,13 +44,13 @@ def main(argv=None):
         go = torch.randn(n, 1, heads, d, device=dev, dtype=dtype)
 
         def dense():
-            return dense_plan.attention(q, k, v, "raster", "full")
+            return grouped_attention(q, k, v, dense_problems, dense_attention)
 
         def sparse():  # raster in, token-wise Skiparse attention, raster out (rearrangement fused into gathers)
             return skiparse_attention(q, k, v, grid, p, "token")
 
         def sparse_in_layout():  # the model's path: q/k/v already in the token layout (no rearrangement)
-            return sparse_plan.attention(qt, kt, vt, "token", "sparse")
+            return grouped_attention(qt, kt, vt, token_problems, dense_attention)
 
         with torch.no_grad():
             qt, kt, vt = (skiparse.to_layout(t, grid, p, "token") for t in (q, k, v))
@@ -67,7 +70,7 @@ def main(argv=None):
             q.grad = k.grad = v.grad = qt.grad = kt.grad = vt.grad = None
             results.append((heads, label, t_f, t_fb, fl))
     rows = []
-    ideal = n * n / (p * p * (sparse_plan.local_len("token")) ** 2)
+    ideal = n * n / (p * p * padded_class_len ** 2)
     for heads in args.heads:
         (_, _, df, dfb, dfl), (_, _, sf, sfb, sfl), (_, _, lf, lfb, _) = [r for r in results if r[0] == heads]
         rows.append(row(f"attention fwd speedup, {heads} heads", df / sf, "x", "dense SDPA", 1.0, f">= 3.4 (ideal padded {ideal:.2f})"))
@@ -81,7 +84,7 @@ def main(argv=None):
                         "dense fwd+bwd TFLOP/s", 3.5 * dfl / dfb / 1e9))
     rows.append(peak_row(peak))
     shapes = {"grid": grid, "ratio": p, "head_dim": d, "heads": args.heads, "class_valid_tokens": counts, "tokens": n,
-              "padded_class_len": sparse_plan.local_len("token"), "dtype": str(dtype)}
+              "padded_class_len": padded_class_len, "dtype": str(dtype)}
     path = write_results("attention", rows, {"kernel_backend": "sdpa(cudnn|flash)" if dev == "cuda" else "sdpa(cpu)"},
                          shapes=shapes, out_dir=args.out_dir, argv=argv)
     print(f"wrote {path}")

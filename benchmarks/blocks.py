@@ -16,28 +16,27 @@ import torch
 from _common import add_out_dir, matmul_peak_tflops, peak_row, print_table, row, time_fn, write_results
 from osp_megatron import cpu_shims
 from osp_megatron.config import ModelConfig, PrecisionConfig
-from osp_megatron.models.skiparse import block_schedule
+from osp_megatron.models.attention import SequenceContext
 from osp_megatron.models.specs import get_block_spec
 from osp_megatron.models.transformer_config import make_osp_config
-from osp_megatron.parallel.groups import ensure_single_process
-from osp_megatron.parallel.plan import BlockStep, SequencePlan
+from osp_megatron.parallel import ParallelState, TokenPlacement
+from osp_megatron.skiparse import BlockStep, block_schedule
 from megatron.core.transformer.spec_utils import build_module
 
 GOALS = {"wan_14b": (">= 1.64", ">= 1.70"), "wan_1_3b": ("(probe 1.76)", "(probe 1.79)")}
 
 
-def bench_size(size, grid, dev, dtype, text_len=512, tiny=False):
+def bench_size(size, grid, dev, dtype, parallel, text_len=512, tiny=False):
     mc = ModelConfig(size=size, schedule="full")
     if tiny:
         mc.num_layers = 8
     cfg = make_osp_config(mc, None, PrecisionConfig(dtype="bf16" if dtype == torch.bfloat16 else "fp32"), dtype)
-    block = build_module(get_block_spec(), config=cfg, layer_number=0).to(dev)
     c, d = cfg.hidden_size, cfg.head_dim
-    dense_plan = SequencePlan(grid, 2, ["full"], d, cfg.rope_theta, device=torch.device(dev), backend=cfg.attention_backend)
+    dense_plan = SequenceContext(TokenPlacement(grid, 2, ["full"], parallel, torch.device(dev)), d, cfg.rope_theta)
     sched = block_schedule(cfg.num_layers, "dual_end", 8 if not tiny else 4)
-    sparse_plan = SequencePlan(grid, 2, sched, d, cfg.rope_theta, device=torch.device(dev), backend=cfg.attention_backend)
+    sparse_plan = SequenceContext(TokenPlacement(grid, 2, sched, parallel, torch.device(dev)), d, cfg.rope_theta)
     n = grid[0] * grid[1] * grid[2]
-    s_tok = sparse_plan.local_len("token")
+    s_tok = sparse_plan.placement.local_len("token")
     torch.manual_seed(0)
     e = torch.randn(1, 6, c, device=dev, dtype=dtype) * 0.1
     text = torch.randn(text_len, 1, c, device=dev, dtype=dtype)
@@ -54,15 +53,18 @@ def bench_size(size, grid, dev, dtype, text_len=512, tiny=False):
     }
     times = {}
     for name, (x, plan, step) in cases.items():
+        kind = "full" if step.attention == "full" else step.layout
+        block = build_module(get_block_spec(kind=kind, attention_backend=cfg.attention_backend), config=cfg,
+                             layer_number=0, parallel=parallel, step=step).to(dev)
         with torch.no_grad():
-            go = torch.randn_like(block(x, e, text, plan, step))
-            f = time_fn(lambda: block(x, e, text, plan, step), warmup=2, iters=5)
-        fb = time_fn(lambda: block(x, e, text, plan, step).backward(go), warmup=2, iters=5)
+            go = torch.randn_like(block(x, e, text, plan))
+            f = time_fn(lambda: block(x, e, text, plan), warmup=2, iters=5)
+        fb = time_fn(lambda: block(x, e, text, plan).backward(go), warmup=2, iters=5)
         times[name] = (f, fb)
-        block.zero_grad(set_to_none=True)
+        del block
         x.grad = None
     # compose the dual_end model: full blocks + first sparse block (no switch) + switching sparse blocks
-    steps = sparse_plan.steps
+    steps = sparse_plan.placement.steps
     comp = [0.0, 0.0]
     keys = {(None, "raster"): "dense", ("raster", "token"): "token_from_raster", ("group", "token"): "token_with_switch",
             ("token", "group"): "group_with_switch", ("group", "raster"): "raster_from_group",
@@ -90,7 +92,7 @@ def main(argv=None):
     add_out_dir(ap)
     args = ap.parse_args(argv)
     cpu_shims.apply()
-    ensure_single_process()
+    parallel = ParallelState.single()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     grid = tuple(args.grid)
@@ -99,7 +101,7 @@ def main(argv=None):
                        "kernel_backend": "sdpa(cudnn|flash)" if dev == "cuda" else "sdpa(cpu)",
                        "fused_elementwise": "torch.compile" if dev == "cuda" else "eager"}
     for size in (["tiny"] if args.tiny else args.sizes):
-        cfg, times, comp, dense, n = bench_size(size, grid, dev, dtype, tiny=args.tiny)
+        cfg, times, comp, dense, n = bench_size(size, grid, dev, dtype, parallel, tiny=args.tiny)
         extra["blocks_ms"][size] = {k: {"fwd": v[0], "fwd_bwd": v[1]} for k, v in times.items()}
         g_f, g_fb = GOALS.get(size, (None, None))
         rows.append(row(f"{size} dual_end model fwd speedup (composed)", dense[0] / comp[0], "x", "dense Wan", 1.0, g_f))

@@ -50,10 +50,10 @@ def find_checkpoint_dir(path: str | os.PathLike) -> Path:
 
 def _ensure_world() -> None:
     from osp_megatron import cpu_shims
-    from osp_megatron.parallel.groups import ensure_single_process
+    from osp_megatron.parallel import ParallelState
 
     cpu_shims.apply()
-    ensure_single_process()
+    ParallelState.single()
 
 
 def read_model_config(ckpt_dir: Path):

@@ -10,6 +10,8 @@ from typing import Any, Dict
 
 import torch
 
+from osp_megatron.parallel import ParallelState
+
 
 def random_inputs(dims, seed: int = 0):
     g = torch.Generator().manual_seed(seed)

@@ -222,9 +222,9 @@ def run(args) -> int:
 
         parallel = initialize_parallel(ParallelConfig(tensor_parallel=args.tp, ssp=args.ssp, ulysses=args.ulysses))
     else:
-        from osp_megatron.parallel.groups import ensure_single_process
+        from osp_megatron.parallel import ParallelState
 
-        parallel = ensure_single_process()
+        parallel = ParallelState.single()
     t0 = time.time()
     model, model_config = load_dit(args, fmt, overrides, parallel, dtype, device)
     dims = model_config.resolve()

@@ -54,7 +54,7 @@ def _resolve_port(env: Dict[str, object]) -> int:
 
 def parallel_plan(cfg, world_size: int) -> str:
     """Human-readable parallel plan: group sizes, micro-batching, pipeline split, per-block layouts."""
-    from osp_megatron.models.skiparse import block_schedule
+    from osp_megatron.skiparse import block_schedule
     from osp_megatron.training.flops import forward_flops
 
     p = cfg.parallel

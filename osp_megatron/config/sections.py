@@ -11,6 +11,7 @@ from typing import List, Optional
 
 from osp_megatron.config.schema import option
 from osp_megatron.config.sizes import DIM_FIELDS, SIZES, ModelDims, default_num_full
+from osp_megatron.skiparse import block_schedule
 
 SCHEDULES = ("full", "dual_end", "uniform")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "te", "math")
@@ -63,8 +64,6 @@ class ModelConfig:
         return ModelDims(num_full_blocks=nf, **values)
 
     def check(self, errors: List[str]) -> None:
-        from osp_megatron.models.skiparse import block_schedule
-
         try:
             dims = self.resolve()
         except KeyError:

@@ -1,28 +1,32 @@
-"""Model construction: `build_model(model_config, parallel)`."""
+"""Model construction: `build_model(model_config, parallel, precision=None, dtype=None, device=None)`.
+
+The caller owns the process groups: a `ParallelState` from `osp_megatron.parallel.initialize_parallel(...)`, or
+`ParallelState.single()` for one process (tools, tests, single-GPU sampling). The model never creates one.
+"""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
+from osp_megatron.config import ModelConfig, ParallelConfig
+from osp_megatron.models.osp_next import OSPNextDiT
+from osp_megatron.models.transformer_config import OSPNextConfig, make_osp_config
+from osp_megatron.parallel import ParallelState
 
-def build_model(config, parallel, *, precision=None, dtype: Optional[torch.dtype] = None, device=None,
-                pre_process: Optional[bool] = None, post_process: Optional[bool] = None):
+
+def build_model(config, parallel: Optional[ParallelState] = None, *, precision=None, dtype: Optional[torch.dtype] = None,
+                device=None, pre_process: Optional[bool] = None, post_process: Optional[bool] = None) -> OSPNextDiT:
     """Build the OSP-Next DiT on this rank's share of `parallel`.
 
     `config`: a `ModelConfig` (e.g. `cfg.model`, or from `adapters.diffusers.config_from_diffusers`; its
     quantized-training structure comes from `precision`, a `PrecisionConfig`) or a ready `OSPNextConfig`.
-    `parallel`: the `ParallelState` of this process (`osp_megatron.parallel.initialize_parallel`, or the
-    single-process state); the model takes every process group from it and never creates one.
+    `parallel` (required): the `ParallelState` whose process groups the model uses.
     The model is moved to `device` (default: the current CUDA device if available, else CPU).
     """
-    from osp_megatron.config import ModelConfig, ParallelConfig
-    from osp_megatron.models.osp_next import OSPNextDiT
-    from osp_megatron.models.transformer_config import OSPNextConfig, make_osp_config
-
     if parallel is None:
-        raise ValueError("build_model needs the ParallelState of this process (initialize_parallel, or the "
-                         "single-process state for one device)")
+        raise ValueError("build_model needs parallel=ParallelState: initialize_parallel(cfg.parallel) in a "
+                         "distributed job, or ParallelState.single() for one process")
     if isinstance(config, ModelConfig):
         layout = ParallelConfig(
             tensor_parallel=parallel.tp, pipeline_parallel=parallel.pp, ssp=parallel.cp.ssp,

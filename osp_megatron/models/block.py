@@ -7,8 +7,9 @@
 
 The block works on the layout its input is in (`[S, G*b, C]`, class-major batch): every op but
 self-attention is per token, so the Skiparse permutation is invisible to them; the per-sample
-modulation is repeated over the G classes held here. A sparse block first switches the layout if
-the previous block left it in the other one.
+modulation is repeated over the G classes held here. Its attention kind (`full` | `token` | `group`) comes
+from its spec; its `BlockStep` (the layout it runs in, and the one to switch from first when the previous
+block left the hidden state elsewhere) from the model's block plan (`skiparse.plan_blocks`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from osp_megatron.models.fused import affine_layernorm, gated_residual, modulated_layernorm
-from osp_megatron.parallel import comm_stats
+from osp_megatron.parallel import ParallelState, comm_stats
+from osp_megatron.skiparse import BlockStep
 
 
 @dataclass
@@ -66,38 +68,38 @@ def _tag_sequence_parallel(module: torch.nn.Module, enabled: bool) -> None:
 
 
 class OSPNextBlock(MegatronModule):
-    def __init__(self, config, submodules: BlockSubmodules, layer_number: int, tp_group=None):
+    """One block; `kind` (spec param): full | token | group; `step`: where it runs (see module docstring)."""
+
+    def __init__(self, config, submodules: BlockSubmodules, layer_number: int, parallel: ParallelState, kind: str,
+                 step: BlockStep):
         super().__init__(config)
-        self.layer_number = layer_number
+        attention = "full" if kind == "full" else "sparse"
+        if step.attention != attention or (attention == "sparse" and step.layout != kind):
+            raise ValueError(f"block {layer_number}: spec kind {kind!r} does not match its step {step}")
+        self.layer_number, self.kind, self.step = layer_number, kind, step
         c = config.hidden_size
-        self.self_attention = build_module(submodules.self_attention, config=config, tp_group=tp_group)
-        self.cross_attention = build_module(submodules.cross_attention, config=config, tp_group=tp_group)
-        self.mlp = build_module(submodules.mlp, config=config, tp_group=tp_group)
+        self.self_attention = build_module(submodules.self_attention, config=config, layer_number=layer_number,
+                                           parallel=parallel, layout=step.layout, kind=attention)
+        self.cross_attention = build_module(submodules.cross_attention, config=config, parallel=parallel)
+        self.mlp = build_module(submodules.mlp, config=config, tp_group=parallel.tp_group)
         self.norm2 = torch.nn.LayerNorm(c, eps=config.layernorm_epsilon, elementwise_affine=True, dtype=config.params_dtype)
         self.modulation = torch.nn.Parameter(torch.randn(1, 6, c, dtype=config.params_dtype) / c**0.5)
         _tag_sequence_parallel(self.norm2, config.sequence_parallel)
         self.modulation.sequence_parallel = config.sequence_parallel
-        self.quantize_enabled = True
 
-    def set_quantize(self, enabled: bool) -> None:
-        """Turn HiF8 quantization of this block's linears on/off (bf16 first/last blocks)."""
-        self.quantize_enabled = enabled
-        for m in self.modules():
-            if hasattr(m, "quantize_enabled") and m is not self:
-                m.quantize_enabled = enabled
-
-    def forward(self, x, e, text, plan, step):
-        """x [S, G*b, C] in `step.layout` (or in step.switch_from, switched first), e [b, 6, C], text [L, b, C]."""
-        kind = "full" if step.attention == "full" else "sparse"
+    def forward(self, x, e, text, seq):
+        """x [S, G*b, C] in `step.layout` (or in step.switch_from, switched first), e [b, 6, C], text [L, b, C];
+        `seq`: the forward's `attention.SequenceContext` (token placement + RoPE tables)."""
+        step = self.step
         if step.switch_from is not None:
-            x = plan.switch(x, step.switch_from, step.layout)
-        g = plan.classes_per_rank(step.layout)
+            x = seq.placement.switch(x, step.switch_from, step.layout)
+        g = seq.placement.classes_per_rank(step.layout)
         mod = (self.modulation.float() + e.float()).repeat(g, 1, 1)  # [G*b, 6, C], class-major
         shift, scale, gate, c_shift, c_scale, c_gate = (m.unsqueeze(0) for m in mod.unbind(1))
         eps = self.config.layernorm_epsilon
-        with comm_stats.scope(kind):
+        with comm_stats.scope(step.attention):
             n = modulated_layernorm(x, shift, scale, eps)
-            x = gated_residual(x, self.self_attention(n, plan, step.layout, kind), gate)
+            x = gated_residual(x, self.self_attention(n, seq), gate)
             n = affine_layernorm(x, self.norm2.weight, self.norm2.bias, self.norm2.eps)
             x = x + self.cross_attention(n, text, g)
             n = modulated_layernorm(x, c_shift, c_scale, eps)

@@ -1,20 +1,20 @@
-"""Dense attention kernels, chosen by spec/config: torch SDPA, flash-attn, TransformerEngine, math.
+"""Dense attention kernels as modules, chosen by spec (`kernel_spec(backend)`): torch SDPA, flash-attn,
+TransformerEngine, math.
 
 All take `q, k, v: [B, S, heads, d]` (the flash-attn layout; padding already compacted away by the
-caller) and return `[B, S, heads, d]`. On GPU the bf16/fp16 SDPA path is restricted to the cuDNN and
-flash backends: if neither can run the call, it raises instead of silently falling back to the masked
-"efficient"/"math" kernels. fp32 (debug and reference runs) has no cuDNN/flash kernel and uses SDPA's
-own choice.
+caller, see `osp_megatron.skiparse.grouped_attention`) and return `[B, S, heads, d]`. On GPU the bf16/fp16
+SDPA path is restricted to the cuDNN and flash backends: if neither can run the call, it raises instead of
+silently falling back to the masked "efficient"/"math" kernels. fp32 (debug and reference runs) has no
+cuDNN/flash kernel and uses SDPA's own choice.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
-
-_REPORTED = set()
+from megatron.core.transformer.spec_utils import ModuleSpec
 
 
 def _sdpa(q, k, v):
@@ -54,26 +54,8 @@ def _flash_attn(q, k, v):
     return flash_attn_func(q, k, v)
 
 
-_TE_CACHE: Dict[tuple, object] = {}
-
-
-def _te(q, k, v):
-    try:
-        import transformer_engine.pytorch as te
-    except Exception as exc:  # pragma: no cover - GPU only
-        raise RuntimeError(
-            f"model.attention_backend=te needs TransformerEngine (pip install 'osp-megatron[te]'): {exc}; "
-            "use attention_backend=sdpa instead"
-        ) from exc
-    heads, d = q.shape[2], q.shape[3]
-    key = (heads, d, q.device)
-    if key not in _TE_CACHE:
-        _TE_CACHE[key] = te.DotProductAttention(heads, d, qkv_format="bshd", attn_mask_type="no_mask")
-    out = _TE_CACHE[key](q, k, v)
-    return out.view(q.shape)
-
-
-BACKENDS: Dict[str, Callable] = {"sdpa": _sdpa, "math": _math, "flash": _flash_attn, "te": _te, "sdpa_flash": _sdpa_flash_only}
+_FUNCTIONS: Dict[str, Callable] = {"sdpa": _sdpa, "math": _math, "flash": _flash_attn, "sdpa_flash": _sdpa_flash_only}
+BACKENDS = (*_FUNCTIONS, "te")
 
 
 def resolve_backend(name: str) -> str:
@@ -85,5 +67,52 @@ def resolve_backend(name: str) -> str:
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over full sequences. q/k/v [B, S, h, d] -> [B, S, h, d]."""
-    return BACKENDS[backend](q, k, v)
+    """softmax(q k^T / sqrt(d)) v over full sequences. q/k/v [B, S, h, d] -> [B, S, h, d] (function backends)."""
+    if backend not in _FUNCTIONS:
+        raise ValueError(f"dense_attention: backend {backend!r} is not a function kernel; use one of "
+                         f"{', '.join(_FUNCTIONS)} (TransformerEngine runs as the TEDotProductAttention module)")
+    return _FUNCTIONS[backend](q, k, v)
+
+
+class DenseAttention(torch.nn.Module):
+    """A function kernel (sdpa | sdpa_flash | flash | math) as the core-attention submodule."""
+
+    def __init__(self, config=None, num_heads: Optional[int] = None, head_dim: Optional[int] = None,
+                 backend: str = "sdpa"):
+        super().__init__()
+        if backend not in _FUNCTIONS:
+            raise ValueError(f"DenseAttention: backend {backend!r}: use one of {', '.join(_FUNCTIONS)}")
+        self.backend = backend
+        self._fn = _FUNCTIONS[backend]
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self._fn(q, k, v)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend}"
+
+
+class TEDotProductAttention(torch.nn.Module):
+    """TransformerEngine's DotProductAttention (bshd, no mask) for `num_heads` heads of `head_dim`, kept in the
+    module tree."""
+
+    def __init__(self, config=None, num_heads: int = 1, head_dim: int = 64):
+        super().__init__()
+        try:
+            import transformer_engine.pytorch as te
+        except Exception as exc:  # pragma: no cover - GPU only
+            raise RuntimeError(
+                f"model.attention_backend=te needs TransformerEngine (pip install 'osp-megatron[te]'): {exc}; "
+                "use attention_backend=sdpa instead"
+            ) from exc
+        self.attention = te.DotProductAttention(num_heads, head_dim, qkv_format="bshd", attn_mask_type="no_mask")
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # pragma: no cover - GPU
+        return self.attention(q, k, v).view(q.shape)
+
+
+def kernel_spec(backend: str) -> ModuleSpec:
+    """The core-attention submodule spec for `model.attention_backend` (already resolved: no `auto`)."""
+    if backend == "te":
+        return ModuleSpec(module=TEDotProductAttention)
+    return ModuleSpec(module=DenseAttention, params={"backend": resolve_backend(backend)})

@@ -3,32 +3,38 @@
     tokens  = PatchEmbed(latents)                           [N, b, C]   raster (t h w), patch 1x2x2
     temb    = MLP(sinusoid(timestep));  e = Linear(SiLU(temb)) -> [b, 6, C]
     text    = MLP_gelu_tanh(text_embeddings)                [L, b, C]
-    x       = plan.enter(tokens)                            [S, G*b, C] first layout (token if sparse)
+    x       = placement.enter(tokens)                       [S, G*b, C] first layout (token if sparse)
     x       = block_i(x, e, text)  for each block            (sparse blocks switch token <-> group)
     out     = Linear(LN(x) * (1 + scale) + shift)            head modulation from temb
-    velocity = unpatchify(plan.exit(out))                    [b, 16, T, H, W]
+    velocity = unpatchify(placement.exit(out))              [b, 16, T, H, W]
 
 With `target=` the loss is computed on the rank's own tokens in the final layout instead (no gather).
-No process-group code lives here: the sequence plan (osp_megatron.parallel.plan) owns token placement
-and communication; tensor parallelism lives in the megatron linears built from the block spec.
-Pipeline parallel: the first stage embeds, the last stage has the head, and stages exchange one
-tensor that packs `[x; e; temb; text]` along the sequence axis.
+Blocks come from a per-layer spec list (`specs.get_layer_specs`: attention kind, HiF8 or plain linears, Q/K/V
+quantizer, kernel). Process groups come only from the injected `ParallelState`; the model calls the
+`parallel` package for every collective: token placement and movement (`parallel.plan.TokenPlacement`, one
+per latent grid), TP weight slicing/gathering (`parallel.tp_shards`); tensor parallelism of the activations
+lives in the megatron linears. Pipeline parallel: the first stage embeds, the last stage has the head, and
+stages exchange one tensor that packs `[x; e; temb; text]` along the sequence axis.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.utils import sharded_state_dict_default
 
-from osp_megatron.models.skiparse import block_schedule
-from osp_megatron.models.specs import get_block_spec
-from osp_megatron.parallel.plan import SequencePlan
+from osp_megatron.models.adapters.common import StateDictMismatch, our_keys
+from osp_megatron.models.attention import SequenceContext
+from osp_megatron.models.specs import get_layer_specs
+from osp_megatron.parallel import ParallelState, TokenPlacement
+from osp_megatron.parallel.tp_shards import tp_gather, tp_slice
+from osp_megatron.skiparse import plan_blocks
 
 
 def timestep_sinusoid(timestep: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -68,8 +74,11 @@ class Head(torch.nn.Module):
 class OSPNextDiT(MegatronModule):
     """The DiT. `model(latents[b,16,T,H,W], timestep[b], text[b,L,text_dim]) -> velocity[b,16,T,H,W]`."""
 
-    def __init__(self, config, parallel=None, pre_process: bool = True, post_process: bool = True, spec=None):
+    def __init__(self, config, parallel: ParallelState, pre_process: bool = True, post_process: bool = True,
+                 layer_specs: Optional[List[ModuleSpec]] = None):
         super().__init__(config)
+        if parallel is None:
+            raise ValueError("OSPNextDiT needs parallel=ParallelState (ParallelState.single() for one process)")
         self.parallel = parallel
         self.model_type = ModelType.encoder_or_decoder
         self.pre_process, self.post_process = pre_process, post_process
@@ -78,13 +87,13 @@ class OSPNextDiT(MegatronModule):
         c = config.hidden_size
         dtype = config.params_dtype
         self.patch = list(config.patch_size)
-        self.schedule = block_schedule(config.num_layers, config.schedule, config.num_full_blocks)
-        pp = parallel.pp if parallel else 1
-        pp_rank = parallel.pp_rank if parallel else 0
-        per_stage = config.num_layers // pp
-        self.layer_offset = pp_rank * per_stage
-        tp_group = parallel.tp_group if parallel else None
-        spec = spec or get_block_spec(config.spec_name, config.quant_recipe)
+        self.layer_specs = layer_specs if layer_specs is not None else get_layer_specs(config)
+        if len(self.layer_specs) != config.num_layers:
+            raise ValueError(f"{len(self.layer_specs)} layer specs for num_layers={config.num_layers}")
+        self.schedule = [spec.params["kind"] for spec in self.layer_specs]
+        _, steps, _ = plan_blocks(self.schedule, parallel.splits_sequence)
+        per_stage = config.num_layers // parallel.pp
+        self.layer_offset = parallel.pp_rank * per_stage
         if pre_process:
             patch_dim = config.in_channels * math.prod(self.patch)
             self.patch_embedding = torch.nn.Linear(patch_dim, c, dtype=dtype)
@@ -95,23 +104,14 @@ class OSPNextDiT(MegatronModule):
                 for p in m.parameters():
                     p.sequence_parallel = config.sequence_parallel
         self.blocks = torch.nn.ModuleList(
-            build_module(spec, config=config, layer_number=self.layer_offset + i, tp_group=tp_group)
-            for i in range(per_stage)
+            build_module(self.layer_specs[gi], config=config, layer_number=gi, parallel=parallel, step=steps[gi])
+            for gi in range(self.layer_offset, self.layer_offset + per_stage)
         )
-        amax_group = parallel.tp_cp_group if parallel is not None and (parallel.tp > 1 or parallel.cp.size > 1) else None
-        for blk in self.blocks:
-            blk.self_attention.layer_number = blk.layer_number
-            blk.self_attention.qkv_amax_group = amax_group
-        first, last = config.bf16_first_blocks, config.bf16_last_blocks
-        for i, blk in enumerate(self.blocks):
-            gi = self.layer_offset + i
-            if gi < first or gi >= config.num_layers - last:
-                blk.set_quantize(False)
         if post_process:
             self.head = Head(c, config.out_channels * math.prod(self.patch), config.layernorm_epsilon, dtype)
             for p in self.head.parameters():
                 p.sequence_parallel = config.sequence_parallel
-        self._plans: Dict[Tuple, SequencePlan] = {}
+        self._sequences: Dict[Tuple, SequenceContext] = {}
 
     # ------------------------------------------------------------------ helpers
     def set_input_tensor(self, input_tensor) -> None:
@@ -119,16 +119,13 @@ class OSPNextDiT(MegatronModule):
             input_tensor = input_tensor[0]
         self.input_tensor = input_tensor
 
-    def plan_for(self, grid, device) -> SequencePlan:
+    def sequence_for(self, grid, device) -> SequenceContext:
+        """The token placement (+ RoPE tables) of latent grid (T, H, W) after patchify, cached per grid."""
         key = (tuple(grid), str(device))
-        if key not in self._plans:
-            p = self.parallel
-            self._plans[key] = SequencePlan(
-                grid, self.config.sparse_ratio, self.schedule, self.config.head_dim, self.config.rope_theta,
-                cp=p.cp if p else None, sp_size=p.tp if (p and p.sequence_parallel) else 1,
-                device=device, backend=self.config.attention_backend,
-            )
-        return self._plans[key]
+        if key not in self._sequences:
+            placement = TokenPlacement(grid, self.config.sparse_ratio, self.schedule, self.parallel, device)
+            self._sequences[key] = SequenceContext(placement, self.config.head_dim, self.config.rope_theta)
+        return self._sequences[key]
 
     def _patchify_in(self, latents):
         """[b, c, T, H, W] -> [N, b, c*pt*ph*pw] in raster order, channel-major patch vectors (Conv3d weight order)."""
@@ -153,16 +150,11 @@ class OSPNextDiT(MegatronModule):
         v = v.permute(3, 7, 0, 4, 1, 5, 2, 6)
         return v.reshape(b, c, t, h, w)
 
-    def _sp(self) -> bool:
-        return bool(self.parallel and self.parallel.sequence_parallel and self.parallel.tp > 1)
-
     # ------------------------------------------------------------------ forward
-    def embed(self, latents, timestep, text, plan):
+    def embed(self, latents, timestep, text, placement):
         """First stage: -> x [S, G*b, C] (SP chunk if sequence parallel), e [b, 6, C], temb [b, C], text [L, b, C]."""
         tokens = self.patch_embedding(self._patchify_in(latents).to(self.patch_embedding.weight.dtype))
-        x = plan.enter(tokens)
-        if self._sp():
-            x = tensor_parallel.scatter_to_sequence_parallel_region(x, group=self.parallel.tp_group)
+        x = placement.enter(tokens)
         dtype = self.time_embedding.linear_1.weight.dtype
         temb = self.time_embedding(timestep_sinusoid(timestep, self.config.freq_dim).to(dtype))
         e = self.time_projection(F.silu(temb)).unflatten(1, (6, -1))
@@ -182,49 +174,35 @@ class OSPNextDiT(MegatronModule):
         b = shape[0]
         pt, ph, pw = self.patch
         grid = (shape[2] // pt, shape[3] // ph, shape[4] // pw)
-        plan = self.plan_for(grid, hidden_states.device)
+        seq = self.sequence_for(grid, hidden_states.device)
+        placement = seq.placement
         if self.pre_process:
-            x, e, temb, txt = self.embed(hidden_states, timestep, encoder_hidden_states, plan)
+            x, e, temb, txt = self.embed(hidden_states, timestep, encoder_hidden_states, placement)
         else:
             x, e, temb, txt = self._unpack(self.input_tensor, b, encoder_hidden_states.shape[1])
-        for i, blk in enumerate(self.blocks):
-            step = plan.steps[self.layer_offset + i]
+        for blk in self.blocks:
             if self.config.recompute_granularity == "full" and self.training:
-                x = tensor_parallel.checkpoint(
-                    lambda x_, e_, t_, blk=blk, step=step: blk(x_, e_, t_, plan, step), False, x, e, txt
-                )
+                x = tensor_parallel.checkpoint(lambda x_, e_, t_, blk=blk: blk(x_, e_, t_, seq), False, x, e, txt)
             else:
-                x = blk(x, e, txt, plan, step)
+                x = blk(x, e, txt, seq)
         if not self.post_process:
             return self._pack(x, e, temb, txt)
-        g = plan.classes_per_rank(plan.final_layout)
+        g = placement.classes_per_rank(placement.final_layout)
         out = self.head(x, temb, g)  # [S_loc(/TP), G*b, pt*ph*pw*c]
         if target is None:
-            if self._sp():
-                out = tensor_parallel.gather_from_sequence_parallel_region(
-                    out, tensor_parallel_output_grad=False, group=self.parallel.tp_group
-                )
             out_shape = (b, self.config.out_channels) + shape[2:]
-            return self._unpatchify(plan.exit(out), out_shape)
-        return self._loss(out, target, plan, b)
+            return self._unpatchify(placement.exit(out), out_shape)
+        return self._loss(out, target, placement, b)
 
-    def _loss(self, out, target, plan, b):
-        tgt = plan.shard_target(self._patchify_out(target, tuple(target.shape)))
-        valid = plan.valid(plan.final_layout)  # [S_loc, G]
-        if self._sp():
-            tp, r = self.parallel.tp, self.parallel.tp_rank
-            n = tgt.shape[0] // tp
-            tgt, valid = tgt[r * n : (r + 1) * n], valid[r * n : (r + 1) * n]
+    def _loss(self, out, target, placement, b):
+        tgt = placement.shard_target(self._patchify_out(target, tuple(target.shape)))
+        valid = placement.target_valid()  # [S_loc(/TP), G]
         g = valid.shape[1]
         se = (out.float() - tgt.float()).pow(2).sum(-1).view(out.shape[0], g, b)
         se = (se * valid[:, :, None]).sum()
-        count = b * plan.num_tokens * out.shape[-1]
+        count = b * placement.num_tokens * out.shape[-1]
         loss = se / count  # this rank's share: summed over the CP group it is the micro-batch MSE
-        if self._sp():  # value = the whole sequence's loss on every TP rank; gradient = this chunk's share
-            full = loss.detach().clone()
-            torch.distributed.all_reduce(full, group=self.parallel.tp_group)
-            loss = loss + (full - loss.detach())
-        return loss
+        return placement.reduce_loss(loss)  # SP: the whole sequence's share on every TP rank
 
     # ------------------------------------------------------------------ pipeline packing
     def _pack(self, x, e, temb, txt):
@@ -247,10 +225,9 @@ class OSPNextDiT(MegatronModule):
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """megatron dist-checkpointing view: TP shards from the linears/norms, blocks under their *global*
         index (so checkpoints load under any PP split), everything else replicated over TP/DP/CP."""
-        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, sharded_state_dict_default
-
-        metadata = ensure_metadata_has_dp_cp_group(metadata)
-        tp_group = self.parallel.tp_group if self.parallel else None
+        metadata = dict(metadata or {})
+        metadata.setdefault("dp_cp_group", self.parallel.dp_cp_group)
+        tp_group = self.parallel.tp_group
         out = {}
         for name, module in self.named_children():
             if name == "blocks":
@@ -272,8 +249,6 @@ class OSPNextDiT(MegatronModule):
     def load_full_state_dict(self, state_dict, strict: bool = True) -> None:
         """Load an unsharded state dict (our global names, e.g. from `adapters.diffusers.from_diffusers`)
         into this TP/PP-sharded model: each rank slices its TP shard and takes its stage's blocks."""
-        from osp_megatron.models.adapters.common import StateDictMismatch, our_keys
-
         params = self.state_dict(keep_vars=True)
         local, missing = {}, []
         for name, param in params.items():
@@ -283,10 +258,7 @@ class OSPNextDiT(MegatronModule):
             if g not in state_dict:
                 missing.append(g)
                 continue
-            t = state_dict[g]
-            if getattr(param, "tensor_model_parallel", False):
-                tp, r = self.parallel.tp, self.parallel.tp_rank
-                t = t.chunk(tp, dim=param.partition_dim)[r]
+            t = tp_slice(state_dict[g], param, self.parallel)
             if tuple(t.shape) != tuple(param.shape):
                 raise StateDictMismatch(f"{g}: shape {tuple(t.shape)} does not fit the model's {tuple(param.shape)}")
             local[name] = t
@@ -300,16 +272,9 @@ class OSPNextDiT(MegatronModule):
 
     def full_state_dict(self):
         """This stage's parameters with TP shards gathered, under global names (call on every TP rank)."""
-        import torch.distributed as dist
-
         out = {}
         for name, param in self.state_dict(keep_vars=True).items():
             if name.endswith("_extra_state"):
                 continue
-            t = param.detach()
-            if getattr(param, "tensor_model_parallel", False) and self.parallel.tp > 1:
-                parts = [torch.empty_like(t) for _ in range(self.parallel.tp)]
-                dist.all_gather(parts, t.contiguous(), group=self.parallel.tp_group)
-                t = torch.cat(parts, dim=param.partition_dim)
-            out[self.global_name(name)] = t.clone()
+            out[self.global_name(name)] = tp_gather(param.detach(), param, self.parallel).clone()
         return out

@@ -1,14 +1,17 @@
 """3D rotary position embedding (Wan2.1): head_dim split t/h/w = d-2*(2*(d//6)) / 2*(d//6) / 2*(d//6).
 
 For head_dim 128 that is 44/42/42. Channels are rotated in interleaved pairs (0,1), (2,3), ...
-Tables are built for raster positions and *gathered* with a layout's position index, so a permuted
-layout sees exactly the angles of its tokens' original (t, h, w) positions.
+Tables are built for raster positions and *gathered* with a layout's position index (the token
+placement's `positions(layout)`, see `attention.SequenceContext.rope`), so a permuted layout sees exactly
+the angles of its tokens' original (t, h, w) positions.
 """
 from __future__ import annotations
 
 from typing import Sequence, Tuple
 
 import torch
+
+from osp_megatron.models.fused import rotate_pairs
 
 
 def axis_dims(head_dim: int) -> Tuple[int, int, int]:
@@ -42,6 +45,4 @@ def rope_tables(grid: Sequence[int], head_dim: int, theta: float, positions: tor
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved channel pairs. x [..., heads, d]; cos/sin broadcastable to [..., 1, d/2]."""
-    from osp_megatron.models.fused import rotate_pairs
-
     return rotate_pairs(x, cos, sin)

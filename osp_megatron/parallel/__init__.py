@@ -1,5 +1,7 @@
-"""Parallelism: process groups, the layout-native sequence plan, SSP and Ulysses exchanges, comm counters."""
-from osp_megatron.parallel.groups import ParallelState, ensure_single_process, initialize_parallel
-from osp_megatron.parallel.plan import ContextParallel, SequencePlan
+"""Parallelism: process groups (`ParallelState`), token placement and movement (`TokenPlacement`: SSP and
+Ulysses exchanges), collectives, TP weight helpers and comm counters. Imports `osp_megatron.skiparse`, never
+`osp_megatron.models`."""
+from osp_megatron.parallel.groups import ContextParallel, ParallelState, initialize_parallel
+from osp_megatron.parallel.plan import TokenPlacement
 
-__all__ = ["ContextParallel", "ParallelState", "SequencePlan", "ensure_single_process", "initialize_parallel"]
+__all__ = ["ContextParallel", "ParallelState", "TokenPlacement", "initialize_parallel"]

@@ -9,12 +9,11 @@ Backward is the reverse exchange.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Sequence
 
 import torch
-import torch.distributed as dist
 
-from osp_megatron.parallel import comm_stats
+from osp_megatron.parallel.collectives import uneven_all_to_all
 
 
 class TokenExchange:
@@ -59,22 +58,11 @@ class TokenExchange:
         return out.reshape(self.dst_rows // self.dst_classes, self.dst_classes * b, *x.shape[2:])
 
 
-def _uneven_all_to_all(x: torch.Tensor, in_counts: List[int], out_counts: List[int], group) -> torch.Tensor:
-    """all_to_all_single over rows of x [sum(in_counts), *F] -> [sum(out_counts), *F]."""
-    per_row = x[0].numel() if x.shape[0] else int(torch.tensor(x.shape[1:]).prod())
-    out = x.new_empty((sum(out_counts),) + tuple(x.shape[1:]))
-    me = dist.get_rank(group)
-    sent = sum(c for j, c in enumerate(in_counts) if j != me) * per_row * x.element_size()
-    comm_stats.record("all_to_all", x.numel() * x.element_size(), dist.get_world_size(group), sent=sent)
-    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=out_counts, input_split_sizes=in_counts, group=group)
-    return out
-
-
 class _Exchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, ex: TokenExchange):
         ctx.ex = ex
-        recv = _uneven_all_to_all(rows.index_select(0, ex.send_rows), ex.send_counts, ex.recv_counts, ex.group)
+        recv = uneven_all_to_all(rows.index_select(0, ex.send_rows), ex.send_counts, ex.recv_counts, ex.group)
         out = rows.new_zeros((ex.dst_rows,) + tuple(rows.shape[1:]))
         out.index_copy_(0, ex.recv_rows, recv)
         return out
@@ -82,7 +70,7 @@ class _Exchange(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         ex = ctx.ex
-        back = _uneven_all_to_all(grad.index_select(0, ex.recv_rows), ex.recv_counts, ex.send_counts, ex.group)
+        back = uneven_all_to_all(grad.index_select(0, ex.recv_rows), ex.recv_counts, ex.send_counts, ex.group)
         g = grad.new_zeros((ex.src_rows,) + tuple(grad.shape[1:]))
         g.index_copy_(0, ex.send_rows, back)
         return g, None

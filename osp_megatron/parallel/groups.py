@@ -1,7 +1,10 @@
 """Process groups: megatron-core parallel_state (TP x CP x DP x PP) + the SSP / Ulysses split of CP.
 
-`initialize_parallel(parallel_cfg)` must run after `torch.distributed.init_process_group` and after
-the config was validated for this world size (so no impossible plan reaches a collective).
+`ParallelState` is the one collection of groups and ranks that every module gets injected (megatron's
+`ProcessGroupCollection` pattern); no module reads a global group. It comes from
+`initialize_parallel(parallel_cfg)` (after `torch.distributed.init_process_group`, and after the config was
+validated for this world size, so no impossible plan reaches a collective) or, for one process (tools,
+tests, single-GPU sampling), from `ParallelState.single()`.
 Inside each context-parallel group (ranks ordered by CP rank), Ulysses groups are contiguous runs of
 `ulysses` ranks and SSP groups take every `ulysses`-th rank: cp_rank = ssp_rank * ulysses + ulysses_rank.
 """
@@ -14,11 +17,33 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from osp_megatron.parallel.plan import ContextParallel
+
+@dataclass
+class ContextParallel:
+    """Process groups of one context-parallel group (CP = SSP x Ulysses). All None/1 on one device."""
+
+    ssp: int = 1
+    ulysses: int = 1
+    ssp_rank: int = 0
+    ulysses_rank: int = 0
+    ssp_group: Optional[object] = None  # ranks with the same ulysses_rank
+    ulysses_group: Optional[object] = None  # ranks with the same ssp_rank
+    cp_group: Optional[object] = None  # the whole CP group, ordered by cp rank
+
+    @property
+    def size(self) -> int:
+        return self.ssp * self.ulysses
+
+    @property
+    def rank(self) -> int:
+        return self.ssp_rank * self.ulysses + self.ulysses_rank
 
 
 @dataclass
 class ParallelState:
+    """Sizes, ranks and process groups of one rank (TP x CP x DP x PP). `ParallelState()` is one device with
+    no groups at all (enough for token placement; the model's megatron layers need `single()`'s groups)."""
+
     tp: int = 1
     pp: int = 1
     dp: int = 1
@@ -33,6 +58,32 @@ class ParallelState:
     dp_cp_group: Optional[object] = None
     tp_cp_group: Optional[object] = None  # tensors sharded over heads (TP) and tokens (CP): per-tensor amax
 
+    @classmethod
+    def single(cls) -> "ParallelState":
+        """The single-process world, set up explicitly: rank 0 of 1 (gloo, or nccl on a GPU) with megatron
+        parallel_state at TP = PP = CP = 1. Refuses to run inside a multi-process job."""
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        if dist.get_world_size() > 1:
+            raise RuntimeError("ParallelState.single() called inside a multi-process job: use initialize_parallel(...)")
+        return _initialize(tp=1, pp=1, ssp=1, ulysses=1, sequence_parallel=False)
+
+    @property
+    def sp_size(self) -> int:
+        """Ranks a sequence is split over by TP sequence parallelism (1 without it)."""
+        return self.tp if self.sequence_parallel else 1
+
+    @property
+    def splits_sequence(self) -> bool:
+        """Whether a sample's tokens are split over ranks (context parallelism or TP sequence parallelism)."""
+        return self.cp.size > 1 or self.sp_size > 1
+
+    @property
+    def qkv_amax_group(self) -> Optional[object]:
+        """The group attention's q/k/v are sharded over (heads over TP, tokens over CP), None when unsharded."""
+        return self.tp_cp_group if (self.tp > 1 or self.cp.size > 1) else None
+
     @property
     def is_first_stage(self) -> bool:
         return self.pp_rank == 0
@@ -40,11 +91,6 @@ class ParallelState:
     @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
-
-    @classmethod
-    def single(cls) -> "ParallelState":
-        """The state of a single-process world (rank 0 of 1, TP = PP = CP = 1), set up if needed (tools, tests)."""
-        return ensure_single_process()
 
     def describe(self) -> str:
         return (
@@ -58,16 +104,21 @@ def initialize_parallel(parallel_cfg, seed: int = 1234) -> ParallelState:
 
     On GPU this also seeds megatron's CUDA RNG tracker (per-TP-rank streams for weight init / dropout).
     """
+    if not dist.is_initialized():
+        raise RuntimeError("initialize_parallel needs torch.distributed to be initialised first (torchrun/srun)")
+    return _initialize(parallel_cfg.tensor_parallel, parallel_cfg.pipeline_parallel, parallel_cfg.ssp,
+                       parallel_cfg.ulysses, bool(parallel_cfg.sequence_parallel), seed)
+
+
+def _initialize(tp: int, pp: int, ssp: int, ulysses: int, sequence_parallel: bool, seed: int = 1234) -> ParallelState:
     from megatron.core import parallel_state as mps
 
     from osp_megatron import cpu_shims
 
     cpu_shims.apply()  # megatron-core assumes CUDA; on CPU its few CUDA calls are shimmed, once per process
-    if not dist.is_initialized():
-        raise RuntimeError("initialize_parallel needs torch.distributed to be initialised first (torchrun/srun)")
+
     world = dist.get_world_size()
-    tp, pp = parallel_cfg.tensor_parallel, parallel_cfg.pipeline_parallel
-    ssp, ul = parallel_cfg.ssp, parallel_cfg.ulysses
+    ul = ulysses
     cp = ssp * ul
     if world % (tp * pp * cp):
         raise ValueError(f"world size {world} is not divisible by TP x PP x CP = {tp * pp * cp}")
@@ -103,7 +154,7 @@ def initialize_parallel(parallel_cfg, seed: int = 1234) -> ParallelState:
     return ParallelState(
         tp=tp, pp=pp, dp=mps.get_data_parallel_world_size(), cp=ctx,
         tp_rank=mps.get_tensor_model_parallel_rank(), pp_rank=mps.get_pipeline_model_parallel_rank(),
-        dp_rank=mps.get_data_parallel_rank(), sequence_parallel=bool(parallel_cfg.sequence_parallel),
+        dp_rank=mps.get_data_parallel_rank(), sequence_parallel=sequence_parallel,
         tp_group=mps.get_tensor_model_parallel_group(), pp_group=mps.get_pipeline_model_parallel_group(),
         dp_group=mps.get_data_parallel_group(),
         dp_cp_group=mps.get_data_parallel_group(with_context_parallel=True),
@@ -115,17 +166,3 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def ensure_single_process() -> ParallelState:
-    """Single-process world (rank 0 of 1) with megatron parallel_state at TP=PP=CP=1, for tools and tests."""
-    from megatron.core import parallel_state as mps
-
-    from osp_megatron.config import ParallelConfig
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    if mps.model_parallel_is_initialized() and dist.get_world_size() > 1:
-        raise RuntimeError("ensure_single_process() called inside a multi-process job: pass the ParallelState instead")
-    return initialize_parallel(ParallelConfig())

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from osp_megatron.parallel.collectives import all_to_all_equal
+from osp_megatron.parallel.collectives import all_to_all_equal, all_to_all_uneven
 
 
 def seq_gather_head_scatter(x: torch.Tensor, group, size: int) -> torch.Tensor:
@@ -28,8 +28,7 @@ def head_gather_seq_scatter(x: torch.Tensor, group, size: int) -> torch.Tensor:
     return recv.permute(1, 2, 0, 3, 4).reshape(st // size, bsz, size * hs, d)
 
 
-
-def seq_gather_head_scatter_uneven(x: torch.Tensor, counts, rank: int, group) -> torch.Tensor:
+def seq_gather_head_scatter_uneven(x: torch.Tensor, counts, group) -> torch.Tensor:
     """Ulysses on compacted (padding-free) rows: x [n_me, B, h, d] -> [sum(counts), B, h/size, d], where
     counts[j] is rank j's row count (known to every rank); rows arrive in group-rank order."""
     size = len(counts)
@@ -37,29 +36,14 @@ def seq_gather_head_scatter_uneven(x: torch.Tensor, counts, rank: int, group) ->
     if h % size:
         raise ValueError(f"Ulysses over {size} ranks needs the local head count {h} divisible by it")
     send = x.reshape(n, bsz, size, h // size, d).permute(2, 0, 1, 3, 4).reshape(size * n, bsz, h // size, d)
-    return _UnevenA2A.apply(send, [n] * size, list(counts), group)
+    return all_to_all_uneven(send, [n] * size, counts, group)
 
 
 def head_gather_seq_scatter_uneven(x: torch.Tensor, counts, rank: int, group) -> torch.Tensor:
     """Inverse of `seq_gather_head_scatter_uneven`: [sum(counts), B, h/size, d] -> [counts[rank], B, h, d]."""
     size = len(counts)
     n = counts[rank]
-    recv = _UnevenA2A.apply(x, list(counts), [n] * size, group)  # [size (head chunk), n, B, h/size, d]
+    recv = all_to_all_uneven(x, counts, [n] * size, group)  # [size (head chunk), n, B, h/size, d]
     _, bsz, hs, d = recv.shape
     return recv.reshape(size, n, bsz, hs, d).permute(1, 2, 0, 3, 4).reshape(n, bsz, size * hs, d)
 
-
-class _UnevenA2A(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, in_counts, out_counts, group):
-        from osp_megatron.parallel.exchange import _uneven_all_to_all
-
-        ctx.args = (in_counts, out_counts, group)
-        return _uneven_all_to_all(x, in_counts, out_counts, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        from osp_megatron.parallel.exchange import _uneven_all_to_all
-
-        in_counts, out_counts, group = ctx.args
-        return _uneven_all_to_all(grad.contiguous(), out_counts, in_counts, group), None, None, None

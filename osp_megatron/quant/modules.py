@@ -20,41 +20,22 @@ megatron's bias add after the TP reduction, so its bias grad is the sum of the u
 TP=1 and TP>1). Under sequence parallelism the local x shard is quantized (with the global amax) and the quantized shard is
 all-gathered, which equals quantizing the gathered tensor.
 
-The subclasses quantize only while a recipe is active (`recipes.active_recipe()`) and their
-`quantize_enabled` flag is True (the model clears it for bf16 first/last blocks); otherwise they run
-megatron's own path unchanged.
+The subclasses quantize only while a recipe is active (`recipes.active_recipe()`); otherwise they run
+megatron's own path unchanged (bf16 first/last blocks get megatron's plain linears from their spec).
+`HiF8QKV` is the Q/K/V quantizer submodule of self-attention (`models/specs.py`).
 """
 from __future__ import annotations
 
 import itertools
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
+from osp_megatron.parallel.collectives import gather_along_first_dim, group_size, reduce_scatter_along_first_dim
 from osp_megatron.quant.recipes import active_recipe
 
 _KEYS = itertools.count()
-
-
-def _tp_size(group: Optional[torch.distributed.ProcessGroup]) -> int:
-    if group is None or not torch.distributed.is_initialized():
-        return 1
-    return torch.distributed.get_world_size(group)
-
-
-def _gather_along_first_dim(x: torch.Tensor, group: torch.distributed.ProcessGroup) -> torch.Tensor:
-    """[s, ...] per rank -> [s * tp, ...] (rank order), allocated on x's device."""
-    out = torch.empty((x.shape[0] * _tp_size(group), *x.shape[1:]), dtype=x.dtype, device=x.device)
-    torch.distributed.all_gather_into_tensor(out, x.contiguous(), group=group)
-    return out
-
-
-def _reduce_scatter_along_first_dim(x: torch.Tensor, group: torch.distributed.ProcessGroup) -> torch.Tensor:
-    """[s * tp, ...] per rank -> sum over ranks, this rank's [s, ...] slice."""
-    out = torch.empty((x.shape[0] // _tp_size(group), *x.shape[1:]), dtype=x.dtype, device=x.device)
-    torch.distributed.reduce_scatter_tensor(out, x.contiguous(), group=group)
-    return out
 
 
 class _HiF8LinearFn(torch.autograd.Function):
@@ -75,11 +56,11 @@ class _HiF8LinearFn(torch.autograd.Function):
         w_sharded: bool,
         g_sharded: bool,
     ) -> torch.Tensor:
-        tp = _tp_size(tp_group)
+        tp = group_size(tp_group)
         reduce = tp_group if tp > 1 else None
         x_q = recipe.quantize(input, "input", key, reduce if x_sharded else None)
         w_q = recipe.quantize(weight, "weight", key, reduce if w_sharded else None)
-        total = _gather_along_first_dim(x_q, tp_group) if (sequence_parallel and tp > 1) else x_q
+        total = gather_along_first_dim(x_q, tp_group) if (sequence_parallel and tp > 1) else x_q
         out = torch.matmul(total, w_q.t())
         if bias is not None:
             out = out + bias
@@ -95,12 +76,12 @@ class _HiF8LinearFn(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         x_q, w_q = ctx.saved_tensors
         tp_group = ctx.tp_group
-        reduce = tp_group if _tp_size(tp_group) > 1 and ctx.g_sharded else None
+        reduce = tp_group if group_size(tp_group) > 1 and ctx.g_sharded else None
         g_q = ctx.recipe.quantize(grad_output.contiguous(), "grad_output", ctx.key, reduce)
-        total = _gather_along_first_dim(x_q, tp_group) if ctx.sequence_parallel else x_q
+        total = gather_along_first_dim(x_q, tp_group) if ctx.sequence_parallel else x_q
         grad_input = g_q.matmul(w_q)
         if ctx.sequence_parallel:
-            grad_input = _reduce_scatter_along_first_dim(grad_input, tp_group)
+            grad_input = reduce_scatter_along_first_dim(grad_input, tp_group)
         elif ctx.allreduce_dgrad:
             torch.distributed.all_reduce(grad_input, group=tp_group)
         grad_weight = None
@@ -159,12 +140,11 @@ class HiF8ColumnParallelLinear(ColumnParallelLinear):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.quantize_enabled = True
         self.hif8_key = f"col{next(_KEYS)}"
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         recipe = active_recipe()
-        if recipe is None or not self.quantize_enabled or self.explicit_expert_comm:
+        if recipe is None or self.explicit_expert_comm:
             return super()._forward_impl(input, weight, *args, **kwargs)
         if args:
             raise TypeError("HiF8ColumnParallelLinear._forward_impl expects keyword arguments (as megatron passes)")
@@ -185,12 +165,11 @@ class HiF8RowParallelLinear(RowParallelLinear):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.quantize_enabled = True
         self.hif8_key = f"row{next(_KEYS)}"
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         recipe = active_recipe()
-        if recipe is None or not self.quantize_enabled or self.explicit_expert_comm:
+        if recipe is None or self.explicit_expert_comm:
             return super()._forward_impl(input, weight, *args, **kwargs)
         if args:
             raise TypeError("HiF8RowParallelLinear._forward_impl expects keyword arguments (as megatron passes)")
@@ -251,14 +230,27 @@ def hif8_qkv(
     recipe = active_recipe()
     if recipe is None or not enabled:
         return q, k, v
-    if _tp_size(group) <= 1:
+    if group_size(group) <= 1:
         group = None
     return _HiF8QKVFn.apply(q, k, v, recipe, key, group)
+
+
+class HiF8QKV(torch.nn.Module):
+    """`hif8_qkv` as self-attention's Q/K/V quantizer submodule: `key` names its delayed-scaling slots,
+    `group` is the group q/k/v are sharded over (None when unsharded)."""
+
+    def __init__(self, key: Any = None, group: Optional[torch.distributed.ProcessGroup] = None):
+        super().__init__()
+        self.key, self.group = key, group
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        return hif8_qkv(q, k, v, group=self.group, key=self.key)
 
 
 __all__ = [
     "assign_hif8_keys",
     "HiF8ColumnParallelLinear",
+    "HiF8QKV",
     "HiF8RowParallelLinear",
     "hif8_linear",
     "hif8_linear_tp",

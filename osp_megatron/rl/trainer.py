@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from osp_megatron.diffusion.samplers import cfg_velocity_fn, seeded_noise
+from osp_megatron.parallel import ParallelState
 from osp_megatron.rl.advantages import combine_rewards, reward_stats, shuffled
 from osp_megatron.config import GRPOConfig
 from osp_megatron.rl.lora import apply_lora, load_lora_state_dict, lora_disabled, lora_parameters, lora_state_dict

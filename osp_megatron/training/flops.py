@@ -7,7 +7,7 @@ Per block with C = hidden, F = ffn hidden, L = text tokens, N = tokens the block
     cross-attn projections Q, O    : 2 * 2*N*C^2;  K, V of the text: 2 * 2*L*C^2 (once per sample)
     cross-attention core           : 4*N*L*C
     FFN                            : 2 * 2*N*C*F
-Executed work, as the sequence plan runs it: sparse blocks hold the padded Skiparse grid (Np = T*Hp*Wp, H/W
+Executed work, as the token placement runs it: sparse blocks hold the padded Skiparse grid (Np = T*Hp*Wp, H/W
 padded to multiples of P^2), so their projections, cross-attention and FFN run on Np tokens, while their
 self-attention sees each class's valid tokens only: sum over the P^2 classes of 4*n_c^2*C. Full blocks attend
 over the N = T*H*W valid tokens (4*N^2*C); their other work runs on N on one device (raster layout) and on Np
@@ -18,7 +18,7 @@ Training = forward + backward = 3x forward; activation recompute executes one mo
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
-from osp_megatron.models.skiparse import block_schedule, padded_grid
+from osp_megatron.skiparse import block_schedule, padded_grid
 
 
 def class_sizes(grid: Sequence[int], ratio: int, layout: str) -> List[int]:

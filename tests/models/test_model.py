@@ -5,12 +5,12 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from osp_megatron.config import Config, ConfigError, ModelConfig, load_config
+from osp_megatron import skiparse
 from osp_megatron.models import build_model
-from osp_megatron.parallel import ParallelState
-from osp_megatron.models import skiparse
 from osp_megatron.models.adapters import diffusers as ad
 from osp_megatron.models.adapters import wan as aw
 from osp_megatron.models.adapters.common import StateDictMismatch
+from osp_megatron.parallel import ParallelState
 
 
 def _rel(a, b):

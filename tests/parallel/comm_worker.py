@@ -40,8 +40,8 @@ def main():
         with torch.no_grad():
             model(x, t, txt)
         infer = comm_stats.snapshot()
-        steps = model.plan_for((2, 8, 8), x.device).steps
-        results[name] = {"train": train, "infer": infer, "switches": sum(s.switch_before for s in steps),
+        steps = model.sequence_for((2, 8, 8), x.device).placement.steps
+        results[name] = {"train": train, "infer": infer, "switches": sum(s.switch_from is not None for s in steps),
                          "full_blocks": sum(s.attention == "full" for s in steps)}
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:

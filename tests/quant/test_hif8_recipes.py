@@ -106,10 +106,10 @@ def test_assign_keys_names_hif8_linears_by_path():
     from megatron.core import parallel_state
     from megatron.core.model_parallel_config import ModelParallelConfig
 
-    from osp_megatron.parallel.groups import ensure_single_process
+    from osp_megatron.parallel import ParallelState
     from osp_megatron.quant.modules import HiF8ColumnParallelLinear, assign_hif8_keys
 
-    ensure_single_process()
+    ParallelState.single()
     assert parallel_state.model_parallel_is_initialized()
     cfg = ModelParallelConfig(use_cpu_initialization=True)
     net = torch.nn.Sequential(

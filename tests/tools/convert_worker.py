@@ -64,12 +64,12 @@ def forward(out_dir, tp2_ckpt, tp1_ckpt):
     import torch.multiprocessing as mp
 
     from osp_megatron import cpu_shims
-    from osp_megatron.parallel.groups import ensure_single_process
+    from osp_megatron.parallel import ParallelState
 
     mp.start_processes(_forward_rank, args=(2, _free_port(), tp2_ckpt, f"{out_dir}/a.pt"), nprocs=2, join=True,
                        start_method="spawn")
     cpu_shims.apply()
-    ps = ensure_single_process()
+    ps = ParallelState.single()
     torch.save(_forward(tp1_ckpt, 1, ps), f"{out_dir}/b.pt")
     torch.save(_forward(tp2_ckpt, 1, ps), f"{out_dir}/c.pt")
 
@@ -83,11 +83,11 @@ def ema_checkpoint(diffusers_dir, out):
     from osp_megatron.models import build_model
     from osp_megatron.models.adapters import diffusers as ad
     from osp_megatron.models.adapters.common import load_safetensors_dir
-    from osp_megatron.parallel.groups import ensure_single_process
+    from osp_megatron.parallel import ParallelState
     from osp_megatron.training.checkpoint import Checkpointer
 
     cpu_shims.apply()
-    ps = ensure_single_process()
+    ps = ParallelState.single()
     mc = ad.config_from_diffusers(json.loads((Path(diffusers_dir) / "config.json").read_text()))
     sd = ad.from_diffusers(load_safetensors_dir(diffusers_dir), mc)
     model = build_model(mc, ps, device="cpu")

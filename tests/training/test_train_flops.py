@@ -36,7 +36,7 @@ def test_sparse_blocks_count_padding_and_attention_per_class():
 
 
 def test_padding_free_single_device_counts_valid_tokens_per_class():
-    from osp_megatron.models.skiparse import valid_mask
+    from osp_megatron.skiparse import valid_mask
     from osp_megatron.training.flops import class_sizes
 
     grid = (3, 5, 7)  # odd sizes: classes of unequal length

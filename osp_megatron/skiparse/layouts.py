@@ -16,7 +16,8 @@ Every class spans all T frames. token<->group is an involution. Padded positions
 
 Sharding for context parallelism (`shard`): SSP rank `r` of `ssp` owns classes
 `[r*G, (r+1)*G)` (G = P^2/ssp) and Ulysses rank `u` of `ulysses` owns the `h''`-row chunk `u`
-of every owned class. The same function shards a raster layout along H rows.
+of every owned class. The same function shards a raster layout along H rows. `LayoutGeometry` holds
+these facts for one grid and one context-parallel group (padded grids, local lengths, per-rank positions).
 """
 from __future__ import annotations
 
@@ -198,60 +199,66 @@ def unshard(
     return v.reshape(t * rows * inner, c * b, *rest)
 
 
-# --------------------------------------------------------------------------------------------
-# block schedules
-# --------------------------------------------------------------------------------------------
-def block_schedule(num_layers: int, kind: str, num_full: int = 8) -> List[str]:
-    """Per-block layout kind: 'full' | 'token' | 'group'.
+class LayoutGeometry:
+    """Where the slots of every layout of one latent grid sit on a context-parallel group (pure index math).
 
-    - full: every block full attention (Wan2.1).
-    - dual_end(num_full): full blocks [0, num_full/2) and the last num_full/2, sparse between;
-      even index -> token, odd index -> group (released: 8 full blocks).
-    - uniform(num_full): pairs of full blocks every num_layers/(num_full/2) layers
-      (e.g. {0,1,6,7,12,13,18,19,24,25} for 30 layers, 10 full), the rest alternate token/group.
+    CP = `ssp x ulysses` ranks, CP rank = `ssp_rank * ulysses + ulysses_rank`. Sparse layouts: the classes are
+    split over the SSP ranks (`shard`), the `h''` row blocks over the Ulysses ranks, so H is padded to a multiple
+    of `P^2 * ulysses`. Raster layout: H rows split over all CP ranks (H padded to a multiple of CP only).
+    A local shard is `[S_loc, G*b, *R]` with G = `classes_per_rank(layout)` (class-major batch).
     """
-    if kind == "full":
-        return ["full"] * num_layers
-    if num_full < 0 or num_full > num_layers:
-        raise ValueError(f"num_full={num_full} must be in [0, num_layers={num_layers}]")
-    if kind == "dual_end":
-        if num_full % 4 != 0:
-            raise ValueError(
-                f"dual_end needs num_full_blocks divisible by 4 (got {num_full}) so that the first sparse block "
-                "is token-wise and the last group-wise; use 4 or 8"
-            )
-        half = num_full // 2
-        sched = []
-        for i in range(num_layers):
-            if i < half or i >= num_layers - half:
-                sched.append("full")
-            else:
-                sched.append("token" if i % 2 == 0 else "group")
-        _check_alternation(sched)
-        return sched
-    if kind == "uniform":
-        if num_full % 2 != 0 or num_full == 0:
-            raise ValueError(f"uniform needs an even, positive num_full_blocks (got {num_full})")
-        pairs = num_full // 2
-        if num_layers % pairs != 0:
-            raise ValueError(f"uniform: num_layers={num_layers} is not divisible by num_full_blocks/2={pairs}")
-        stride = num_layers // pairs
-        if stride < 2:
-            raise ValueError("uniform: too many full blocks for the layer count")
-        full = {k * stride + j for k in range(pairs) for j in (0, 1)}
-        sched, nxt = [], "token"
-        for i in range(num_layers):
-            if i in full:
-                sched.append("full")
-                nxt = "token"  # each sparse run starts token-wise
-            else:
-                sched.append(nxt)
-                nxt = "group" if nxt == "token" else "token"
-        return sched
-    raise ValueError(f"unknown schedule {kind!r}; use full, dual_end or uniform")
 
+    def __init__(self, grid: Sequence[int], ratio: int, ssp: int = 1, ulysses: int = 1):
+        self.grid: Grid = tuple(int(v) for v in grid)
+        self.ratio, self.ssp, self.ulysses = ratio, ssp, ulysses
+        self.cp = ssp * ulysses
+        self.num_tokens = self.grid[0] * self.grid[1] * self.grid[2]
+        self.w_blocks = self.padded("token")[2] // (ratio * ratio)  # `w''` blocks of a sparse layout row
+        self._pos: dict = {}
 
-def _check_alternation(sched: List[str]) -> None:
-    sparse = [s for s in sched if s != "full"]
-    if sparse and (sparse[0] != "token" or sparse[-1] != "group"):
-        raise ValueError("schedule must start its sparse run token-wise and end it group-wise")
+    def h_multiple(self, layout: str) -> int:
+        """Row split of a layout: over the Ulysses ranks (sparse layouts) or all CP ranks (raster)."""
+        return self.cp if layout == "raster" else self.ulysses
+
+    def padded(self, layout: str) -> Grid:
+        return padded_grid(self.grid, self.ratio, self.h_multiple(layout), sparse=layout != "raster")
+
+    def local_len(self, layout: str) -> int:
+        t, hp, wp = self.padded(layout)
+        return t * hp * wp // num_classes(layout, self.ratio) // self.h_multiple(layout)
+
+    def classes_per_rank(self, layout: str) -> int:
+        return num_classes(layout, self.ratio) // (self.ssp if layout != "raster" else 1)
+
+    def _shard_args(self, layout: str, ssp_rank: int, ulysses_rank: int) -> Tuple[int, int, int, int]:
+        if layout == "raster":  # rows over every CP rank (one class)
+            return 0, 1, ssp_rank * self.ulysses + ulysses_rank, self.cp
+        return ssp_rank, self.ssp, ulysses_rank, self.ulysses
+
+    def positions(self, layout: str, ssp_rank: int = 0, ulysses_rank: int = 0) -> torch.Tensor:
+        """Raster index of each slot of rank (ssp_rank, ulysses_rank)'s shard, long [S_loc, G] (-1 = padding), CPU."""
+        key = (layout, ssp_rank, ulysses_rank)
+        if key not in self._pos:
+            full = positions(self.grid, self.ratio, layout, self.h_multiple(layout))  # [S, C]
+            self._pos[key] = shard(full, self.padded(layout), self.ratio, layout,
+                                   *self._shard_args(layout, ssp_rank, ulysses_rank))
+        return self._pos[key]
+
+    def shard(self, tokens: torch.Tensor, layout: str, ssp_rank: int = 0, ulysses_rank: int = 0) -> torch.Tensor:
+        """Unpadded raster tokens [T*H*W, b, *R] -> rank (ssp_rank, ulysses_rank)'s shard [S_loc, G*b, *R]."""
+        y = to_layout(tokens, self.grid, self.ratio, layout, self.h_multiple(layout))
+        if self.cp == 1:
+            return y
+        return shard(y, self.padded(layout), self.ratio, layout, *self._shard_args(layout, ssp_rank, ulysses_rank))
+
+    def unshard(self, pieces: Sequence[torch.Tensor], layout: str) -> torch.Tensor:
+        """Every rank's shard, in CP-rank order -> unpadded raster tokens [T*H*W, b, *R]."""
+        if self.cp == 1:
+            y = pieces[0]
+        elif layout == "raster":
+            y = unshard([list(pieces)], self.padded(layout), self.ratio, layout)
+        else:
+            u = self.ulysses
+            y = unshard([list(pieces[s * u : (s + 1) * u]) for s in range(self.ssp)], self.padded(layout),
+                        self.ratio, layout)
+        return from_layout(y, self.grid, self.ratio, layout, self.h_multiple(layout))

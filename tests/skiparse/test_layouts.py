@@ -1,10 +1,8 @@
 """Skiparse-2D layout properties: classes, round trips, involution, two-hop connectivity, sharding."""
-import itertools
-
 import pytest
 import torch
 
-from osp_megatron.models import skiparse as sk
+from osp_megatron import skiparse as sk
 
 
 GRIDS = [(2, 45, 6), (3, 8, 8), (1, 5, 7)]
@@ -102,3 +100,28 @@ def test_schedule_errors():
         sk.block_schedule(30, "dual_end", 6)
     with pytest.raises(ValueError, match="unknown schedule"):
         sk.block_schedule(30, "zigzag", 8)
+
+
+@pytest.mark.parametrize("layout", ["token", "group", "raster"])
+@pytest.mark.parametrize("ssp,ulysses", [(1, 1), (1, 2), (2, 1), (4, 1), (2, 2)])
+def test_geometry_shards_every_rank_and_positions_travel_with_the_data(layout, ssp, ulysses):
+    grid, ratio = (2, 9, 6), 2
+    if layout == "raster" and ssp > 1:
+        ssp, ulysses = 1, ssp * ulysses  # raster rows are split over every CP rank
+    geo = sk.LayoutGeometry(grid, ratio, ssp, ulysses)
+    n = grid[0] * grid[1] * grid[2]
+    x = torch.randn(n, 2, 3)
+    ranks = [(s, u) for s in range(geo.ssp) for u in range(geo.ulysses)]  # CP-rank order
+    shards = [geo.shard(x, layout, s, u) for s, u in ranks]
+    seen = []
+    for (s, u), y in zip(ranks, shards):
+        pos = geo.positions(layout, s, u)
+        g = geo.classes_per_rank(layout)
+        assert y.shape == (geo.local_len(layout), g * 2, 3) and pos.shape == (geo.local_len(layout), g)
+        y4 = y.view(pos.shape[0], g, 2, 3)
+        valid = pos >= 0
+        assert torch.equal(y4[valid], x[pos[valid]])  # the slot holds the token its position names
+        assert (y4[~valid] == 0).all()  # padding is zeros
+        seen += pos[valid].tolist()
+    assert sorted(seen) == list(range(n))  # every token on exactly one rank
+    assert torch.equal(geo.unshard(shards, layout), x)
