@@ -25,6 +25,7 @@ import torch
 from data_pipeline.config import (DECODERS, DEFAULT_MAX_FRAME_PIXELS, BucketSpec, bucket_problems, is_finite_number,
                                    is_int)
 from data_pipeline.decode import SkipSample, decode_clip, decoder_unavailable, to_unit_range
+from data_pipeline.keys import unique_key
 from data_pipeline.sharding import atomic_write_text
 from data_pipeline.shardlist import resolve_shards
 from data_pipeline.stream import VIDEO_EXTS, sample_caption, sample_meta
@@ -192,6 +193,7 @@ class LatentCacher:
             prefetch_factor=2 if workers > 0 else None)
         tmp = self.out / f"{name}.tmp"
         count = 0
+        used: set = set()
         with open(tmp, "wb") as stream:
             writer = wds.TarWriter(stream, mtime=0.0)
             for item in items:
@@ -199,6 +201,10 @@ class LatentCacher:
                     rejects.append({"path": url, "key": item["key"], "reason": item["reason"],
                                     "category": item["category"]})
                     continue
+                # member names come from a foreign tar: keep them safe (no '/', '..', NUL) and unique
+                key = unique_key(item["key"], used)
+                if key != item["key"]:
+                    item = {**item, "key": key, "meta": {**item["meta"], "source_key": item["key"]}}
                 try:
                     writer.write(self.encode_sample(item))
                     count += 1
