@@ -20,7 +20,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "data": ["decord==0.6.0", "webdataset==1.0.2", "imageio-ffmpeg", "av"],
+        # decord has x86_64 wheels only; PyAV (always) and torchcodec (if installed) are the fallbacks
+        "data": ['decord==0.6.0; platform_machine == "x86_64"', "webdataset==1.0.2", "imageio-ffmpeg", "av"],
         "track": ["mlflow==3.17.2"],
         "encoders": ["diffusers>=0.35", "transformers>=4.50", "sentencepiece"],
         "te": ["transformer-engine[pytorch]>=2.9"],
@@ -28,7 +29,7 @@ setup(
         "dev": [
             "pytest", "pytest-timeout", "en-dtypes==0.0.4",
             "triton==3.6.0",  # CPU CI runs the HiF8 Triton kernels in the interpreter (TRITON_INTERPRET=1)
-            "decord==0.6.0", "webdataset==1.0.2", "imageio-ffmpeg", "av",
+            'decord==0.6.0; platform_machine == "x86_64"', "webdataset==1.0.2", "imageio-ffmpeg", "av",
             "mlflow==3.17.2", "diffusers>=0.35", "transformers>=4.50", "sentencepiece",
         ],
     },
