@@ -94,7 +94,8 @@ def _probe_job(args: Tuple[int, Dict[str, Any], Dict[str, Any], str]
         return index, None, record["reject"]
     flt = FilterConfig(**filt)
     if flt.require_caption and not record.get("caption"):
-        return index, None, "missing_caption: no caption (folder input: put it in <stem>.txt beside the video)"
+        where = "fill its caption field" if "line" in record else "put it in <stem>.txt beside the video"
+        return index, None, f"missing_caption: no caption ({where}, or set require_caption: false)"
     try:
         info = probe_video(record["path"], decoder)
     except ProbeError as exc:
