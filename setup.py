@@ -7,7 +7,8 @@ from setuptools import find_packages, setup
 HERE = Path(__file__).resolve().parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "osp_megatron" / "__init__.py").read_text()).group(1)
 
-DATA = ["decord==0.6.0", "webdataset==1.0.2", "imageio-ffmpeg", "av"]
+# decord has x86_64 wheels only; PyAV (always) and torchcodec (if installed) are the fallbacks
+DATA = ['decord==0.6.0; platform_machine == "x86_64"', "webdataset==1.0.2", "imageio-ffmpeg", "av"]
 TRACK = ["mlflow>=3.1"]
 ENCODERS = ["diffusers>=0.35", "transformers>=4.50", "sentencepiece", "accelerate>=1.0"]  # accelerate: diffusers export
 

@@ -1,5 +1,5 @@
-"""Video data pipeline: videos -> WebDataset shards (osp-shards), decord decoding into buckets, the
-resumable training loader (`build_loader`), latent caching (osp-cache) and synthetic clips.
+"""Video data pipeline: videos -> WebDataset shards (osp-shards), decoding into buckets (decord, torchcodec
+or PyAV), the resumable training loader (`build_loader`), latent caching (osp-cache) and synthetic clips.
 
 `build_loader` is imported lazily so `data_pipeline.config` stays cheap to import.
 """

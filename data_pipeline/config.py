@@ -1,8 +1,13 @@
 """Data section of the training config (also usable on its own by `data_pipeline`)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import List
+from typing import Any, List
+
+DECODERS = ("auto", "decord", "torchcodec", "pyav")
+# 8K UHD: larger streams are skipped as too_large instead of allocating frames of that size
+DEFAULT_MAX_FRAME_PIXELS = 7680 * 4320
 
 
 @dataclass
@@ -14,6 +19,26 @@ class BucketSpec:
     width: int = 832
 
 
+def is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def bucket_problems(b: BucketSpec) -> List[tuple]:
+    """[(field, value, problem)] for one bucket: frames 4k+1 >= 1, height/width positive multiples of 16."""
+    out = []
+    if not is_int(b.frames) or b.frames < 1 or (b.frames - 1) % 4 != 0:
+        out.append(("frames", b.frames, "must be 4k+1 (e.g. 81, 49, 17) for the Wan VAE (temporal stride 4)"))
+    for name in ("height", "width"):
+        v = getattr(b, name)
+        if not is_int(v) or v < 16 or v % 16 != 0:
+            out.append((name, v, "must be a positive multiple of 16 (VAE stride 8 x patch 2)"))
+    return out
+
+
 @dataclass
 class DataConfig:
     """Where samples come from and how they are decoded and batched.
@@ -21,13 +46,15 @@ class DataConfig:
     `shards`: a brace pattern or a directory of `shard-*.tar` files (raw `.mp4` or latent shards).
     `kind`: `raw` (decode videos), `latent` (cached latents + text embeddings), or `synthetic`
     (random latents, for smoke tests and benchmarks; no files needed).
+    `decoder`: `auto` (decord, else torchcodec, else PyAV: the first that imports) or one of them by name.
+    `max_frame_pixels`: clips whose stream is larger (width x height) are skipped as `too_large`.
     """
 
     kind: str = "raw"
     shards: str = ""
     fps: float = 16.0
     sample_window: str = "random"  # random | center
-    decoder: str = "decord"  # decord | pyav (both read from bytes in loader workers)
+    decoder: str = "auto"  # auto | decord | torchcodec | pyav (all read from bytes in loader workers)
     buckets: List[BucketSpec] = field(default_factory=lambda: [BucketSpec()])
     micro_batch_size: int = 1
     num_workers: int = 2
@@ -39,47 +66,59 @@ class DataConfig:
     synthetic_latent_shape: List[int] = field(default_factory=lambda: [16, 5, 16, 16])
     synthetic_num_samples: int = 64
     max_consecutive_errors: int = 100
+    max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS
 
     def validate(self, errors: List[str], prefix: str = "data") -> None:
+        def at_least(name: str, minimum: int, hint: str = "") -> None:
+            v = getattr(self, name)
+            if not is_int(v) or v < minimum:
+                errors.append(f"{prefix}.{name}={v!r}: must be an integer >= {minimum}{hint}")
+
         if self.kind not in ("raw", "latent", "synthetic"):
             errors.append(f"{prefix}.kind={self.kind!r}: use one of raw, latent, synthetic")
         if self.kind != "synthetic" and not self.shards:
             errors.append(f"{prefix}.shards is empty: give a shard directory or pattern (or data.kind=synthetic)")
         if self.sample_window not in ("random", "center"):
             errors.append(f"{prefix}.sample_window={self.sample_window!r}: use random or center")
-        if self.decoder not in ("decord", "pyav"):
-            errors.append(f"{prefix}.decoder={self.decoder!r}: use decord or pyav")
-        if self.fps <= 0:
-            errors.append(f"{prefix}.fps={self.fps}: must be > 0")
+        if self.decoder not in DECODERS:
+            errors.append(f"{prefix}.decoder={self.decoder!r}: use one of {', '.join(DECODERS)}")
+        elif self.kind == "raw":
+            from data_pipeline.decode import decoder_unavailable
+
+            problem = decoder_unavailable(self.decoder)
+            if problem:
+                errors.append(f"{prefix}.decoder={self.decoder}: {problem}")
+        if not is_finite_number(self.fps) or self.fps <= 0:
+            errors.append(f"{prefix}.fps={self.fps!r}: must be a finite number > 0 (e.g. 16)")
         if not self.buckets:
             errors.append(f"{prefix}.buckets is empty: give at least one {{frames, height, width}}")
-        for i, b in enumerate(self.buckets):
-            if b.frames < 1 or (b.frames - 1) % 4 != 0:
-                errors.append(f"{prefix}.buckets[{i}].frames={b.frames}: must be 4k+1 (e.g. 81, 49, 17) for the Wan VAE")
-            if b.height % 16 != 0 or b.width % 16 != 0:
-                errors.append(
-                    f"{prefix}.buckets[{i}] {b.height}x{b.width}: height and width must be multiples of 16 "
-                    "(VAE stride 8 x patch 2)"
-                )
-        if self.micro_batch_size < 1:
-            errors.append(f"{prefix}.micro_batch_size={self.micro_batch_size}: must be >= 1")
-        if self.num_workers < 0:
-            errors.append(f"{prefix}.num_workers={self.num_workers}: must be >= 0")
+        at_least("max_frame_pixels", 1, " (width x height of the largest stream to decode)")
         seen = set()
         for i, b in enumerate(self.buckets):
+            problems = bucket_problems(b)
+            for name, v, problem in problems:
+                errors.append(f"{prefix}.buckets[{i}].{name}={v!r}: {problem}")
+            if problems:
+                continue
+            if is_int(self.max_frame_pixels) and b.height * b.width > self.max_frame_pixels:
+                errors.append(f"{prefix}.buckets[{i}] {b.height}x{b.width}: {b.height * b.width} pixels per frame > "
+                              f"{prefix}.max_frame_pixels={self.max_frame_pixels}; use a smaller bucket or raise "
+                              "max_frame_pixels")
             if (b.frames, b.height, b.width) in seen:
                 errors.append(f"{prefix}.buckets[{i}] {b.frames}x{b.height}x{b.width}: listed twice; remove the copy")
             seen.add((b.frames, b.height, b.width))
-        if self.shuffle_buffer < 0:
-            errors.append(f"{prefix}.shuffle_buffer={self.shuffle_buffer}: must be >= 0 (0 or 1 = no sample shuffle)")
-        if self.text_len < 1:
-            errors.append(f"{prefix}.text_len={self.text_len}: must be >= 1 (Wan uses 512)")
-        if self.max_consecutive_errors < 0:
-            errors.append(f"{prefix}.max_consecutive_errors={self.max_consecutive_errors}: must be >= 0")
+        at_least("micro_batch_size", 1)
+        at_least("num_workers", 0)
+        at_least("shuffle_buffer", 0, " (0 or 1 = no sample shuffle)")
+        at_least("text_len", 1, " (Wan uses 512)")
+        at_least("max_consecutive_errors", 0)
+        if not is_int(self.seed):
+            errors.append(f"{prefix}.seed={self.seed!r}: must be an integer")
+        if not isinstance(self.shard_shuffle, bool):
+            errors.append(f"{prefix}.shard_shuffle={self.shard_shuffle!r}: must be true or false")
         if self.kind == "synthetic":
             shape = list(self.synthetic_latent_shape)
-            if len(shape) != 4 or any(int(x) < 1 for x in shape):
+            if len(shape) != 4 or not all(is_int(x) and x >= 1 for x in shape):
                 errors.append(f"{prefix}.synthetic_latent_shape={shape}: give 4 positive sizes [C, T, H, W], "
                               "e.g. [16, 5, 16, 16]")
-            if self.synthetic_num_samples < 1:
-                errors.append(f"{prefix}.synthetic_num_samples={self.synthetic_num_samples}: must be >= 1")
+            at_least("synthetic_num_samples", 1)

@@ -6,6 +6,7 @@ min_fps, max_fps, min_aspect, max_aspect (width / height), require_caption (bool
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -31,12 +32,14 @@ class FilterConfig:
     def validate(self, errors: List[str], prefix: str = "filter") -> None:
         def nonneg(name: str) -> None:
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, (int, float)) or v < 0):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v < 0):
                 errors.append(f"{prefix}.{name}={v!r}: must be a number >= 0")
 
         for name in ("min_duration", "max_duration", "min_width", "min_height", "min_fps", "max_fps",
                      "min_aspect", "max_aspect"):
             nonneg(name)
+        if not isinstance(self.require_caption, bool):
+            errors.append(f"{prefix}.require_caption={self.require_caption!r}: must be true or false")
         for lo, hi in (("min_duration", "max_duration"), ("min_fps", "max_fps"), ("min_aspect", "max_aspect")):
             a, b = getattr(self, lo), getattr(self, hi)
             if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a > b:

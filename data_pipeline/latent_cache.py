@@ -22,11 +22,13 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from data_pipeline.config import BucketSpec
-from data_pipeline.decode import SkipSample, decode_clip, to_unit_range
+from data_pipeline.config import (DECODERS, DEFAULT_MAX_FRAME_PIXELS, BucketSpec, bucket_problems, is_finite_number,
+                                   is_int)
+from data_pipeline.decode import SkipSample, decode_clip, decoder_unavailable, to_unit_range
+from data_pipeline.keys import unique_key
 from data_pipeline.sharding import atomic_write_text
 from data_pipeline.shardlist import resolve_shards
-from data_pipeline.stream import VIDEO_EXTS
+from data_pipeline.stream import VIDEO_EXTS, sample_caption, sample_meta
 
 STATE_DIR = ".osp-cache"
 
@@ -50,6 +52,8 @@ class CacheConfig:
     dtype: str = "float32"  # encoder compute dtype
     save_dtype: str = "float32"  # stored latents / embeddings
     workers: int = 2  # decode processes feeding the encoders
+    decoder: str = "auto"  # auto | decord | torchcodec | pyav
+    max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS
 
     def validate(self, errors: List[str], prefix: str = "osp-cache") -> None:
         for name in ("dtype", "save_dtype"):
@@ -58,18 +62,26 @@ class CacheConfig:
                               "or float16")
         if self.sample_window not in ("center", "random"):
             errors.append(f"{prefix} --sample-window={self.sample_window!r}: use center or random")
-        if self.fps <= 0:
-            errors.append(f"{prefix} --fps={self.fps}: must be > 0")
+        if not is_finite_number(self.fps) or self.fps <= 0:
+            errors.append(f"{prefix} --fps={self.fps}: must be a finite number > 0")
         if self.text_len < 1:
             errors.append(f"{prefix} --text-len={self.text_len}: must be >= 1")
         if not self.buckets:
             errors.append(f"{prefix} --buckets: give at least one FRAMESxHEIGHTxWIDTH")
+        pixels_ok = is_int(self.max_frame_pixels) and self.max_frame_pixels >= 1
+        if not pixels_ok:
+            errors.append(f"{prefix} --max-frame-pixels={self.max_frame_pixels}: must be an integer >= 1")
         for b in self.buckets:
-            if (b.frames - 1) % 4 or b.frames < 1:
-                errors.append(f"{prefix} --buckets {b.frames}x{b.height}x{b.width}: frames must be 4k+1 (VAE stride 4)")
-            if b.height % 16 or b.width % 16:
-                errors.append(f"{prefix} --buckets {b.frames}x{b.height}x{b.width}: height and width must be "
-                              "multiples of 16")
+            problems = bucket_problems(b)
+            for name, _, problem in problems:
+                errors.append(f"{prefix} --buckets {b.frames}x{b.height}x{b.width}: {name} {problem}")
+            if not problems and pixels_ok and b.height * b.width > self.max_frame_pixels:
+                errors.append(f"{prefix} --buckets {b.frames}x{b.height}x{b.width}: more pixels per frame than "
+                              f"--max-frame-pixels={self.max_frame_pixels}")
+        if self.decoder not in DECODERS:
+            errors.append(f"{prefix} --decoder={self.decoder!r}: use one of {', '.join(DECODERS)}")
+        elif decoder_unavailable(self.decoder):
+            errors.append(f"{prefix} --decoder={self.decoder}: {decoder_unavailable(self.decoder)}")
         if self.workers < 0:
             errors.append(f"{prefix} --workers={self.workers}: must be >= 0 (0 = decode in the main process)")
         if self.text_dim is not None and self.text_encoder != "tiny":
@@ -181,6 +193,7 @@ class LatentCacher:
             prefetch_factor=2 if workers > 0 else None)
         tmp = self.out / f"{name}.tmp"
         count = 0
+        used: set = set()
         with open(tmp, "wb") as stream:
             writer = wds.TarWriter(stream, mtime=0.0)
             for item in items:
@@ -188,6 +201,10 @@ class LatentCacher:
                     rejects.append({"path": url, "key": item["key"], "reason": item["reason"],
                                     "category": item["category"]})
                     continue
+                # member names come from a foreign tar: keep them safe (no '/', '..', NUL) and unique
+                key = unique_key(item["key"], used)
+                if key != item["key"]:
+                    item = {**item, "key": key, "meta": {**item["meta"], "source_key": item["key"]}}
                 try:
                     writer.write(self.encode_sample(item))
                     count += 1
@@ -249,20 +266,14 @@ def decode_for_cache(raw: Dict[str, Any], cfg: CacheConfig) -> Dict[str, Any]:
     """One raw sample -> {"ok", "key", "video" uint8 [3,T,H,W], "caption", "meta", "info"} or a failure record."""
     key = raw.get("__key__", "?")
     try:
-        meta: Dict[str, Any] = {}
-        if "json" in raw:
-            try:
-                meta = json.loads(raw["json"])
-            except ValueError:
-                meta = {}
-        caption = raw["txt"].decode("utf-8", "replace").strip() if "txt" in raw else str(meta.get("caption") or "")
-        if not caption:
-            raise SkipSample("missing_field", "no caption")
+        meta = sample_meta(raw)
+        caption = sample_caption(raw, meta)
         data = next((raw[e] for e in VIDEO_EXTS if e in raw), None)
         if data is None:
             raise SkipSample("missing_field", "no video member")
         rng = random.Random(f"osp-cache/{cfg.seed}/{key}")
-        video, _, info = decode_clip(data, cfg.buckets, cfg.fps, cfg.sample_window, rng, meta)
+        video, _, info = decode_clip(data, cfg.buckets, cfg.fps, cfg.sample_window, rng, meta, cfg.decoder,
+                                     cfg.max_frame_pixels)
         return {"ok": True, "key": key, "video": video, "caption": caption, "meta": meta, "info": info}
     except Exception as exc:  # noqa: BLE001 - becomes a reject
         category = exc.category if isinstance(exc, SkipSample) else "decode_error"

@@ -1,12 +1,15 @@
-"""Probe one video file: frames, fps, width, height, duration, codec; decodes first and last frame.
+"""Probe one video file: frames, fps, width, height, duration, codec; decodes the first and last frame.
 
-decord is used when importable, PyAV otherwise (and for the codec name). A file that cannot be
-opened or whose first/last frame does not decode raises `ProbeError` with a short reason.
+The decoder is chosen like the loader's (`auto`: decord, else torchcodec, else PyAV); PyAV also gives the
+codec name. A file that cannot be opened or whose first/last frame does not decode raises `ProbeError`
+with a short reason.
 """
 from __future__ import annotations
 
 import os
 from typing import Any, Dict
+
+from data_pipeline.decode import mp4_box_problem, resolve_decoder, short_error
 
 
 class ProbeError(Exception):
@@ -26,13 +29,13 @@ def _codec_name(path: str) -> str:
         return "unknown"
 
 
-def _probe_decord(path: str) -> Dict[str, Any]:
+def _probe_decord(path) -> Dict[str, Any]:
     import decord
 
     try:
         vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
     except Exception as exc:  # noqa: BLE001 - decord raises DECORDError / RuntimeError
-        raise ProbeError(f"not_a_video: cannot open ({_short(exc)})") from None
+        raise ProbeError(f"not_a_video: cannot open ({short_error(exc)})") from None
     try:
         frames = len(vr)
         if frames <= 0:
@@ -45,20 +48,39 @@ def _probe_decord(path: str) -> Dict[str, Any]:
         except ProbeError:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise ProbeError(f"decode_failed: ({_short(exc)})") from None
+            raise ProbeError(f"decode_failed: ({short_error(exc)})") from None
         height, width = int(first[0]), int(first[1])
     finally:
         del vr
     return {"frames": frames, "fps": fps, "width": width, "height": height}
 
 
-def _probe_av(path: str) -> Dict[str, Any]:
+def _probe_torchcodec(path) -> Dict[str, Any]:
+    from torchcodec.decoders import VideoDecoder
+
+    try:
+        dec = VideoDecoder(path, seek_mode="exact", num_ffmpeg_threads=1, device="cpu")
+    except Exception as exc:  # noqa: BLE001
+        raise ProbeError(f"not_a_video: cannot open ({short_error(exc)})") from None
+    md = dec.metadata
+    frames = int(md.num_frames or 0)
+    if frames <= 0:
+        raise ProbeError("zero_length: no frames")
+    try:
+        dec[0]
+        dec[frames - 1]
+    except Exception as exc:  # noqa: BLE001
+        raise ProbeError(f"decode_failed: ({short_error(exc)})") from None
+    return {"frames": frames, "fps": float(md.average_fps or 0), "width": int(md.width), "height": int(md.height)}
+
+
+def _probe_av(path) -> Dict[str, Any]:
     import av
 
     try:
         container = av.open(path)
     except Exception as exc:  # noqa: BLE001
-        raise ProbeError(f"not_a_video: cannot open ({_short(exc)})") from None
+        raise ProbeError(f"not_a_video: cannot open ({short_error(exc)})") from None
     try:
         if not container.streams.video:
             raise ProbeError("not_a_video: no video stream")
@@ -69,7 +91,7 @@ def _probe_av(path: str) -> Dict[str, Any]:
             for _ in container.decode(stream):
                 frames += 1
         except Exception as exc:  # noqa: BLE001
-            raise ProbeError(f"decode_failed: ({_short(exc)})") from None
+            raise ProbeError(f"decode_failed: ({short_error(exc)})") from None
         if frames <= 0:
             raise ProbeError("zero_length: no frames")
     finally:
@@ -77,39 +99,39 @@ def _probe_av(path: str) -> Dict[str, Any]:
     return {"frames": frames, "fps": fps, "width": width, "height": height}
 
 
-def probe_video(path: str) -> Dict[str, Any]:
-    """{frames, fps, width, height, duration, codec, bytes} of the video at `path` (raises ProbeError)."""
+_PROBES = {"decord": _probe_decord, "torchcodec": _probe_torchcodec, "pyav": _probe_av}
+
+
+def probe_video(path: str, decoder: str = "auto") -> Dict[str, Any]:
+    """{frames, fps, width, height, duration, codec, bytes} of the video at `path` (raises ProbeError).
+
+    `decoder`: auto | decord | torchcodec | pyav (DecoderUnavailable if it does not import).
+    """
+    backend = resolve_decoder(decoder)
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             f.read(1)
-    except OSError as exc:
-        raise ProbeError(f"unreadable: {exc.strerror or exc}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise ProbeError(f"unreadable: {getattr(exc, 'strerror', None) or exc}") from None
     if size == 0:
         raise ProbeError("zero_length: empty file")
-    from data_pipeline.decode import mp4_box_problem
-
     with open(path, "rb") as f:
         problem = mp4_box_problem(f, size)
     if problem:
         raise ProbeError(f"truncated: {problem}")
     try:
-        import decord  # noqa: F401
-
-        info = _probe_decord(path)
-    except ImportError:
-        info = _probe_av(path)
+        path.encode("utf-8")
+        info = _PROBES[backend](path)
+    except UnicodeEncodeError:  # a file name that is not UTF-8: decord / torchcodec take a file object instead
+        with open(path, "rb") as f:
+            info = _PROBES[backend](f)
     if info["fps"] <= 0:
         raise ProbeError("bad_fps: the container reports no frame rate")
     info["duration"] = info["frames"] / info["fps"]
     info["codec"] = _codec_name(path)
     info["bytes"] = size
     return info
-
-
-def _short(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split())
-    return (text[:limit] + "...") if len(text) > limit else text or type(exc).__name__
 
 
 __all__ = ["ProbeError", "probe_video"]

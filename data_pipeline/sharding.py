@@ -3,8 +3,13 @@
 Layout written under OUT:
   shard-NNNNNN.tar   members `<key>.mp4` (bytes), `<key>.json` (probe + manifest fields), `<key>.txt` (caption)
   manifest.json      num_samples, shards [{name, num_samples, bytes, duration_s}], totals, filter stats
-  rejects.jsonl      one {"path", "reason", "category"} per skipped input
+  rejects.jsonl      one {"path", "reason", "category"} per skipped input (manifest rows also "line")
   .osp-shards/       run fingerprint and one commit record per finished shard (what makes a rerun resume)
+
+OUT must be new, empty, or an earlier osp-shards output (it has `.osp-shards/`); anything else is refused
+unless `overwrite=True`, which starts over: it removes this tool's own outputs there (shard-NNNNNN.tar,
+manifest.json, rejects.jsonl, .osp-shards/) and leaves every other file alone. Only the temp names this
+tool writes (`shard-NNNNNN.tar.tmp`, `manifest.json.tmp`, `rejects.jsonl.tmp`) are ever cleaned up.
 
 Probing runs in worker processes (ordered results), writing happens in the main process in input order,
 so the shards do not depend on the number of workers. A shard is written to `*.tar.tmp` and renamed when
@@ -18,6 +23,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,6 +36,8 @@ from data_pipeline.probe import ProbeError, probe_video
 
 STATE_DIR = ".osp-shards"
 DEFAULT_SHARD_SIZE = 1 << 30
+SHARD_NAME = re.compile(r"^shard-\d{6}\.tar$")
+OWN_TEMP = re.compile(r"^(shard-\d{6}\.tar|manifest\.json|rejects\.jsonl)\.tmp$")
 
 
 class ShardOutputError(ValueError):
@@ -44,14 +53,51 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _probe_job(args: Tuple[int, Dict[str, Any], Dict[str, Any]]) -> Tuple[int, Optional[Dict[str, Any]], Optional[str]]:
+def prepare_output(out_dir: str, overwrite: bool = False) -> Path:
+    """Claim OUT for osp-shards (see the module docstring) and remove this tool's stale temp files.
+
+    Raises ShardOutputError when OUT is a file, or non-empty and not an earlier osp-shards output while
+    `overwrite` is False.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ShardOutputError(f"--output {out_dir}: is a file; give a folder for the shards")
+    state = out / STATE_DIR
+    if out.is_dir() and not state.is_dir():
+        found = sorted(p.name for p in out.iterdir())
+        if found and not overwrite:
+            if (out / "manifest.json").is_file() and any(SHARD_NAME.match(n) for n in found):
+                what = "holds shards but not their .osp-shards/ state, so they cannot be resumed"
+            else:
+                what = "is not empty and is not an earlier osp-shards output (it has no .osp-shards/ folder)"
+            shown = ", ".join(found[:5]) + (f", ... ({len(found)} entries)" if len(found) > 5 else "")
+            raise ShardOutputError(
+                f"--output {out_dir}: {what}; found: {shown}. Give a new or empty folder, or pass --overwrite "
+                "to write there anyway (it replaces shard-NNNNNN.tar, manifest.json and rejects.jsonl and leaves "
+                "every other file alone)")
+    if overwrite and out.is_dir():
+        for p in out.iterdir():
+            if SHARD_NAME.match(p.name) or p.name in ("manifest.json", "rejects.jsonl") or OWN_TEMP.match(p.name):
+                p.unlink()
+        shutil.rmtree(state, ignore_errors=True)
+    state.mkdir(parents=True, exist_ok=True)
+    for stale in [p for p in out.iterdir() if OWN_TEMP.match(p.name)] + list(state.glob("*.tmp")):
+        stale.unlink()
+    return out
+
+
+def _probe_job(args: Tuple[int, Dict[str, Any], Dict[str, Any], str]
+               ) -> Tuple[int, Optional[Dict[str, Any]], Optional[str]]:
     """Worker: (index, probe or None, reject reason or None)."""
-    index, record, filt = args
+    index, record, filt, decoder = args
+    if record.get("reject"):  # unusable on its own (listing: hidden name, bad row, duplicate, bad caption)
+        return index, None, record["reject"]
     flt = FilterConfig(**filt)
     if flt.require_caption and not record.get("caption"):
-        return index, None, "missing_caption: no caption (folder input: put it in <stem>.txt beside the video)"
+        where = "fill its caption field" if "line" in record else "put it in <stem>.txt beside the video"
+        return index, None, f"missing_caption: no caption ({where}, or set require_caption: false)"
     try:
-        info = probe_video(record["path"])
+        info = probe_video(record["path"], decoder)
     except ProbeError as exc:
         return index, None, str(exc)
     except Exception as exc:  # noqa: BLE001 - never crash the run on one file
@@ -94,7 +140,8 @@ def _fingerprint(inputs: List[Dict[str, Any]], flt: FilterConfig, shard_size: in
     h = hashlib.sha256()
     h.update(json.dumps({"filter": dataclasses.asdict(flt), "shard_size": shard_size}, sort_keys=True).encode())
     for r in inputs:
-        h.update(json.dumps([r["path"], r["name"], r["caption"], r["extra"]], sort_keys=True, default=str).encode())
+        fields = [r["path"], r["name"], r["caption"], r["extra"]] + ([r["reject"]] if r.get("reject") else [])
+        h.update(json.dumps(fields, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
@@ -123,14 +170,16 @@ def _ordered_probes(jobs: List[Tuple[int, Dict[str, Any], Dict[str, Any]]], work
 
 def build_shards(inputs: List[Dict[str, Any]], out_dir: str, flt: Optional[FilterConfig] = None,
                  workers: int = 1, shard_size: int = DEFAULT_SHARD_SIZE, progress: bool = True,
-                 source: str = "") -> Dict[str, Any]:
-    """Probe, filter and pack `inputs` into shards under `out_dir`; returns the manifest dict."""
+                 source: str = "", decoder: str = "auto", overwrite: bool = False) -> Dict[str, Any]:
+    """Probe (with `decoder`), filter and pack `inputs` into shards under `out_dir`; returns the manifest dict.
+
+    `overwrite`: start over in a folder that is not empty or holds another run (see `prepare_output`).
+    """
     flt = flt or FilterConfig()
     if shard_size < 1:
         raise ValueError(f"--shard-size {shard_size}: must be a positive number of bytes")
-    out = Path(out_dir)
+    out = prepare_output(out_dir, overwrite)
     state = out / STATE_DIR
-    state.mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(inputs, flt, shard_size)
     run_file = state / "run.json"
     if run_file.exists():
@@ -138,18 +187,16 @@ def build_shards(inputs: List[Dict[str, Any]], out_dir: str, flt: Optional[Filte
         if previous != fingerprint:
             raise ShardOutputError(
                 f"--output {out_dir}: holds shards from a different input list, filter config or --shard-size; "
-                "use a new --output folder (or delete this one) to start over"
+                "use a new --output folder, or pass --overwrite to start over in this one"
             )
     else:
         atomic_write_text(run_file, json.dumps({"fingerprint": fingerprint, "num_inputs": len(inputs)}))
-    for stale in list(out.glob("*.tmp")) + list(state.glob("*.tmp")):
-        stale.unlink()
 
     commits = _load_commits(state)
     start = commits[-1]["input_end"] if commits else 0
     used_keys = {k for c in commits for k in c["keys"]}
     filt = dataclasses.asdict(flt)
-    jobs = [(i, inputs[i], filt) for i in range(start, len(inputs))]
+    jobs = [(i, inputs[i], filt, decoder) for i in range(start, len(inputs))]
 
     bar = None
     if progress:
@@ -177,15 +224,13 @@ def build_shards(inputs: List[Dict[str, Any]], out_dir: str, flt: Optional[Filte
             if bar is not None:
                 bar.update(1)
             if info is None:
-                category = reason.split(":", 1)[0]
-                rejects.append({"path": record["path"], "reason": reason, "category": category})
+                rejects.append(_reject(record, reason))
                 continue
             try:
                 with open(record["path"], "rb") as f:
                     video = f.read()
             except OSError as exc:
-                rejects.append({"path": record["path"], "reason": f"unreadable: {exc.strerror}",
-                                "category": "unreadable"})
+                rejects.append(_reject(record, f"unreadable: {exc.strerror}"))
                 continue
             if sink is not None and sink.num_samples > 0 and sink.bytes + len(video) > shard_size:
                 commit(index)
@@ -212,6 +257,14 @@ def build_shards(inputs: List[Dict[str, Any]], out_dir: str, flt: Optional[Filte
             sink.tmp.unlink(missing_ok=True)
 
     return _write_outputs(out, commits, flt, source or "", len(inputs))
+
+
+def _reject(record: Dict[str, Any], reason: str) -> Dict[str, Any]:
+    """A rejects.jsonl entry: path, reason, category (the reason's first word), line for manifest rows."""
+    entry = {"path": record["path"], "reason": reason, "category": reason.split(":", 1)[0]}
+    if "line" in record:
+        entry["line"] = record["line"]
+    return entry
 
 
 def _write_outputs(out: Path, commits: List[Dict[str, Any]], flt: FilterConfig, source: str,
@@ -248,4 +301,4 @@ def _write_outputs(out: Path, commits: List[Dict[str, Any]], flt: FilterConfig, 
     return manifest
 
 
-__all__ = ["build_shards", "ShardOutputError", "atomic_write_text", "DEFAULT_SHARD_SIZE"]
+__all__ = ["build_shards", "prepare_output", "ShardOutputError", "atomic_write_text", "DEFAULT_SHARD_SIZE"]

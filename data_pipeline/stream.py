@@ -33,7 +33,7 @@ from data_pipeline.shardlist import split_for
 VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi", "m4v")
 COUNTERS = ("samples_read", "samples_used", "batches", "epochs_completed", "skipped_read_error",
             "skipped_decode_error", "skipped_too_short", "skipped_missing_field", "skipped_load_error",
-            "dropped_partial_batch")
+            "skipped_bad_metadata", "skipped_too_large", "skipped_caption_not_utf8", "dropped_partial_batch")
 
 
 def fresh_role_state(role: int) -> Dict[str, Any]:
@@ -57,16 +57,30 @@ def _shuffled(src: Iterator[Dict[str, Any]], bufsize: int, rng: random.Random) -
     yield from buf
 
 
-def _text(raw: Dict[str, Any], meta: Dict[str, Any]) -> Optional[str]:
+def sample_meta(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """The sample's `.json` member as a dict ({} when absent, not JSON or not an object)."""
+    try:
+        meta = json.loads(raw["json"]) if "json" in raw else {}
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def sample_caption(raw: Dict[str, Any], meta: Dict[str, Any]) -> str:
+    """The `.txt` member (else the json's `caption`); SkipSample caption_not_utf8 / missing_field."""
+    key = raw.get("__key__", "?")
     if "txt" in raw:
         try:
             text = raw["txt"].decode("utf-8").strip()
-        except UnicodeDecodeError:
-            text = ""
+        except UnicodeDecodeError as exc:
+            raise SkipSample("caption_not_utf8", f"{key}: .txt is not UTF-8 text (byte "
+                                                 f"0x{raw['txt'][exc.start]:02x} at offset {exc.start})") from None
         if text:
             return text
     cap = meta.get("caption")
-    return str(cap).strip() if cap else None
+    if isinstance(cap, str) and cap.strip():
+        return cap.strip()
+    raise SkipSample("missing_field", f"{key}: no caption (.txt)")
 
 
 def _load_tensor(raw: Dict[str, Any], name: str) -> torch.Tensor:
@@ -146,15 +160,8 @@ class RoleStream:
     # ---------------------------------------------------------------- one sample
     def prepare(self, raw: Dict[str, Any], epoch: int) -> Dict[str, Any]:
         key = raw.get("__key__", "?")
-        meta: Dict[str, Any] = {}
-        if "json" in raw:
-            try:
-                meta = json.loads(raw["json"])
-            except (ValueError, UnicodeDecodeError):
-                meta = {}
-        caption = _text(raw, meta)
-        if caption is None:
-            raise SkipSample("missing_field", f"{key}: no caption (.txt)")
+        meta = sample_meta(raw)
+        caption = sample_caption(raw, meta)
         origin = {"url": raw.get("__url__"), "key": key, "epoch": epoch}
         if self.cfg.kind == "latent":
             try:
@@ -175,7 +182,7 @@ class RoleStream:
             raise SkipSample("missing_field", f"{key}: no video member ({'/'.join(VIDEO_EXTS)})")
         rng = random.Random(f"osp-window/{self.cfg.seed}/{epoch}/{key}")
         video, bucket, info = decode_clip(data, self.cfg.buckets, self.cfg.fps, self.cfg.sample_window, rng, meta,
-                                          self.cfg.decoder)
+                                          self.cfg.decoder, self.cfg.max_frame_pixels)
         info["url"] = origin["url"]
         return {"key": key, "bucket_key": ["raw", bucket], "video": video, "caption": caption, "meta": info,
                 "origin": origin}
@@ -296,4 +303,4 @@ class ShardDataset(IterableDataset):
         return iter(stream)
 
 
-__all__ = ["RoleStream", "ShardDataset", "COUNTERS", "fresh_role_state"]
+__all__ = ["RoleStream", "ShardDataset", "COUNTERS", "fresh_role_state", "sample_meta", "sample_caption"]

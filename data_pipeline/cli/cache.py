@@ -5,6 +5,8 @@ import argparse
 import sys
 from typing import List, Optional
 
+from data_pipeline.config import DEFAULT_MAX_FRAME_PIXELS
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -35,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="encoder compute dtype: float32, bfloat16, float16")
     p.add_argument("--save-dtype", default="float32", help="stored dtype: float32, bfloat16, float16")
     p.add_argument("--workers", type=int, default=2, help="decode processes per rank feeding the encoders (0 = none)")
+    p.add_argument("--decoder", default="auto", help="video decoder: auto (decord, else torchcodec, else PyAV), "
+                                                     "decord, torchcodec or pyav")
+    p.add_argument("--max-frame-pixels", type=int, default=DEFAULT_MAX_FRAME_PIXELS,
+                   help="skip clips whose stream has more pixels per frame (width x height) as too_large "
+                        f"(default {DEFAULT_MAX_FRAME_PIXELS}, 8K)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -51,6 +58,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             tokenizer=args.tokenizer, buckets=parse_buckets(args.buckets), fps=args.fps,
             sample_window=args.sample_window, seed=args.seed, text_len=args.text_len, text_dim=args.text_dim,
             device=args.device, dtype=args.dtype, save_dtype=args.save_dtype, workers=args.workers,
+            decoder=args.decoder, max_frame_pixels=args.max_frame_pixels,
         )
         cacher = LatentCacher(cfg, rank, world, local)
     except (ValueError, ShardListError, FileNotFoundError) as exc:

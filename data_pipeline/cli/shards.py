@@ -39,15 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first make N synthetic clips (moving shapes, with captions) in OUT/synthetic-clips "
                         "and shard them (used when --input is not given)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic clips")
+    p.add_argument("--decoder", default="auto", choices=["auto", "decord", "torchcodec", "pyav"],
+                   help="decoder used to probe clips (auto: decord, else torchcodec, else PyAV)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --output folder that is not an earlier osp-shards run, or start "
+                        "over in one that is: replaces shard-NNNNNN.tar, manifest.json, rejects.jsonl and "
+                        ".osp-shards/ there and leaves every other file alone")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from data_pipeline.decode import DecoderUnavailable, resolve_decoder
     from data_pipeline.filters import FilterConfigError, load_filter_config
     from data_pipeline.inputs import InputError, list_inputs
-    from data_pipeline.sharding import ShardOutputError, build_shards
+    from data_pipeline.sharding import ShardOutputError, build_shards, prepare_output
 
     if args.workers < 1:
         print(f"osp-shards: --workers {args.workers}: must be >= 1", file=sys.stderr)
@@ -57,18 +64,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         flt = load_filter_config(args.config)
-        source = args.input
+        resolve_decoder(args.decoder)
+        source, claimed = args.input, False
         if args.synthetic is not None:
             from data_pipeline.synthetic import make_synthetic_dataset
 
+            if not args.input:  # the clips go inside --output: claim it first
+                prepare_output(args.output, args.overwrite)
+                claimed = True
             clips = args.input or os.path.join(args.output, "synthetic-clips")
             make_synthetic_dataset(clips, args.synthetic, seed=args.seed, workers=args.workers,
                                    progress=not args.no_progress)
             source = clips
         inputs = list_inputs(source)
         manifest = build_shards(inputs, args.output, flt, workers=args.workers, shard_size=args.shard_size,
-                                progress=not args.no_progress, source=source)
-    except (FilterConfigError, InputError, ShardOutputError, ValueError) as exc:
+                                progress=not args.no_progress, source=source, decoder=args.decoder,
+                                overwrite=args.overwrite and not claimed)
+    except (FilterConfigError, InputError, ShardOutputError, DecoderUnavailable, ValueError) as exc:
         print(f"osp-shards: {exc}", file=sys.stderr)
         return 2
     stats = manifest["filter_stats"]

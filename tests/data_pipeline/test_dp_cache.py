@@ -159,3 +159,40 @@ def test_bad_samples_become_named_rejects(raw_shards, tmp_path):
     assert summary["samples"] == 1 and summary["rejected"] == 2
     rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert [(r["key"], r["category"]) for r in rejects] == [("garbage", "decode_error"), ("nocap", "missing_field")]
+
+
+def test_foreign_member_names_become_safe_unique_keys(raw_shards, tmp_path):
+    import io
+    import tarfile
+
+    from data_pipeline.keys import unique_key
+
+    good = list(wds.tarfile_to_samples()(iter([{"url": str(raw_shards / "shard-000000.tar")}])))[0]
+    src = tmp_path / "src"
+    src.mkdir()
+    names = ["../../traversal", "/abs/olute", "sub/dir/clip", "a b", "a_b", "dir/../up", "x\\y"]
+    with tarfile.open(src / "shard-000000.tar", "w") as tar:
+        for name in names:
+            for ext in ("mp4", "txt", "json"):
+                data = {"mp4": good["mp4"], "txt": good["txt"], "json": good["json"]}[ext]
+                info = tarfile.TarInfo(f"{name}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    cfg = CacheConfig(input=str(src), output=str(tmp_path / "out"), buckets=list(BUCKETS), text_len=8,
+                      text_dim=16, device="cpu", workers=0)
+    summary = LatentCacher(cfg).run(progress=False)
+    assert summary["samples"] == len(names) and summary["rejected"] == 0
+    with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
+        members = tar.getnames()
+    keys = sorted({m.split(".", 1)[0] for m in members})
+    assert len(keys) == len(names)
+    assert all(k and set(k) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-") for k in keys)
+    assert not any(m.startswith(("/", "..")) or "/" in m for m in members)
+    sources = {}
+    for s in wds.tarfile_to_samples()(iter([{"url": str(tmp_path / "out" / "shard-000000.tar")}])):
+        meta = json.loads(s["json"])
+        assert meta["key"] == s["__key__"]
+        sources[s["__key__"]] = meta.get("source_key", s["__key__"])
+    assert sorted(sources.values()) == sorted(names)
+    used = set()
+    assert [unique_key(n, used) for n in ["a\0b", "../../a_b", "/", ""]] == ["a_b", "a_b_1", "sample", "sample_1"]

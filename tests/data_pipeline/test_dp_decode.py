@@ -77,7 +77,7 @@ def test_resize_and_centre_crop_match_pyav(clips_dir):
     ref = ref[:, top: top + 32, left: left + 32]
     diff = np.abs(video.permute(1, 2, 3, 0).numpy().astype(int) - ref.astype(int))
     assert video.shape == (3, 5, 32, 32)
-    assert diff.mean() < 1.5, diff.mean()  # 0.36 here: both swscale, different filters at the edges
+    assert diff.mean() < 1.5, diff.mean()  # 1.2 here: torch antialias vs swscale bilinear, differ at edges
     x = to_unit_range(video)
     assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
 
