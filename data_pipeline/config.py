@@ -10,13 +10,23 @@ DECODERS = ("auto", "decord", "torchcodec", "pyav")
 DEFAULT_MAX_FRAME_PIXELS = 7680 * 4320
 
 
+def doc(default: Any = None, help: str = "", factory=None, choices=None):
+    """A dataclass field with a one-line description (the config reference lists it)."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class BucketSpec:
     """One (frames, height, width) pixel bucket; frames must be 4k+1."""
 
-    frames: int = 81
-    height: int = 480
-    width: int = 832
+    frames: int = doc(81, "frames per clip (4k+1 for the Wan VAE)")
+    height: int = doc(480, "pixel height (multiple of 16)")
+    width: int = doc(832, "pixel width (multiple of 16)")
 
 
 def is_int(v: Any) -> bool:
@@ -50,23 +60,27 @@ class DataConfig:
     `max_frame_pixels`: clips whose stream is larger (width x height) are skipped as `too_large`.
     """
 
-    kind: str = "raw"
-    shards: str = ""
-    fps: float = 16.0
-    sample_window: str = "random"  # random | center
-    decoder: str = "auto"  # auto | decord | torchcodec | pyav (all read from bytes in loader workers)
-    buckets: List[BucketSpec] = field(default_factory=lambda: [BucketSpec()])
-    micro_batch_size: int = 1
-    num_workers: int = 2
-    shuffle_buffer: int = 64
-    shard_shuffle: bool = True
-    seed: int = 1234
-    text_len: int = 512
-    # synthetic kind only: latent grid (after VAE) and number of samples per epoch
-    synthetic_latent_shape: List[int] = field(default_factory=lambda: [16, 5, 16, 16])
-    synthetic_num_samples: int = 64
-    max_consecutive_errors: int = 100
-    max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS
+    kind: str = doc("raw", "raw (decode videos), latent (cached latents + text embeddings), synthetic (random "
+                    "latents, no files)", choices=("raw", "latent", "synthetic"))
+    shards: str = doc("", "a directory of shard-*.tar files or a brace pattern (raw or latent shards)")
+    fps: float = doc(16.0, "frame rate clips are resampled to")
+    sample_window: str = doc("random", "which window of a longer clip is taken", choices=("random", "center"))
+    decoder: str = doc("auto", "video decoder: auto (decord, else torchcodec, else PyAV) or one by name",
+                       choices=DECODERS)
+    buckets: List[BucketSpec] = doc(help="(frames, height, width) buckets; each clip goes to the closest one",
+                                    factory=lambda: [BucketSpec()])
+    micro_batch_size: int = doc(1, "samples per micro-batch per data-parallel rank")
+    num_workers: int = doc(2, "DataLoader worker processes per rank (0: decode in the training process)")
+    shuffle_buffer: int = doc(64, "sample shuffle buffer (0 or 1: no sample shuffle)")
+    shard_shuffle: bool = doc(True, "shuffle the shard order every epoch")
+    seed: int = doc(1234, "seed of the data order")
+    text_len: int = doc(512, "text tokens per caption (Wan: 512)")
+    synthetic_latent_shape: List[int] = doc(help="synthetic kind: latent [C, T, H, W]",
+                                            factory=lambda: [16, 5, 16, 16])
+    synthetic_num_samples: int = doc(64, "synthetic kind: samples per epoch")
+    max_consecutive_errors: int = doc(100, "stop when this many samples in a row fail to load (0: never)")
+    max_frame_pixels: int = doc(DEFAULT_MAX_FRAME_PIXELS, "clips whose stream is larger (width x height) are "
+                                "skipped as too_large")
 
     def validate(self, errors: List[str], prefix: str = "data") -> None:
         def at_least(name: str, minimum: int, hint: str = "") -> None:

@@ -58,8 +58,8 @@ def coerce(tp: Any, value: Any, path: str, meta: Optional[Dict[str, Any]] = None
            errors: Optional[List[str]] = None, deferred: Optional[List[str]] = None) -> Any:
     """`value` as type `tp` (strict; see the module docstring), checked against the field metadata.
 
-    Problems that leave no usable value (unknown keys, wrong types, non-integers, NaN/inf) go to `errors`; a
-    value outside `choices` or below `minimum` is kept and its problem goes to `deferred` (reported when the
+    Problems that leave no usable value (unknown keys, wrong types, non-integers) go to `errors`; a NaN/inf
+    number or a value outside `choices` or below `minimum` is kept and its problem goes to `deferred` (reported when the
     config is validated). Without lists the first problem is raised."""
     own: List[str] = [] if errors is None else errors
     later: List[str] = own if deferred is None else deferred
@@ -109,10 +109,13 @@ def _coerce(tp: Any, value: Any, path: str, errors: List[str], deferred: List[st
             return {}
         return dict(value)
     try:
-        return _scalar(tp, value, path)
+        out = _scalar(tp, value, path)
     except ConfigError as exc:
         errors.append(str(exc))
         return _UNUSABLE
+    if tp is float and not math.isfinite(out):
+        deferred.append(f"{path}={value!r}: must be a finite number")
+    return out
 
 
 def _scalar(tp: Any, value: Any, path: str) -> Any:
@@ -148,8 +151,6 @@ def _scalar(tp: Any, value: Any, path: str) -> Any:
             out = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{path}: expected a number, got {value!r}") from None
-        if not math.isfinite(out):
-            raise ConfigError(f"{path}={value!r}: must be a finite number")
         return out
     if tp is str:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
