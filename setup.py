@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Training stack for OSP-Next sparse video diffusion transformers on megatron-core",
     python_requires=">=3.11",
-    packages=find_packages(include=["osp_megatron", "osp_megatron.*", "data_pipeline", "data_pipeline.*", "tools", "tools.*"]),
+    packages=find_packages(include=["osp_megatron", "osp_megatron.*", "data_pipeline", "data_pipeline.*"]),
     include_package_data=True,
     install_requires=[
         # CPU installs: this pin takes the local CPU wheel; GPU clusters bring their own CUDA torch
@@ -37,9 +37,9 @@ setup(
             "osp-train=osp_megatron.cli.train:main",
             "osp-grpo=osp_megatron.cli.grpo:main",
             "osp-sample=osp_megatron.cli.sample:main",
-            "osp-shards=data_pipeline.cli.shards:main",
-            "osp-cache=data_pipeline.cli.cache:main",
-            "osp-convert=tools.convert:main",
+            "osp-shards=osp_megatron.cli.shards:main",
+            "osp-cache=osp_megatron.cli.cache:main",
+            "osp-convert=osp_megatron.cli.convert:main",
         ]
     },
 )

@@ -141,7 +141,7 @@ def test_parallel_run_equals_single_run(single_run, dit_dir, tmp_path, degrees):
 @pytest.mark.slow
 def test_megatron_checkpoint_samples_like_its_diffusers_source(single_run, dit_dir, tmp_path):
     out, _ = single_run
-    conv = subprocess.run([sys.executable, "-m", "tools.convert", "--from", "diffusers", "--to", "megatron",
+    conv = subprocess.run([sys.executable, "-m", "osp_megatron.cli.convert", "--from", "diffusers", "--to", "megatron",
                            "--input", str(dit_dir), "--output", str(tmp_path / "meg"), "--tp", "2"],
                           env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert conv.returncode == 0, conv.stderr[-3000:]
@@ -155,11 +155,11 @@ def test_megatron_checkpoint_samples_like_its_diffusers_source(single_run, dit_d
 def test_ema_weights_of_a_training_checkpoint(dit_dir, tmp_path):
     """`--ema` samples with the `ema.` weights of a torch_dist checkpoint (here: the model weights x 0.5),
     i.e. like the diffusers export of those EMA weights."""
-    worker = REPO / "tests" / "tools" / "convert_worker.py"
+    worker = REPO / "tests" / "cli" / "convert_worker.py"
     made = subprocess.run([sys.executable, str(worker), "ema-checkpoint", str(dit_dir), str(tmp_path / "run")],
                           env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert made.returncode == 0, made.stderr[-3000:]
-    conv = subprocess.run([sys.executable, "-m", "tools.convert", "--from", "megatron", "--to", "diffusers", "--ema",
+    conv = subprocess.run([sys.executable, "-m", "osp_megatron.cli.convert", "--from", "megatron", "--to", "diffusers", "--ema",
                            "--input", str(tmp_path / "run"), "--output", str(tmp_path / "ema_export")],
                           env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert conv.returncode == 0, conv.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""tools.array_parts: array-job parts cover every input exactly once; merge links finished parts only."""
+"""data_pipeline.array_parts: array-job parts cover every input exactly once; merge links finished parts only."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tools import array_parts as ap
+from data_pipeline import array_parts as ap
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 10, 101])

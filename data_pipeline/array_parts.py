@@ -6,8 +6,8 @@ folder and renamed when done), which makes a rerun skip finished parts and redo 
 When every part is done, `merge` links all part shards into `OUT/shard-NNNNNN.tar` (relative symlinks,
 numbered in part order) and writes `OUT/manifest.json` (summed counts) and `OUT/rejects.jsonl`.
 
-    python -m tools.array_parts split --kind videos|shards --input SRC --part I --num-parts K --out FILE
-    python -m tools.array_parts merge --out OUT --num-parts K [--source INPUT]
+    python -m data_pipeline.array_parts split --kind videos|shards --input SRC --part I --num-parts K --out FILE
+    python -m data_pipeline.array_parts merge --out OUT --num-parts K [--source INPUT]
 """
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def merge(out: str, num_parts: int, source: Optional[str] = None) -> Optional[Di
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.array_parts", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m data_pipeline.array_parts", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("split", help="write one part's input list")
     s.add_argument("--kind", choices=["videos", "shards"], required=True)
