@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -197,7 +197,7 @@ def _with_layout(model_config, config: Dict[str, Any], source: Path):
 
 
 def _open_osp_next(p: Path) -> Checkpoint:
-    from osp_megatron.config import PrecisionConfig, updated
+    from osp_megatron.config import PrecisionConfig
     from osp_megatron.models.adapters.osp_next import config_from_osp_next, precision_from_osp_next
 
     if p.is_file():
@@ -216,9 +216,13 @@ def _open_osp_next(p: Path) -> Checkpoint:
                            f"beside them or the training run's {OSP_NEXT_RUN_CONFIG} (model_config:) above them")
     try:
         model = config_from_osp_next(config)
-        precision = updated(PrecisionConfig(), precision_from_osp_next(config), "precision")
+        precision = replace(PrecisionConfig(), **precision_from_osp_next(config))
     except (ValueError, KeyError) as exc:
         raise WeightsError(f"{p}: {exc}") from None
+    errors: List[str] = []
+    precision.check(errors, model)
+    if errors:
+        raise WeightsError(f"{p}: " + "; ".join(errors))
     return Checkpoint(p, "osp-next", where, model, precision)
 
 
