@@ -26,25 +26,25 @@ CONFIG = {
 }
 
 
-def shapes() -> Dict[str, tuple]:
-    out = {"patch_embedding.weight": (DIM, IN, 1, 2, 2), "patch_embedding.bias": (DIM,),
-           "text_embedding.0.weight": (DIM, TEXT), "text_embedding.0.bias": (DIM,),
-           "text_embedding.2.weight": (DIM, DIM), "text_embedding.2.bias": (DIM,),
-           "time_embedding.0.weight": (DIM, FREQ), "time_embedding.0.bias": (DIM,),
-           "time_embedding.2.weight": (DIM, DIM), "time_embedding.2.bias": (DIM,),
-           "time_projection.1.weight": (6 * DIM, DIM), "time_projection.1.bias": (6 * DIM,),
-           "head.head.weight": (4 * OUT, DIM), "head.head.bias": (4 * OUT,), "head.modulation": (1, 2, DIM)}
-    for i in range(LAYERS):
+def shapes(dim=DIM, ffn=FFN, layers=LAYERS, in_dim=IN, out_dim=OUT, freq=FREQ, text=TEXT) -> Dict[str, tuple]:
+    out = {"patch_embedding.weight": (dim, in_dim, 1, 2, 2), "patch_embedding.bias": (dim,),
+           "text_embedding.0.weight": (dim, text), "text_embedding.0.bias": (dim,),
+           "text_embedding.2.weight": (dim, dim), "text_embedding.2.bias": (dim,),
+           "time_embedding.0.weight": (dim, freq), "time_embedding.0.bias": (dim,),
+           "time_embedding.2.weight": (dim, dim), "time_embedding.2.bias": (dim,),
+           "time_projection.1.weight": (6 * dim, dim), "time_projection.1.bias": (6 * dim,),
+           "head.head.weight": (4 * out_dim, dim), "head.head.bias": (4 * out_dim,), "head.modulation": (1, 2, dim)}
+    for i in range(layers):
         for attn in ("self_attn", "cross_attn"):
             for lin in "qkvo":
-                out[f"blocks.{i}.{attn}.{lin}.weight"] = (DIM, DIM)
-                out[f"blocks.{i}.{attn}.{lin}.bias"] = (DIM,)
-            out[f"blocks.{i}.{attn}.norm_q.weight"] = (DIM,)
-            out[f"blocks.{i}.{attn}.norm_k.weight"] = (DIM,)
-        out[f"blocks.{i}.norm3.weight"], out[f"blocks.{i}.norm3.bias"] = (DIM,), (DIM,)
-        out[f"blocks.{i}.ffn.0.weight"], out[f"blocks.{i}.ffn.0.bias"] = (FFN, DIM), (FFN,)
-        out[f"blocks.{i}.ffn.2.weight"], out[f"blocks.{i}.ffn.2.bias"] = (DIM, FFN), (DIM,)
-        out[f"blocks.{i}.modulation"] = (1, 6, DIM)
+                out[f"blocks.{i}.{attn}.{lin}.weight"] = (dim, dim)
+                out[f"blocks.{i}.{attn}.{lin}.bias"] = (dim,)
+            out[f"blocks.{i}.{attn}.norm_q.weight"] = (dim,)
+            out[f"blocks.{i}.{attn}.norm_k.weight"] = (dim,)
+        out[f"blocks.{i}.norm3.weight"], out[f"blocks.{i}.norm3.bias"] = (dim,), (dim,)
+        out[f"blocks.{i}.ffn.0.weight"], out[f"blocks.{i}.ffn.0.bias"] = (ffn, dim), (ffn,)
+        out[f"blocks.{i}.ffn.2.weight"], out[f"blocks.{i}.ffn.2.bias"] = (dim, ffn), (dim,)
+        out[f"blocks.{i}.modulation"] = (1, 6, dim)
     return out
 
 
@@ -82,3 +82,35 @@ def write_training_output(path: Path, iterations: Dict[int, Dict[str, Dict[str, 
         for name, sd in files.items():
             torch.save(sd, d / f"{name}_state_dict.pt")
     return path
+
+
+
+def loader_stand_in():
+    """A diffusers ModelMixin with `OSPNextModel.__init__`'s signature and `ignore_for_config`, holding zero
+    parameters under OSP-Next's names and shapes: `from_pretrained` on it is the loading path of
+    `infer/infer_osp.py`. (Its `text_dim` default is the tiny model's 32: the loader never reads text_dim.)"""
+    import torch.nn as nn
+    from diffusers.configuration_utils import ConfigMixin, register_to_config
+    from diffusers.models.modeling_utils import ModelMixin
+
+    class OSPNextModel(ModelMixin, ConfigMixin):
+        ignore_for_config = ["patch_size", "cross_attn_norm", "qk_norm", "text_dim", "window_size"]
+
+        @register_to_config
+        def __init__(self, model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=2048, ffn_dim=8192,
+                     freq_dim=256, text_dim=TEXT, out_dim=16, num_heads=16, num_layers=32, window_size=(-1, -1),
+                     qk_norm=True, cross_attn_norm=True, eps=1e-6, skiparse_model_type="full", sparse_ratio=1,
+                     num_full_blocks=0, quant=None, quant_attn=None, scale_max_forward=15.0, scale_max_backward=224.0,
+                     **kwargs):
+            super().__init__()
+            assert model_type == "t2v" and skiparse_model_type in ("full", "dual_end")
+            for name, shape in shapes(dim, ffn_dim, num_layers, in_dim, out_dim, freq_dim, text_dim).items():
+                *path, leaf = name.split(".")
+                module = self
+                for part in path:
+                    if part not in module._modules:
+                        module.add_module(part, nn.Module())
+                    module = module._modules[part]
+                module.register_parameter(leaf, nn.Parameter(torch.zeros(shape)))
+
+    return OSPNextModel

@@ -181,6 +181,20 @@ def test_osp_next_round_trip_is_bitwise_with_schedule_and_hif8(tmp_path):
     assert open_checkpoint(tmp_path / "dense").model.schedule == "full"
 
 
+def test_osp_next_export_loads_with_diffusers_from_pretrained(tmp_path):
+    """What `OSPNextModel.from_pretrained` (OSP-Next's loader) does with our export: every config field lands in
+    its constructor, every tensor in a parameter of OSP-Next's name and shape, nothing missing or left over."""
+    ours = _ours(5)
+    write_weights(ours, TINY_SPARSE, tmp_path / "osp", "osp-next")
+    model, info = onf.loader_stand_in().from_pretrained(tmp_path / "osp", low_cpu_mem_usage=False,
+                                                        output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    c = model.config
+    assert (c.dim, c.num_heads, c.num_layers, c.skiparse_model_type, c.sparse_ratio, c.num_full_blocks) == (
+        64, 4, 8, "dual_end", 2, 4)
+    _same({k: v.detach() for k, v in model.state_dict().items()}, ao.to_osp_next(ours, TINY_SPARSE))
+
+
 def test_osp_next_refuses_what_its_constructor_refuses(tmp_path):
     ours = _ours()
     for mc, message in [(ModelConfig(size="tiny", schedule="uniform"), "builds only full / dual_end"),
