@@ -265,3 +265,24 @@ def test_osp_next_sparse_and_dense_builds_differ():
         with torch.no_grad():
             out[mc.schedule] = model(x, t, text)
     assert not torch.allclose(out["dual_end"], out["full"], atol=1e-4)
+
+
+def test_hif8_checkpoint_samples_with_its_recipe_unless_told_otherwise(tmp_path):
+    """osp-sample applies an OSP-Next `quant: hif8` checkpoint's recipe (as OSP-Next's HiF8 inference configs do);
+    `--quant none` samples unquantized; the quantized forward differs from the plain one."""
+    from types import SimpleNamespace
+
+    from osp_megatron.cli.sample import load_dit, open_dit, quantization
+
+    folder = onf.write_folder(tmp_path / "hif8", onf.random_state_dict(0), quant="hif8", quant_attn="hif8")
+    args = SimpleNamespace(checkpoint=str(folder), format="auto", ema=False, quant="checkpoint", tp=1, ssp=1, ulysses=1)
+    ckpt, mc, precision = open_dit(args, {})
+    assert (precision.recipe, precision.quantize_attention, precision.scale_max_fwd) == ("hif8_current", True, 15.0)
+    assert open_dit(SimpleNamespace(**{**vars(args), "quant": "none"}), {})[2] == PrecisionConfig()
+    x, t, text = torch.randn(1, 16, 2, 8, 8), torch.tensor([700.0]), torch.randn(1, 8, 32)
+    out = {}
+    for p in (precision, PrecisionConfig()):
+        model = load_dit(args, ckpt, mc, p, ParallelState.single(), torch.float32, "cpu")
+        with torch.no_grad(), quantization(p):
+            out[p.recipe] = model(x, t, text)
+    assert not torch.allclose(out["hif8_current"], out["none"], atol=1e-4)
