@@ -20,7 +20,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",
-    packages=find_packages(include=["osp_megatron", "osp_megatron.*", "data_pipeline", "data_pipeline.*", "tools", "tools.*"])
+    packages=find_packages(include=["osp_megatron", "osp_megatron.*", "data_pipeline", "data_pipeline.*"])
     + ["osp_megatron.presets", "osp_megatron.slurm_templates"],
     # the YAML presets and SLURM templates live at the top of the repository and ship inside the package
     package_dir={"osp_megatron.presets": "configs", "osp_megatron.slurm_templates": "slurm"},
@@ -55,9 +55,9 @@ setup(
             "osp-train=osp_megatron.cli.train:main",
             "osp-grpo=osp_megatron.cli.grpo:main",
             "osp-sample=osp_megatron.cli.sample:main",
-            "osp-shards=data_pipeline.cli.shards:main",
-            "osp-cache=data_pipeline.cli.cache:main",
-            "osp-convert=tools.convert:main",
+            "osp-shards=osp_megatron.cli.shards:main",
+            "osp-cache=osp_megatron.cli.cache:main",
+            "osp-convert=osp_megatron.cli.convert:main",
         ]
     },
 )

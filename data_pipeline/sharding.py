@@ -224,13 +224,13 @@ def build_shards(inputs: List[Dict[str, Any]], out_dir: str, flt: Optional[Filte
             if bar is not None:
                 bar.update(1)
             if info is None:
-                rejects.append(_reject(record, reason))
+                rejects.append(reject_entry(record, reason))
                 continue
             try:
                 with open(record["path"], "rb") as f:
                     video = f.read()
             except OSError as exc:
-                rejects.append(_reject(record, f"unreadable: {exc.strerror}"))
+                rejects.append(reject_entry(record, f"unreadable: {exc.strerror}"))
                 continue
             if sink is not None and sink.num_samples > 0 and sink.bytes + len(video) > shard_size:
                 commit(index)
@@ -259,7 +259,7 @@ def build_shards(inputs: List[Dict[str, Any]], out_dir: str, flt: Optional[Filte
     return _write_outputs(out, commits, flt, source or "", len(inputs))
 
 
-def _reject(record: Dict[str, Any], reason: str) -> Dict[str, Any]:
+def reject_entry(record: Dict[str, Any], reason: str) -> Dict[str, Any]:
     """A rejects.jsonl entry: path, reason, category (the reason's first word), line for manifest rows."""
     entry = {"path": record["path"], "reason": reason, "category": reason.split(":", 1)[0]}
     if "line" in record:

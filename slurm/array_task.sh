@@ -16,7 +16,7 @@ KIND="$1"; INPUT="$2"; OUT="$3"; shift 3
 [[ "${1:-}" == "--" ]] && shift
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PY="${OSP_PYTHON:-python}"
-export PYTHONPATH="$(dirname "$HERE")${PYTHONPATH:+:$PYTHONPATH}"   # tools/ from this checkout
+export PYTHONPATH="$(dirname "$HERE")${PYTHONPATH:+:$PYTHONPATH}"   # data_pipeline (array_parts) from this checkout
 
 if [[ -z "${SLURM_ARRAY_TASK_ID:-}" ]]; then
     echo "array_task.sh: not an array task (SLURM_ARRAY_TASK_ID unset); submit with sbatch --array=0-<K-1>" >&2
@@ -44,7 +44,7 @@ DONE="$OUT/parts/$NAME"
 EXT=$([[ "$KIND" == videos ]] && echo jsonl || echo txt)
 LIST="$OUT/parts/.$NAME.inputs.$EXT"
 
-"$PY" -m tools.array_parts split --kind "$KIND" --input "$INPUT" --part "$PART" --num-parts "$K" --out "$LIST"
+"$PY" -m data_pipeline.array_parts split --kind "$KIND" --input "$INPUT" --part "$PART" --num-parts "$K" --out "$LIST"
 if [[ -f "$DONE/manifest.json" ]]; then
     if ! cmp -s "$LIST" "$DONE/inputs.$EXT"; then
         echo "array_task.sh: $DONE was built from other inputs than $INPUT gives now;" \
@@ -67,4 +67,4 @@ else
     rm -rf "$DONE"
     mv "$WORK" "$DONE"
 fi
-flock -w 600 "$OUT/parts/.merge.lock" "$PY" -m tools.array_parts merge --out "$OUT" --num-parts "$K" --source "$INPUT"
+flock -w 600 "$OUT/parts/.merge.lock" "$PY" -m data_pipeline.array_parts merge --out "$OUT" --num-parts "$K" --source "$INPUT"

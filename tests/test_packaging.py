@@ -1,7 +1,10 @@
-"""Packaging: version, ranges + the CPU constraints file, presets and SLURM templates inside the wheel."""
+"""Packaging: version, ranges + the CPU constraints file, presets and SLURM templates inside the wheel, only
+`osp_megatron` and `data_pipeline` installed (no top-level `tools`), console scripts in `osp_megatron.cli`."""
+import os
 import subprocess
 import sys
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import osp_megatron
@@ -36,3 +39,17 @@ def test_presets_are_found_by_name():
 
     assert "demo_cpu" in presets() and "osp_14b_720p" in presets()
     assert load_config("osp_14b_720p").model.size == "wan_14b"
+
+
+def test_tools_is_not_an_installed_package():
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", "import tools"], cwd="/tmp", env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "No module named 'tools'" in proc.stderr, proc.stderr
+
+
+def test_console_scripts_live_in_osp_megatron_cli():
+    scripts = {e.name: e.value for e in metadata.entry_points(group="console_scripts")
+               if e.name.startswith("osp-")}
+    assert set(scripts) >= {"osp-train", "osp-grpo", "osp-sample", "osp-convert", "osp-shards", "osp-cache"}
+    assert all(v.startswith("osp_megatron.cli.") and v.endswith(":main") for v in scripts.values()), scripts

@@ -16,7 +16,6 @@ import datetime
 import os
 import sys
 import traceback
-from pathlib import Path
 from typing import List, Optional, Sequence
 
 EXIT_BAD_CONFIG = 2
@@ -83,12 +82,13 @@ def plan_text(cfg, gcfg, world_size: int) -> str:
 
 
 def init_base_weights(model, cfg, log=print) -> None:
-    """Load `train.init_from` (megatron checkpoint, diffusers or Wan weights) into the model before LoRA."""
-    from osp_megatron.training.trainer import load_initial_weights
+    """Load `train.init_from` (any format of `osp_megatron.weights`) into the model before LoRA."""
+    from osp_megatron.weights import load_into
 
-    path = Path(cfg.train.init_from)
-    fmt = load_initial_weights(model, path, cfg.train.init_format, cfg.model)
-    log(f"[osp-grpo] base weights from {path} ({fmt})")
+    ckpt = load_into(model, cfg.train.init_from, cfg.train.init_format, model_config=cfg.model)
+    log(f"[osp-grpo] base weights from {cfg.train.init_from} ({ckpt.format})")
+    for note in ckpt.differences(cfg.model, cfg.precision):
+        log(f"[osp-grpo] train.init_from: {note} (this run's config wins)")
 
 
 def run(cfg, gcfg, env) -> int:

@@ -5,9 +5,14 @@
              --output out/ --ssp 4 --frames 81 --height 480 --width 832 --vae /models/Wan2.1-T2V-1.3B-Diffusers \
              --text-encoder /models/Wan2.1-T2V-1.3B-Diffusers
 
-Checkpoints: megatron torch_dist (a run dir, a folder with `latest`, or a step dir; loaded with the training
-checkpoint loader under any layout; `--ema` takes the EMA weights), or a diffusers / original Wan2.1 folder
-(adapters). VAE and text encoder: local folders or `tiny` (the demo stand-ins). Each prompt i is sampled alone
+Checkpoints (`osp_megatron.weights`): megatron torch_dist (a run dir, a folder with `latest`, or a step dir;
+loaded shard by shard under any layout), a diffusers (or pipeline) / original Wan2.1 folder, or OSP-Next's
+format (an OSPNextModel folder, its training output or iter_* folder, or a model/ema .pt file). The model is
+built as the checkpoint describes it, layout schedule included (OSP-Next's skiparse_model_type / sparse_ratio /
+num_full_blocks, the `_osp_model` block of our diffusers/wan exports, a megatron run's model config); `--model`
+overrides it. `--ema` takes the EMA weights (megatron `ema.`, OSP-Next ema_model_state_dict.pt). A HiF8-trained
+checkpoint (OSP-Next `quant: hif8`, a megatron run with precision.recipe=hif8_*) samples with that HiF8
+fake-quantization unless `--quant none`. VAE and text encoder: local folders or `tiny` (the demo stand-ins). Each prompt i is sampled alone
 from noise seeded with `seed + i` (results do not depend on how many prompts run together), Euler or UniPC,
 classifier-free guidance with the negative prompt (empty by default), shifted sigma grid. Under torchrun the
 DiT is split over TP x SSP x Ulysses ranks (world size = their product); every rank holds the gathered
@@ -21,13 +26,14 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 
-FORMATS = ("auto", "megatron", "diffusers", "wan")
+from osp_megatron.weights import EMA_FORMATS, FORMATS
+
 MODEL_OVERRIDES = ("schedule", "num_full_blocks", "sparse_ratio", "attention_backend")
 
 
@@ -39,9 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="osp-sample", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("--checkpoint", required=True, help="megatron run/step dir, or a diffusers / Wan2.1 folder")
-    p.add_argument("--format", choices=FORMATS, default="auto", help="checkpoint format (default: detect)")
-    p.add_argument("--ema", action="store_true", help="megatron checkpoints: sample with the EMA weights")
+    p.add_argument("--checkpoint", required=True, help="megatron run/step dir, diffusers / Wan2.1 / OSP-Next folder, "
+                                                        "or an OSP-Next .pt")
+    p.add_argument("--format", choices=("auto",) + FORMATS, default="auto", help="checkpoint format (default: detect)")
+    p.add_argument("--ema", action="store_true", help="sample with the EMA weights (megatron, osp-next)")
+    p.add_argument("--quant", choices=["checkpoint", "none"], default="checkpoint",
+                   help="checkpoint: the HiF8 recipe the checkpoint was trained with (if any); none: unquantized")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a text file with one prompt per line (blank lines and # comments skipped)")
     p.add_argument("--negative-prompt", default="", help="the unconditional prompt of CFG (default empty)")
@@ -117,54 +126,57 @@ def check_args(args, world: int) -> Dict[str, Any]:
         if not sep or key not in MODEL_OVERRIDES:
             raise SampleError(f"--model {item!r}: use KEY=VALUE with KEY one of {', '.join(MODEL_OVERRIDES)}")
         overrides[key] = yaml.safe_load(value)
-    if args.ema and args.format in ("diffusers", "wan"):
-        raise SampleError(f"--ema: {args.format} folders have no EMA weights; drop --ema")
+    if args.ema and args.format not in ("auto",) + EMA_FORMATS:
+        raise SampleError(f"--ema: {args.format} checkpoints have no EMA weights; drop --ema")
     if not Path(args.checkpoint).exists():
         raise SampleError(f"--checkpoint {args.checkpoint}: does not exist")
     return overrides
 
 
-def detect_format(path: str) -> str:
-    p = Path(path)
-    if (p / "checkpoints" / "latest").is_file() or (p / "latest").is_file() or (p / "metadata.json").is_file():
-        return "megatron"
-    for folder in (p, p / "transformer"):
-        if (folder / "config.json").is_file():
-            cfg = json.loads((folder / "config.json").read_text())
-            return "wan" if "dim" in cfg and "num_attention_heads" not in cfg else "diffusers"
-    raise SampleError(f"--checkpoint {path}: not a megatron checkpoint nor a diffusers/Wan folder (config.json)")
-
-
 # ------------------------------------------------------------------------------------------ model
-def load_dit(args, fmt: str, overrides: Dict[str, Any], parallel, dtype: torch.dtype, device):
-    """(model in eval mode, ModelConfig): TP/CP-sharded by `parallel`, weights from the checkpoint."""
-    from osp_megatron.config import ParallelConfig, updated
-    from osp_megatron.models import build_model
-    from osp_megatron.models.transformer_config import make_osp_config
-    from tools import convert
+SAMPLE_RECIPES = ("hif8_current", "hif8_delayed")  # the recipes our local-spec linears run at inference
 
-    model_config, where = convert.read_config(fmt, args.checkpoint)
-    model_config = updated(model_config, overrides)
-    pcfg = ParallelConfig(tensor_parallel=args.tp, ssp=args.ssp, ulysses=args.ulysses)
-    problem = _layout_problem(model_config, pcfg)
+
+def open_dit(args, overrides: Dict[str, Any]):
+    """(Checkpoint, ModelConfig with the overrides, PrecisionConfig to sample with); checks before any build."""
+    from osp_megatron.config import ParallelConfig, PrecisionConfig, updated
+    from osp_megatron.weights import open_checkpoint
+
+    ckpt = open_checkpoint(args.checkpoint, args.format)
+    if args.ema and ckpt.format not in EMA_FORMATS:
+        raise SampleError(f"--ema: {ckpt.format} checkpoints have no EMA weights; drop --ema")
+    if ckpt.model is None:
+        raise SampleError(f"--checkpoint {args.checkpoint}: bare {ckpt.format} weights without a config.json; give "
+                          "the model's folder (config.json + weights)")
+    model_config = updated(ckpt.model, overrides)
+    precision = PrecisionConfig()
+    if args.quant == "checkpoint" and ckpt.precision is not None and ckpt.precision.recipe in SAMPLE_RECIPES:
+        precision = ckpt.precision
+    problem = _layout_problem(model_config, ParallelConfig(tensor_parallel=args.tp, ssp=args.ssp, ulysses=args.ulysses))
     if problem:
         raise SampleError(problem)
-    model = build_model(make_osp_config(model_config, pcfg, None, dtype), parallel, device=device)
-    if fmt == "megatron":
-        from osp_megatron.training.checkpoint import Checkpointer
+    return ckpt, model_config, precision
 
-        prefix = "ema." if args.ema else ""
-        loaded = Checkpointer(where.parent).load(where, {"model": model.sharded_state_dict(prefix=prefix)})
-        state = {k[len(prefix):]: v for k, v in loaded["model"].items()}
-        with torch.no_grad():
-            missing, _ = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing:
-            raise SampleError(f"--checkpoint {where}: weights missing for {missing[:3]}")
-    else:
-        sd, _ = convert.read_weights(fmt, where, model_config, False)
-        model.load_full_state_dict(sd)
-    return model.eval(), model_config
+
+def load_dit(args, ckpt, model_config, precision, parallel, dtype: torch.dtype, device):
+    """The model in eval mode, TP/CP-sharded by `parallel`, with the checkpoint's weights."""
+    from osp_megatron.models import build_model
+    from osp_megatron.quant.modules import assign_hif8_keys
+    from osp_megatron.weights import load_into
+
+    model = build_model(model_config, parallel, precision=precision, dtype=dtype, device=device)
+    if precision.recipe == "hif8_delayed":
+        assign_hif8_keys(model)
+    load_into(model, ckpt, ema=args.ema)
+    return model.eval()
+
+
+def quantization(precision):
+    """The region the DiT runs in: the checkpoint's HiF8 recipe (none: a no-op)."""
+    from osp_megatron.quant.recipes import autocast, recipe_from_config
+
+    recipe = recipe_from_config(precision)
+    return autocast(enabled=recipe is not None, recipe=recipe)
 
 
 def _layout_problem(model_config, pcfg) -> Optional[str]:
@@ -200,9 +212,7 @@ def run(args) -> int:
     rank, world, local = _dist_env()
     prompts = read_prompts(args)
     overrides = check_args(args, world)
-    fmt = detect_format(args.checkpoint) if args.format == "auto" else args.format
-    if args.ema and fmt != "megatron":
-        raise SampleError(f"--ema: {fmt} folders have no EMA weights; drop --ema")
+    ckpt, model_config, precision = open_dit(args, overrides)
     device = _device(args.device, local)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype) or (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -226,7 +236,10 @@ def run(args) -> int:
 
         parallel = ParallelState.single()
     t0 = time.time()
-    model, model_config = load_dit(args, fmt, overrides, parallel, dtype, device)
+    model = load_dit(args, ckpt, model_config, precision, parallel, dtype, device)
+    if rank == 0:
+        print(f"osp-sample: {ckpt.describe()}" + (f"; sampling with precision.recipe={precision.recipe}"
+                                                  if precision.recipe != "none" else ""), flush=True)
     dims = model_config.resolve()
     vae = load_vae(args.vae, device, torch.float32)
     if vae.z_dim != dims.in_channels:
@@ -245,8 +258,9 @@ def run(args) -> int:
         t1 = time.time()
         seed = args.seed + i
         text = text_encoder.encode([prompt]).to(device=device, dtype=dtype)
-        latents = sample_latents(model, text, null, latent_shape, args.steps, args.guidance, args.shift, seed, device,
-                                 dtype, solver=args.sampler)
+        with quantization(precision):
+            latents = sample_latents(model, text, null, latent_shape, args.steps, args.guidance, args.shift, seed,
+                                     device, dtype, solver=args.sampler)
         if rank == 0:
             video = vae.decode(latents)[0]
             mp4 = write_mp4(out_dir / f"sample_{i:04d}.mp4", video, args.fps)
@@ -260,8 +274,9 @@ def run(args) -> int:
                 "schedule": {"kind": "flow_sigmas" if args.sampler == "euler" else "unipc_flow_sigmas",
                              "sigmas": [round(float(s), 8) for s in sigmas]},
                 "frames": args.frames, "height": args.height, "width": args.width, "fps": args.fps,
-                "latent_shape": list(latent_shape), "checkpoint": str(args.checkpoint), "format": fmt,
-                "ema": args.ema, "model": asdict(model_config), "dtype": str(dtype).replace("torch.", ""),
+                "latent_shape": list(latent_shape), "checkpoint": str(args.checkpoint),
+                "format": ckpt.format, "weights": str(ckpt.where), "ema": args.ema, "model": asdict(model_config),
+                "precision": asdict(precision), "dtype": str(dtype).replace("torch.", ""),
                 "parallel": {"tp": args.tp, "ssp": args.ssp, "ulysses": args.ulysses, "world": world},
                 "vae": args.vae, "text_encoder": args.text_encoder, "text_len": args.text_len,
                 "device": str(device), "seconds": round(time.time() - t1, 3), "video": mp4.name,

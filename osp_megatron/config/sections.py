@@ -19,7 +19,7 @@ SPECS = ("local", "te")
 DTYPES = ("auto", "fp32", "bf16")
 RECIPES = ("none", "hif8_current", "hif8_delayed", "fp8_delayed", "fp8_current", "fp8_block")
 ROUNDINGS = ("ta", "hybrid")
-FORMATS = ("auto", "diffusers", "wan", "megatron")
+FORMATS = ("auto", "megatron", "diffusers", "wan", "osp-next")  # osp_megatron.weights.FORMATS + auto
 
 
 @dataclass
@@ -179,7 +179,7 @@ class TrainConfig:
                               "run_dir/checkpoints, or a path)")
     checkpoint_checksums: bool = option(True, "CRC32 of every checkpoint file, verified on load (off for huge models)")
     init_from: str = option("", "initialise weights from this checkpoint (sparse fine-tune of dense Wan2.1, ...)")
-    init_format: str = option("auto", "format of init_from (auto: detect)", choices=FORMATS)
+    init_format: str = option("auto", "format of init_from (auto: detect; osp_megatron.weights)", choices=FORMATS)
     sample_interval: int = option(0, "write sample videos every N steps (0: never)", minimum=0)
     sample_prompts: List[str] = option(help="prompts of the sample videos",
                                        factory=lambda: ["a red square moving right"])

@@ -45,9 +45,9 @@ from osp_megatron.rl.rollout import (
     transition_log_prob,
 )
 from osp_megatron.rl.windows import WindowSchedule, count_nfe, group_prefix_runs, hash_ints
+from osp_megatron.weights.lora import GRPO_CHECKPOINTS as CKPT_SUBDIR
 
 Tensor = torch.Tensor
-CKPT_SUBDIR = "grpo_checkpoints"
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,7 +486,9 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ checkpoint / resume
     def _shard_name(self) -> str:
-        return f"lora_tp{self.dist.tp_rank:02d}.pt"
+        from osp_megatron.weights.lora import shard_name
+
+        return shard_name(self.dist.tp_rank)
 
     def save(self, run_id: Optional[str] = None) -> Path:
         """`<run_dir>/grpo_checkpoints/iter_XXXXXXX/` (written to a tmp dir, then renamed) + atomic `latest`;
@@ -525,14 +527,9 @@ class GRPOTrainer:
         return final
 
     def latest_checkpoint(self) -> Optional[Path]:
-        pointer = self.ckpt_root / "latest"
-        if not pointer.is_file():
-            return None
-        path = self.ckpt_root / pointer.read_text().strip()
-        if not path.is_dir():
-            raise FileNotFoundError(f"{pointer} points to {path}, which does not exist: remove the pointer or restore "
-                                    "the checkpoint directory")
-        return path
+        from osp_megatron.weights import read_latest
+
+        return read_latest(self.ckpt_root)
 
     def load(self, path: Path) -> Dict[str, Any]:
         meta = json.loads((path / "meta.json").read_text())
@@ -650,16 +647,12 @@ def merge_grpo_checkpoint(base_state_dict: Dict[str, Tensor], ckpt_dir, tp_rank:
     same TP shard) -> plain weights with the base keys (what the converter writes out). `ema=True` folds the EMA
     of the LoRA weights instead (runs with grpo.ema_decay > 0)."""
     from osp_megatron.rl.lora import merge_lora
+    from osp_megatron.weights.lora import read_shard, shard_name
 
-    path = Path(ckpt_dir) / f"lora_tp{tp_rank:02d}.pt"
+    path = Path(ckpt_dir) / shard_name(tp_rank)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: give a grpo_checkpoints/iter_XXXXXXX directory (and its tp rank)")
-    shard = torch.load(path, map_location="cpu", weights_only=False)
-    lora = dict(shard["lora"])
-    if ema:
-        if not shard.get("lora_ema"):
-            raise ValueError(f"{path} has no LoRA EMA (the run had grpo.ema_decay=0): export with ema=False")
-        lora.update(shard["lora_ema"])
+    lora = read_shard(path, ema)
     missing = sorted({k.rsplit(".", 1)[0] + ".weight" for k in lora} - set(base_state_dict))
     if missing:
         raise KeyError(f"base state dict lacks {missing[:5]}: export with the model the GRPO run adapted")

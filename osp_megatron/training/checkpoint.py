@@ -157,17 +157,9 @@ class Checkpointer:
     # ------------------------------------------------------------------ discovery
     def latest_dir(self) -> Optional[Path]:
         """The directory `latest` points at, or None for a fresh run. Raises if `latest` is dangling."""
-        pointer = self.root / LATEST
-        if not pointer.is_file():
-            return None
-        name = pointer.read_text().strip()
-        path = self.root / name
-        if not name or not path.is_dir():
-            raise CheckpointError(
-                f"{pointer} names {name!r}, which does not exist; point it at an existing step_* directory "
-                "or remove it to start from scratch"
-            )
-        return path
+        from osp_megatron.weights import read_latest
+
+        return read_latest(self.root, error=CheckpointError)
 
     def committed_steps(self) -> List[int]:
         if not self.root.is_dir():

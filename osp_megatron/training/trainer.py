@@ -91,66 +91,6 @@ def _all_gather_object(obj: Any, group=None) -> List[Any]:
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-def resolve_init_format(path: Path, fmt: str) -> str:
-    """auto -> megatron (dist checkpoint dir), diffusers (folder with a diffusers config.json) or wan."""
-    if fmt != "auto":
-        return fmt
-    if path.is_dir() and ((path / "metadata.json").is_file() or (path / "latest").is_file()
-                          or (path / "checkpoints" / "latest").is_file()):
-        return "megatron"
-    if path.is_dir() and (path / "config.json").is_file():
-        import json
-
-        if "_class_name" in json.loads((path / "config.json").read_text()):
-            return "diffusers"
-    return "wan"
-
-
-def load_initial_weights(model, path: Path, init_format: str, model_cfg) -> str:
-    """Weights of a diffusers folder, an original Wan2.1 checkpoint or a megatron run/checkpoint dir -> the
-    (TP/PP-sharded) model, in place. Returns the resolved format."""
-    fmt = resolve_init_format(path, init_format)
-    if fmt == "megatron":
-        ckpt = path
-        if (path / "checkpoints" / "latest").is_file():
-            ckpt = Checkpointer(path).latest_dir()
-        elif (path / "latest").is_file():
-            ckpt = path / (path / "latest").read_text().strip()
-        loaded = Checkpointer(ckpt.parent).load(ckpt, {"model": model.sharded_state_dict()})
-        model.load_state_dict(loaded["model"], strict=False)
-        return fmt
-    raw = read_weight_files(path)
-    if fmt == "diffusers":
-        from osp_megatron.models.adapters.diffusers import from_diffusers as convert
-    else:
-        from osp_megatron.models.adapters.wan import from_wan as convert
-    model.load_full_state_dict(convert(raw, model_cfg))
-    return fmt
-
-
-def read_weight_files(path: Path) -> Dict[str, torch.Tensor]:
-    """All tensors of a `.safetensors`/`.pt`/`.pth` file, or of every such file in a folder."""
-    if path.is_dir():
-        files = sorted(list(path.glob("*.safetensors")) or list(path.glob("*.pth")) + list(path.glob("*.pt")))
-        if not files:
-            raise FileNotFoundError(f"train.init_from={path}: no *.safetensors / *.pth weight files in this folder")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise FileNotFoundError(f"train.init_from={path} does not exist: give a weights file, folder or run directory")
-    sd: Dict[str, torch.Tensor] = {}
-    for f in files:
-        if f.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd.update(load_file(str(f)))
-        else:
-            obj = torch.load(str(f), map_location="cpu", weights_only=True)
-            sd.update(obj.get("state_dict", obj) if isinstance(obj, dict) else obj)
-    return sd
-
-
 class Trainer:
     """Builds everything from a validated `Config` (after torch.distributed is initialised) and trains."""
 
@@ -450,12 +390,18 @@ class Trainer:
                       "its position; data restarts from the beginning of its order")
 
     def _init_weights(self, path: Path) -> None:
-        """Sparse fine-tune init: load dense Wan2.1 (diffusers / original) or a megatron checkpoint's weights."""
+        """Sparse fine-tune init: the weights of any checkpoint format (`osp_megatron.weights`: dense Wan2.1
+        diffusers / original, OSP-Next, a megatron run) into the model built from `model:`."""
+        from osp_megatron.weights import load_into
+
         model = unwrap(self.model)
-        fmt = load_initial_weights(model, path, self.cfg.train.init_format, self.cfg.model)
+        ckpt = load_into(model, path, self.cfg.train.init_format, model_config=self.cfg.model)
+        self.optimizer.reload_model_params()  # the optimizer's main (fp32) params copy the loaded weights
         if self.ema is not None:
             self.ema.copy_from(model)
-        self.info(f"[osp-train] initialised weights from {path} ({fmt})")
+        self.info(f"[osp-train] initialised weights from {path} ({ckpt.format})")
+        for note in ckpt.differences(self.cfg.model, self.cfg.precision):
+            self.info(f"[osp-train] train.init_from: {note} (this run's config wins)")
 
     # ------------------------------------------------------------------------------------------ step
     def _forward_step(self, data_iterator, model, inject_nan: bool = False):

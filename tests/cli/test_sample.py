@@ -141,7 +141,7 @@ def test_parallel_run_equals_single_run(single_run, dit_dir, tmp_path, degrees):
 @pytest.mark.slow
 def test_megatron_checkpoint_samples_like_its_diffusers_source(single_run, dit_dir, tmp_path):
     out, _ = single_run
-    conv = subprocess.run([sys.executable, "-m", "tools.convert", "--from", "diffusers", "--to", "megatron",
+    conv = subprocess.run([sys.executable, "-m", "osp_megatron.cli.convert", "--from", "diffusers", "--to", "megatron",
                            "--input", str(dit_dir), "--output", str(tmp_path / "meg"), "--tp", "2"],
                           env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert conv.returncode == 0, conv.stderr[-3000:]
@@ -155,11 +155,11 @@ def test_megatron_checkpoint_samples_like_its_diffusers_source(single_run, dit_d
 def test_ema_weights_of_a_training_checkpoint(dit_dir, tmp_path):
     """`--ema` samples with the `ema.` weights of a torch_dist checkpoint (here: the model weights x 0.5),
     i.e. like the diffusers export of those EMA weights."""
-    worker = REPO / "tests" / "tools" / "convert_worker.py"
+    worker = REPO / "tests" / "cli" / "convert_worker.py"
     made = subprocess.run([sys.executable, str(worker), "ema-checkpoint", str(dit_dir), str(tmp_path / "run")],
                           env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert made.returncode == 0, made.stderr[-3000:]
-    conv = subprocess.run([sys.executable, "-m", "tools.convert", "--from", "megatron", "--to", "diffusers", "--ema",
+    conv = subprocess.run([sys.executable, "-m", "osp_megatron.cli.convert", "--from", "megatron", "--to", "diffusers", "--ema",
                            "--input", str(tmp_path / "run"), "--output", str(tmp_path / "ema_export")],
                           env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert conv.returncode == 0, conv.stderr[-3000:]
@@ -171,6 +171,33 @@ def test_ema_weights_of_a_training_checkpoint(dit_dir, tmp_path):
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     assert json.loads((tmp_path / "a" / "sample_0000.json").read_text())["ema"] is True
+
+
+def test_osp_next_folder_samples_with_its_schedule_like_our_megatron_format(tmp_path):
+    """An OSPNextModel folder (OSP-Next's key names and config, written without project code) is sampled with its
+    own dual_end schedule, and equals the same weights converted to our megatron format; the EMA `.pt` of an
+    OSP-Next training output (`--ema`) gives the same video when it holds those weights."""
+    import osp_next_files as onf
+
+    weights = onf.random_state_dict(5)
+    folder = onf.write_folder(tmp_path / "osp_next", weights)
+    plain = [a for a in COMMON if a not in ("--model", "schedule=dual_end", "num_full_blocks=4")]
+    args = ["--prompt", "a red square moving right", *plain]
+    _run(["--checkpoint", folder, "--output", tmp_path / "a", *args])
+    meta = json.loads((tmp_path / "a" / "sample_0000.json").read_text())
+    assert meta["format"] == "osp-next" and meta["precision"]["recipe"] == "none"
+    assert (meta["model"]["schedule"], meta["model"]["num_full_blocks"], meta["model"]["sparse_ratio"]) == (
+        "dual_end", 4, 2)
+    conv = subprocess.run([sys.executable, "-m", "osp_megatron.cli.convert", "--from", "osp-next", "--to", "megatron",
+                           "--input", str(folder), "--output", str(tmp_path / "meg")],
+                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert conv.returncode == 0, conv.stderr[-3000:]
+    _run(["--checkpoint", tmp_path / "meg", "--output", tmp_path / "b", *args])
+    run = onf.write_training_output(tmp_path / "out", {10: {"model": onf.random_state_dict(6), "ema_model": weights}})
+    _run(["--checkpoint", run, "--ema", "--output", tmp_path / "c", *args])
+    a, b, c = (torch.load(tmp_path / d / "sample_0000.latents.pt") for d in "abc")
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert json.loads((tmp_path / "b" / "sample_0000.json").read_text())["model"]["schedule"] == "dual_end"
 
 
 @pytest.mark.parametrize("args,message", [

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from data_pipeline.cli.shards import main as shards_main
+from osp_megatron.cli.shards import main as shards_main
 from data_pipeline.inputs import InputError, list_inputs
 from dp_helpers import read_json
 

@@ -11,7 +11,7 @@ import torch
 import webdataset as wds
 
 from data_pipeline import build_loader
-from data_pipeline.cli.cache import main as cache_main
+from osp_megatron.cli.cache import main as cache_main
 from data_pipeline.config import DataConfig
 from data_pipeline.decode import decode_clip, to_unit_range
 from data_pipeline.latent_cache import CacheConfig, LatentCacher, parse_buckets
@@ -116,7 +116,7 @@ def test_torchrun_two_ranks(raw_shards, tmp_path):
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29731",
-           "-m", "data_pipeline.cli.cache", "--input", str(raw_shards), "--output", str(out),
+           "-m", "osp_megatron.cli.cache", "--input", str(raw_shards), "--output", str(out),
            "--buckets", BUCKET_ARG, "--text-len", "8", "--text-dim", "16", "--device", "cpu", "--workers", "0",
            "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=str(root))

@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("module,script,needle", [
-    ("data_pipeline.cli.shards", "osp-shards", "--shard-size"),
-    ("data_pipeline.cli.cache", "osp-cache", "--text-encoder"),
+    ("osp_megatron.cli.shards", "osp-shards", "--shard-size"),
+    ("osp_megatron.cli.cache", "osp-cache", "--text-encoder"),
 ])
 def test_help_in_a_fresh_process(module, script, needle):
     env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import webdataset as wds
 
-from data_pipeline.cli.shards import main as shards_main
+from osp_megatron.cli.shards import main as shards_main
 from data_pipeline.filters import FilterConfigError, load_filter_config
 from data_pipeline.inputs import InputError, list_inputs
 from data_pipeline.keys import sanitize_key, unique_key

@@ -139,13 +139,13 @@ def test_adapter_errors_name_the_keys():
 
 
 def test_safetensors_sharded_round_trip(tmp_path):
-    from osp_megatron.models.adapters.common import load_safetensors_dir, save_safetensors_dir
+    from osp_megatron.weights import read_state_dict, save_safetensors_dir
 
     ref = _reference(num_layers=2)
     sd = {k: v.clone() for k, v in ref.state_dict().items()}
     save_safetensors_dir(sd, tmp_path / "m", "diffusion_pytorch_model", max_shard_bytes=20_000, config=dict(ref.config))
     assert (tmp_path / "m" / "diffusion_pytorch_model.safetensors.index.json").exists()
-    back = load_safetensors_dir(tmp_path / "m")
+    back = read_state_dict(tmp_path / "m")
     assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
 
 

@@ -11,7 +11,7 @@ from train_launch import REPO, metrics, run_world
 
 @pytest.mark.slow
 def test_demo_command_short(tmp_path):
-    subprocess.run([sys.executable, "-m", "data_pipeline.cli.shards", "--synthetic", "6", "--output",
+    subprocess.run([sys.executable, "-m", "osp_megatron.cli.shards", "--synthetic", "6", "--output",
                     "demo_data/shards", "--workers", "1", "--no-progress"], cwd=tmp_path, check=True, timeout=180)
     logs = tmp_path / "logs"
     codes = run_world(2, str(REPO / "configs" / "demo_cpu.yaml"),

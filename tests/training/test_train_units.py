@@ -1,4 +1,4 @@
-"""Small pure pieces of the trainer: EMA math, launch-environment parsing, weight-format detection."""
+"""Small pure pieces of the trainer: EMA math, launch-environment parsing, init_from format detection."""
 import json
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from osp_megatron.cli.train import dist_env
 from osp_megatron.training.ema import EMA
-from osp_megatron.training.trainer import resolve_init_format
+from osp_megatron.weights import detect_format
 
 
 def test_ema_update_interval_and_copy():
@@ -41,7 +41,7 @@ def test_init_format_detection(tmp_path):
     (tmp_path / "wan" / "config.json").write_text(json.dumps({"dim": 1536}))
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step_0000001\n")
-    assert resolve_init_format(tmp_path / "diffusers", "auto") == "diffusers"
-    assert resolve_init_format(tmp_path / "wan", "auto") == "wan"
-    assert resolve_init_format(tmp_path / "run", "auto") == "megatron"
-    assert resolve_init_format(tmp_path / "wan", "diffusers") == "diffusers"  # explicit wins
+    assert detect_format(tmp_path / "diffusers", "auto") == "diffusers"
+    assert detect_format(tmp_path / "wan", "auto") == "wan"
+    assert detect_format(tmp_path / "run", "auto") == "megatron"
+    assert detect_format(tmp_path / "wan", "diffusers") == "diffusers"  # explicit wins

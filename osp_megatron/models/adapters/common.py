@@ -1,11 +1,7 @@
-"""Shared pieces of the state-dict adapters: key maps, strict checking, safetensors (sharded) I/O."""
+"""Shared pieces of the state-dict adapters: key maps and strict checking (file I/O: `osp_megatron.weights`)."""
 from __future__ import annotations
 
-import json
-import os
 import re
-import tempfile
-from pathlib import Path
 from typing import Dict, Iterable, List, Tuple
 
 import torch
@@ -47,7 +43,7 @@ def check_keys(got: Iterable[str], expected: Iterable[str], what: str) -> None:
             lines.append(f"  missing ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
         if unexpected:
             lines.append(f"  unexpected ({len(unexpected)}): {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
-        lines.append("  check the model size/num_layers and the source format (--from diffusers|wan|megatron)")
+        lines.append("  check the model size/num_layers and the source format (diffusers, wan, osp-next, megatron)")
         raise StateDictMismatch("\n".join(lines))
 
 
@@ -93,77 +89,3 @@ def export_state_dict(state_dict: StateDict, rules, model_config, what: str) -> 
     w = out["patch_embedding.weight"]
     out["patch_embedding.weight"] = w.reshape(w.shape[0], d.in_channels, *d.patch_size)
     return out
-
-
-# ------------------------------------------------------------------ safetensors I/O
-def load_safetensors_dir(path: str | os.PathLike) -> StateDict:
-    """A .safetensors file, or a folder with one file or a sharded `*.safetensors.index.json`."""
-    from safetensors.torch import load_file
-
-    p = Path(path)
-    if p.is_file():
-        return load_file(str(p))
-    if not p.is_dir():
-        raise FileNotFoundError(f"{p}: no such file or folder (expected safetensors weights)")
-    index = sorted(p.glob("*.safetensors.index.json"))
-    if index:
-        meta = json.loads(index[0].read_text())
-        files = sorted(set(meta["weight_map"].values()))
-        sd: StateDict = {}
-        for f in files:
-            if not (p / f).is_file():
-                raise FileNotFoundError(f"{index[0]} names shard {f}, which is missing in {p}")
-            sd.update(load_file(str(p / f)))
-        missing = sorted(set(meta["weight_map"]) - set(sd))
-        if missing:
-            raise StateDictMismatch(f"{index[0]}: keys listed in the index but absent from the shards: {missing[:10]}")
-        return sd
-    files = sorted(p.glob("*.safetensors"))
-    if len(files) != 1:
-        raise FileNotFoundError(f"{p}: expected one .safetensors file or a *.safetensors.index.json, found {len(files)}")
-    return load_file(str(files[0]))
-
-
-def save_safetensors_dir(sd: StateDict, path: str | os.PathLike, basename: str, max_shard_bytes: int = 5 * 2**30,
-                         config: dict | None = None) -> None:
-    """Write `basename.safetensors` (or shards + index) and config.json atomically into folder `path`."""
-    from safetensors.torch import save_file
-
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out))
-    try:
-        shards: List[Dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for k in sorted(sd):
-            t = sd[k].contiguous()
-            nb = t.numel() * t.element_size()
-            if shards[-1] and size + nb > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][k] = t
-            size += nb
-        names = []
-        if len(shards) == 1:
-            names.append(f"{basename}.safetensors")
-            save_file(shards[0], str(tmp / names[0]), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"{basename}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                names.append(name)
-                weight_map.update({k: name for k in shard})
-            total = sum(t.numel() * t.element_size() for t in sd.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / f"{basename}.safetensors.index.json").write_text(json.dumps(index, indent=2))
-            names.append(f"{basename}.safetensors.index.json")
-        if config is not None:
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))
-            names.append("config.json")
-        for n in names:
-            os.replace(tmp / n, out / n)
-    finally:
-        for f in tmp.glob("*"):
-            f.unlink()
-        tmp.rmdir()

@@ -9,7 +9,7 @@ from typing import Any, Dict
 
 from osp_megatron.models.adapters.common import StateDict, export_state_dict, import_state_dict
 
-_TO_OURS = [
+TO_OURS = [
     (r"patch_embedding\.(weight|bias)", r"patch_embedding.\1"),
     (r"time_embedding\.0\.(weight|bias)", r"time_embedding.linear_1.\1"),
     (r"time_embedding\.2\.(weight|bias)", r"time_embedding.linear_2.\1"),
@@ -29,7 +29,7 @@ _TO_OURS = [
     (r"head\.modulation", r"head.modulation"),
     (r"head\.head\.(weight|bias)", r"head.linear.\1"),
 ]
-_TO_WAN = [
+TO_WAN = [
     (r"patch_embedding\.(weight|bias)", r"patch_embedding.\1"),
     (r"time_embedding\.linear_1\.(weight|bias)", r"time_embedding.0.\1"),
     (r"time_embedding\.linear_2\.(weight|bias)", r"time_embedding.2.\1"),
@@ -83,12 +83,12 @@ config_from_original = config_from_wan
 
 def from_wan(state_dict: StateDict, model_config) -> StateDict:
     """Original Wan2.1 keys -> our full keys. Raises StateDictMismatch naming missing/unexpected keys."""
-    return import_state_dict(state_dict, _TO_OURS, model_config, "from_wan")
+    return import_state_dict(state_dict, TO_OURS, model_config, "from_wan")
 
 
 def to_wan(state_dict: StateDict, model_config) -> StateDict:
     """Our full keys -> original Wan2.1 keys."""
-    return export_state_dict(state_dict, _TO_WAN, model_config, "to_wan")
+    return export_state_dict(state_dict, TO_WAN, model_config, "to_wan")
 
 
 # DESIGN.md names: config_from_diffusers / from_diffusers / to_diffusers in `adapters.diffusers`,

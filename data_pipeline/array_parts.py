@@ -6,8 +6,8 @@ folder and renamed when done), which makes a rerun skip finished parts and redo 
 When every part is done, `merge` links all part shards into `OUT/shard-NNNNNN.tar` (relative symlinks,
 numbered in part order) and writes `OUT/manifest.json` (summed counts) and `OUT/rejects.jsonl`.
 
-    python -m tools.array_parts split --kind videos|shards --input SRC --part I --num-parts K --out FILE
-    python -m tools.array_parts merge --out OUT --num-parts K [--source INPUT]
+    python -m data_pipeline.array_parts split --kind videos|shards --input SRC --part I --num-parts K --out FILE
+    python -m data_pipeline.array_parts merge --out OUT --num-parts K [--source INPUT]
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 SUMMED_KEYS = ("num_samples", "num_shards", "total_duration_s", "total_bytes", "num_rejected", "rejected")
 
@@ -44,31 +44,42 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def list_items(kind: str, source: str) -> List[Dict[str, Any]]:
-    """Input records: videos (`path`, `caption`, extra columns) or shard files (`path`)."""
+INPUT_REJECTS = "input-rejects.jsonl"  # under OUT/parts: inputs refused while listing (hidden, bad row, duplicate)
+
+
+def list_items(kind: str, source: str) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """(usable input records, rejects.jsonl entries of the inputs refused while listing).
+
+    videos: records `path`, `caption`, extra columns, listed once over the whole input (so duplicates across parts
+    are found); shards: shard files (`path`)."""
     if kind == "videos":
         from data_pipeline.inputs import list_inputs
+        from data_pipeline.sharding import reject_entry
 
-        rows = []
+        rows, rejects = [], []
         for r in list_inputs(source):
+            if r.get("reject"):
+                rejects.append(reject_entry(r, r["reject"]))
+                continue
             row = {"path": os.path.abspath(r["path"])}
             if r.get("caption") is not None:
                 row["caption"] = r["caption"]
             row.update(r.get("extra") or {})
             rows.append(row)
-        return rows
+        return rows, rejects
     if kind == "shards":
         from data_pipeline.shardlist import resolve_shards
 
-        return [{"path": os.path.abspath(u)} for u in resolve_shards(source)]
+        return [{"path": os.path.abspath(u)} for u in resolve_shards(source)], []
     raise PartsError(f"--kind {kind!r}: use videos or shards")
 
 
 def split(kind: str, source: str, part: int, num_parts: int, out_file: str) -> List[Dict[str, Any]]:
-    """Write part `part`'s records to `out_file` (.jsonl for videos, one path per line for shards)."""
-    items = list_items(kind, source)
+    """Write part `part`'s records to `out_file` (.jsonl for videos, one path per line for shards), and the inputs
+    refused while listing to `INPUT_REJECTS` beside it (the same file from every part; merge adds it)."""
+    items, refused = list_items(kind, source)
     if num_parts > len(items):
-        raise PartsError(f"--num-parts {num_parts} exceeds the {len(items)} inputs of {source}; "
+        raise PartsError(f"--num-parts {num_parts} exceeds the {len(items)} inputs of {source} (usable ones); "
                          f"use at most --array=0-{len(items) - 1}")
     mine = items[part_slice(len(items), part, num_parts)]
     if kind == "videos":
@@ -77,6 +88,8 @@ def split(kind: str, source: str, part: int, num_parts: int, out_file: str) -> L
         text = "".join(r["path"] + "\n" for r in mine)
     Path(out_file).parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(Path(out_file), text)
+    _atomic_write(Path(out_file).parent / INPUT_REJECTS,
+                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in refused))
     return mine
 
 
@@ -136,20 +149,31 @@ def merge(out: str, num_parts: int, source: Optional[str] = None) -> Optional[Di
                 _merge_counts(merged.setdefault(k, {}), v)
             elif k not in merged:
                 merged[k] = v
+    listing = out_path / "parts" / INPUT_REJECTS
+    refused = [json.loads(line) for line in listing.read_text().splitlines()] if listing.is_file() else []
+    stats = merged.get("filter_stats")
+    if refused and isinstance(stats, dict):  # inputs refused while listing belong to no part: count them once here
+        stats["inputs"] = stats.get("inputs", 0) + len(refused)
+        stats["rejected"] = stats.get("rejected", 0) + len(refused)
+        by_reason = stats.setdefault("by_reason", {})
+        for r in refused:
+            by_reason[r["category"]] = by_reason.get(r["category"], 0) + 1
+        stats["by_reason"] = dict(sorted(by_reason.items()))
     merged["num_shards"] = len(links)
     merged["shards"] = shard_records
     merged["parts"] = num_parts
     if source is not None:
         merged["source"] = source
     _atomic_write(out_path / "manifest.json", json.dumps(merged, indent=2, sort_keys=True) + "\n")
-    rejects = "".join((part_dir(out, i) / "rejects.jsonl").read_text()
-                      for i in range(num_parts) if (part_dir(out, i) / "rejects.jsonl").is_file())
+    rejects = (listing.read_text() if listing.is_file() else "") + "".join(
+        (part_dir(out, i) / "rejects.jsonl").read_text()
+        for i in range(num_parts) if (part_dir(out, i) / "rejects.jsonl").is_file())
     _atomic_write(out_path / "rejects.jsonl", rejects)
     return merged
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.array_parts", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m data_pipeline.array_parts", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("split", help="write one part's input list")
     s.add_argument("--kind", choices=["videos", "shards"], required=True)

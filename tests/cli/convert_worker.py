@@ -29,11 +29,12 @@ def _forward(ckpt, tp, ps):
     from osp_megatron.config import ParallelConfig
     from osp_megatron.models import build_model
     from osp_megatron.models.transformer_config import make_osp_config
-    from tools import model_check
-    from tools.megatron_io import find_checkpoint_dir, read_model_config
+    from osp_megatron.weights import check as model_check
+    from osp_megatron.weights import find_checkpoint_dir
+    from osp_megatron.weights.megatron import read_run_config
 
     step = find_checkpoint_dir(ckpt)
-    mc, _ = read_model_config(step)
+    mc = read_run_config(step)[0].model
     model = build_model(make_osp_config(mc, ParallelConfig(tensor_parallel=tp), None, torch.float32), ps,
                         device="cpu").eval()
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(step))
@@ -82,14 +83,14 @@ def ema_checkpoint(diffusers_dir, out):
     from osp_megatron.config import Config
     from osp_megatron.models import build_model
     from osp_megatron.models.adapters import diffusers as ad
-    from osp_megatron.models.adapters.common import load_safetensors_dir
+    from osp_megatron.weights import read_state_dict
     from osp_megatron.parallel import ParallelState
     from osp_megatron.training.checkpoint import Checkpointer
 
     cpu_shims.apply()
     ps = ParallelState.single()
     mc = ad.config_from_diffusers(json.loads((Path(diffusers_dir) / "config.json").read_text()))
-    sd = ad.from_diffusers(load_safetensors_dir(diffusers_dir), mc)
+    sd = ad.from_diffusers(read_state_dict(diffusers_dir), mc)
     model = build_model(mc, ps, device="cpu")
     model.load_full_state_dict(sd)
     ema = build_model(mc, ps, device="cpu")

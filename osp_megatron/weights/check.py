@@ -1,12 +1,12 @@
-"""`osp-convert --check`: run the source and the converted model on one random input and compare.
+"""Compare two conversions of one model on one random input (`osp-convert --check`).
 
-A side in diffusers format runs diffusers' own `WanTransformer3DModel` (an independent implementation), the
+A side in diffusers format can run diffusers' own `WanTransformer3DModel` (an independent implementation); the
 other sides run our DiT (single process, fp32) with the weights read back from disk. Inputs: latents
 [1, C, 3, 8, 12], timestep [1] = 500, text [1, 8, text_dim] from a fixed seed.
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Dict
 
 import torch
 
@@ -38,11 +38,11 @@ def run_diffusers(folder: str, inputs) -> torch.Tensor:
 
     from diffusers import WanTransformer3DModel
 
-    from osp_megatron.models.adapters.common import load_safetensors_dir
+    from osp_megatron.weights.files import read_state_dict
 
     config = json.loads((Path(folder) / "config.json").read_text())
     model = WanTransformer3DModel.from_config(config).float().eval()  # no `accelerate` needed
-    model.load_state_dict(load_safetensors_dir(folder), strict=True)
+    model.load_state_dict(read_state_dict(folder), strict=True)
     x, t, text = inputs
     return model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0].float()
 

@@ -1,4 +1,4 @@
-"""tools.array_parts: array-job parts cover every input exactly once; merge links finished parts only."""
+"""data_pipeline.array_parts: array-job parts cover every input exactly once; merge links finished parts only."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tools import array_parts as ap
+from data_pipeline import array_parts as ap
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 10, 101])
@@ -80,3 +80,34 @@ def test_merge_waits_for_every_part_then_links_and_sums(tmp_path):
     assert [s["name"] for s in merged["shards"]] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     assert len((out / "rejects.jsonl").read_text().splitlines()) == 2
     assert json.loads((out / "manifest.json").read_text()) == merged
+
+
+def test_inputs_refused_while_listing_reach_the_merged_rejects_once(tmp_path):
+    """Hidden names, bad rows and duplicates are refused over the whole input (not per part) and reported once."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(3):
+        (videos / f"v{i}.mp4").write_bytes(b"x")
+    rows = [{"path": f"videos/v{i}.mp4", "caption": f"clip {i}"} for i in range(3)]
+    rows += [{"path": "videos/v0.mp4", "caption": "again"}, {"caption": "no path"}]
+    man = tmp_path / "list.jsonl"
+    man.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    parts = []
+    for i in range(2):
+        ap.split("videos", str(man), i, 2, str(out / "parts" / f".p{i}.inputs.jsonl"))
+        parts += [json.loads(line) for line in (out / "parts" / f".p{i}.inputs.jsonl").read_text().splitlines()]
+    assert sorted(r["caption"] for r in parts) == ["clip 0", "clip 1", "clip 2"]  # rejected rows in no part
+    refused = [json.loads(line) for line in (out / "parts" / ap.INPUT_REJECTS).read_text().splitlines()]
+    assert sorted(r["category"] for r in refused) == ["bad_row", "duplicate"]
+    for i in range(2):
+        d = ap.part_dir(str(out), i)
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"num_samples": 1, "num_shards": 0, "shards": [],
+                                                     "filter_stats": {"inputs": 1, "accepted": 1, "rejected": 0,
+                                                                      "by_reason": {}}}))
+    merged = ap.merge(str(out), 2)
+    assert merged["filter_stats"] == {"inputs": 4, "accepted": 2, "rejected": 2,
+                                      "by_reason": {"bad_row": 1, "duplicate": 1}}
+    lines = (out / "rejects.jsonl").read_text().splitlines()
+    assert sorted(json.loads(x)["category"] for x in lines) == ["bad_row", "duplicate"]

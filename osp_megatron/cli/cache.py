@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(normalised VAE latents [16,T',H',W']), <key>.text.pth (umT5 embedding [tokens, D]), "
                     "<key>.json, <key>.txt. Run under torchrun to spread shards over ranks; reruns skip "
                     "finished shards.",
-        epilog="example: torchrun --nproc-per-node 8 -m data_pipeline.cli.cache --input shards/ --output latents/ "
+        epilog="example: torchrun --nproc-per-node 8 -m osp_megatron.cli.cache --input shards/ --output latents/ "
                "--vae /models/Wan2.1-T2V-1.3B-Diffusers --text-encoder /models/Wan2.1-T2V-1.3B-Diffusers "
                "--buckets 81x480x832,81x832x480",
     )

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from osp_megatron.models.adapters import diffusers as ad
-from osp_megatron.models.adapters.common import load_safetensors_dir
-from tools import convert
+from osp_megatron.cli import convert
+from osp_megatron.weights import read_state_dict
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("convert_worker.py")
@@ -28,7 +28,7 @@ def _env():
 
 def _cli(*args, expect=0):
     """osp-convert in its own process (megatron's process groups stay out of the test process)."""
-    out = subprocess.run([sys.executable, "-m", "tools.convert", *map(str, args)], env=_env(), cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "osp_megatron.cli.convert", *map(str, args)], env=_env(), cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == expect, f"osp-convert {' '.join(map(str, args))} -> {out.returncode}\n{out.stderr[-4000:]}"
     return json.loads(out.stdout) if expect == 0 else out.stderr
@@ -71,12 +71,12 @@ def test_diffusers_wan_round_trip_is_bitwise_with_sharded_files(diffusers_dir, t
     wan = tmp_path / "wan"
     assert (wan / "diffusion_pytorch_model.safetensors.index.json").is_file()
     assert len(list(wan.glob("diffusion_pytorch_model-*-of-*.safetensors"))) > 1
-    wan_sd = load_safetensors_dir(wan)
+    wan_sd = read_state_dict(wan)
     assert "blocks.0.self_attn.q.weight" in wan_sd and "blocks.0.norm3.weight" in wan_sd  # Wan's own names
     assert json.loads((wan / "config.json").read_text())["dim"] == 64
     assert convert.main(["--from", "wan", "--to", "diffusers", "--input", str(wan), "--output",
                          str(tmp_path / "back")]) == 0
-    _same(load_safetensors_dir(diffusers_dir), load_safetensors_dir(tmp_path / "back"))
+    _same(read_state_dict(diffusers_dir), read_state_dict(tmp_path / "back"))
 
 
 @pytest.mark.slow
@@ -90,7 +90,7 @@ def test_megatron_tp2_to_diffusers_to_megatron_tp1_identical(diffusers_dir, tmp_
     assert (tp2 / "latest").read_text().strip() == "step_0000000"
     assert (tp2 / "step_0000000" / "osp_checkpoint.json").is_file()  # completion marker of training checkpoints
     _cli("--from", "megatron", "--to", "diffusers", "--input", tp2, "--output", exported)
-    _same(load_safetensors_dir(diffusers_dir), load_safetensors_dir(exported))  # TP2 shards joined bitwise
+    _same(read_state_dict(diffusers_dir), read_state_dict(exported))  # TP2 shards joined bitwise
     _cli("--from", "diffusers", "--to", "megatron", "--input", exported, "--output", tp1, "--tp", 1)
     # a: the TP2 checkpoint run by 2 ranks (gloo); b: the TP1 checkpoint; c: TP2 resharded to TP1 on load
     _worker("forward", tmp_path, tp2, tp1)
@@ -102,7 +102,7 @@ def test_megatron_tp2_to_diffusers_to_megatron_tp1_identical(diffusers_dir, tmp_
 def test_ema_lora_and_dtype_export(diffusers_dir, tmp_path):
     ckpt = tmp_path / "run"
     _worker("ema-checkpoint", diffusers_dir, ckpt)
-    base = load_safetensors_dir(diffusers_dir)
+    base = read_state_dict(diffusers_dir)
     # LoRA for one column-parallel (q) and one row-parallel (out proj) linear, stored as 2 TP shards the way
     # osp-grpo writes them (column: B split on out; row: A split on in)
     g = torch.Generator().manual_seed(1)
@@ -121,7 +121,7 @@ def test_ema_lora_and_dtype_export(diffusers_dir, tmp_path):
         torch.save({"lora": shard, "optimizer": {}}, lora_dir / f"lora_tp{r:02d}.pt")
     _cli("--from", "megatron", "--to", "diffusers", "--input", ckpt, "--output", tmp_path / "ema", "--ema",
          "--lora", tmp_path / "grpo", "--dtype", "bf16", "--check")
-    got = load_safetensors_dir(tmp_path / "ema")
+    got = read_state_dict(tmp_path / "ema")
     ours = ad.from_diffusers(base, ad.config_from_diffusers(json.loads((diffusers_dir / "config.json").read_text())))
     ema = {k: v * 0.5 for k, v in ours.items()}
     for name in (q, o):
@@ -132,7 +132,7 @@ def test_ema_lora_and_dtype_export(diffusers_dir, tmp_path):
     _same(want, got)
     # without --ema: the raw weights, untouched
     _cli("--from", "megatron", "--to", "diffusers", "--input", ckpt, "--output", tmp_path / "raw")
-    _same(base, load_safetensors_dir(tmp_path / "raw"))
+    _same(base, read_state_dict(tmp_path / "raw"))
 
 
 def test_check_fails_on_a_wrong_conversion(diffusers_dir, tmp_path, monkeypatch, capsys):

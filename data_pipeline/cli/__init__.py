@@ -1,1 +1,0 @@
-"""Console entry points of the data pipeline: `osp-shards` (videos -> shards), `osp-cache` (shards -> latents)."""
