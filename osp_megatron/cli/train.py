@@ -101,6 +101,25 @@ def parallel_plan(cfg, world_size: int) -> str:
     return "\n".join(lines)
 
 
+def shift_plan(cfg) -> str:
+    """The training timestep shift each bucket resolves to (dynamic shift: per bucket; static: one value)."""
+    from osp_megatron.diffusion.flow_matching import FlowMatching
+
+    t, dims = cfg.train, cfg.model.resolve()
+    flow = FlowMatching.from_train_config(t, dims.patch_size)
+    rule = (f"dynamic, {t.shift_rule} tokens: {t.base_seq_len} -> {t.base_shift}, {t.max_seq_len} -> {t.max_shift}"
+            if t.dynamic_shift else "static")
+    lines = [f"timestep shift ({rule}):"]
+    if cfg.data.kind == "synthetic":
+        shapes = [("synthetic", list(cfg.data.synthetic_latent_shape))]
+    else:
+        shapes = [(f"{b.frames}x{b.height}x{b.width}", [dims.in_channels, (b.frames - 1) // 4 + 1, b.height // 8,
+                                                        b.width // 8]) for b in cfg.data.buckets]
+    for name, shape in shapes:
+        lines.append(f"  {name} (latents {shape}): shift {flow.shift_for(shape):.4f}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="osp-train",
@@ -148,6 +167,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(cfg.to_yaml())
             print("# parallel plan")
             print(parallel_plan(cfg, env["world_size"]))
+            print(shift_plan(cfg))
         return 0
     try:
         env["master_port"] = _resolve_port(env)

@@ -77,6 +77,22 @@ def sample_latents(model, text: torch.Tensor, null_text: Optional[torch.Tensor],
             bar.close()
 
 
+def sample_settings(train_cfg) -> dict:
+    """The in-training sample settings: `train.sample_preset` when set (e.g. osp-next), else the sample_* keys.
+    Keys: steps, guidance, shift, seed, solver, negative_prompt, latent_dtype."""
+    from osp_megatron.diffusion.presets import sample_preset
+
+    t = train_cfg
+    out = {"steps": t.sample_steps, "guidance": t.sample_guidance, "shift": t.sample_shift, "seed": t.sample_seed,
+           "solver": t.sample_solver, "negative_prompt": "", "latent_dtype": None}
+    if t.sample_preset:
+        p = sample_preset(t.sample_preset)
+        out.update(steps=p["steps"], guidance=p["guidance"], shift=p["shift"], seed=p["seed"], solver=p["sampler"],
+                   negative_prompt=p["negative_prompt"],
+                   latent_dtype=torch.bfloat16 if p["latent_dtype"] == "bf16" else None)
+    return out
+
+
 @torch.no_grad()
 def make_sample_videos(model, vae, text_encoder, prompts: List[str], latent_shape: Sequence[int], steps: int,
                        guidance: float, shift: float, seed: int, device, dtype, out_dir: Path, step: int,
