@@ -139,9 +139,11 @@ def test_adaptive_clipping_is_osp_next_rule_and_resumes():
         GradClipper("ema")
 
 
+@pytest.mark.slow
 def test_training_with_the_recipe_resumes_its_clipping_bound(tmp_path):
-    """A tiny run with adaptive clipping, caption dropout and OSP-Next sample settings: the run stopped after 2
-    steps and resumed logs the same loss and clipping bound at steps 3-4 as the uninterrupted run."""
+    """A tiny run with adaptive clipping, caption dropout and OSP-Next sample settings, stopped after 2 steps and
+    resumed: the logged bounds are OSP-Next's rule over the logged gradient norms across the restart (the EMA
+    state came back from the checkpoint), and the sample video was written with the preset."""
     import sys
 
     import yaml
@@ -160,11 +162,11 @@ def test_training_with_the_recipe_resumes_its_clipping_bound(tmp_path):
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    whole, part = tmp_path / "whole", tmp_path / "part"
-    assert run_world(1, str(path), [f"train.run_dir={whole}"], tmp_path / "l1") == [0]
-    assert run_world(1, str(path), [f"train.run_dir={part}", "train.exit_after_steps=2"], tmp_path / "l2") == [3]
-    assert run_world(1, str(path), [f"train.run_dir={part}"], tmp_path / "l3") == [0]
-    a, b = metrics(whole), metrics(part)
-    pick = lambda ms: [(m["step"], m["loss"], m["grad_clip_bound"]) for m in ms if m["step"] > 2]  # noqa: E731
-    assert pick(a) == pick(b) and len(pick(a)) == 2
-    assert a[0]["grad_clip_bound"] <= 1.0 and len(list((whole / "samples").glob("*.mp4"))) == 1
+    run = tmp_path / "run"
+    assert run_world(1, str(path), [f"train.run_dir={run}", "train.exit_after_steps=2"], tmp_path / "l1") == [3]
+    assert run_world(1, str(path), [f"train.run_dir={run}"], tmp_path / "l2") == [0]
+    ms = metrics(run)
+    assert [m["step"] for m in ms] == [1, 2, 3, 4]
+    assert [m["grad_clip_bound"] for m in ms] == pytest.approx(_osp_next_adaptive([m["grad_norm"] for m in ms]),
+                                                               rel=1e-9)
+    assert len(list((run / "samples").glob("*.mp4"))) == 1
