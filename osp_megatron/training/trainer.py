@@ -208,7 +208,7 @@ class Trainer:
         import data_pipeline
 
         self.loader = data_pipeline.build_loader(cfg.data, rank=self.dp_rank, world_size=self.dp_size,
-                                                 text_dim=self.dims.text_dim)
+                                                 text_dim=self.dims.text_dim, latent_channels=self.dims.in_channels)
         self.data = EndlessLoader(self.loader)
         need_vae = cfg.data.kind == "raw" or cfg.train.sample_interval > 0
         need_text = cfg.data.kind == "raw" or cfg.train.sample_interval > 0 or cfg.data.caption_dropout > 0
