@@ -18,7 +18,8 @@ with --vae / --text-encoder (local folders; `tiny` = the random demo stand-ins, 
 sampled alone from noise seeded with `seed + i` (`--seed-mode same`: `seed`; results do not depend on how many
 prompts run together). UniPC (diffusers' WanPipeline: integer timesteps) or Euler (OSP-Next: float timesteps),
 classifier-free guidance with the negative prompt (empty by default), shifted sigma grid. `--preset osp-next`
-takes OSP-Next's released inference settings (osp_megatron/diffusion/presets.py says where each comes from). Under torchrun the
+takes OSP-Next's released inference settings (osp_megatron/diffusion/presets.py says where each comes from).
+Under torchrun the
 DiT is split over TP x SSP x Ulysses ranks (world size = their product); every rank holds the gathered
 velocity, so all ranks run the same sampler and rank 0 decodes and writes `sample_NNNN.mp4` + `.json`.
 """
@@ -216,8 +217,9 @@ def encoder_paths(args, ckpt) -> Dict[str, str]:
         else:
             where = "a diffusers pipeline folder without " + sub + "/" if pipeline else f"a {ckpt.format} checkpoint"
             raise SampleError(f"{flag}: --checkpoint {args.checkpoint} is {where}, so it brings no {sub}; give "
-                              f"{flag} PATH (a Wan2.1 diffusers pipeline folder, e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers, "
-                              f"or its {sub}/ folder), or {flag} tiny for the random demo stand-in")
+                              f"{flag} PATH (a Wan2.1 diffusers pipeline folder, e.g. "
+                              f"Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or its {sub}/ folder), or {flag} tiny for the random "
+                              "demo stand-in")
     return out
 
 

@@ -19,6 +19,7 @@ from dp_helpers import BUCKETS, NUM_CLIPS, read_json
 
 BUCKET_ARG = ",".join(f"{b.frames}x{b.height}x{b.width}" for b in BUCKETS)
 TEXT_LEN, TEXT_DIM = 24, 32
+TINY = {"vae": "tiny", "text_encoder": "tiny"}  # the random stand-ins, asked for explicitly
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_rerun_skips_finished_shards(raw_shards, latent_shards, tmp_path):
     old = victim.read_bytes()
     (out / ".osp-cache" / f"{victim.name}.json").unlink()
     # the fixture decoded in 2 worker processes; redo in-process: the bytes must not depend on that
-    cfg = CacheConfig(vae="tiny", text_encoder="tiny", input=str(raw_shards), output=str(out), buckets=list(BUCKETS), text_len=TEXT_LEN,
+    cfg = CacheConfig(**TINY, input=str(raw_shards), output=str(out), buckets=list(BUCKETS), text_len=TEXT_LEN,
                       text_dim=TEXT_DIM, device="cpu", workers=0)
     summary = LatentCacher(cfg).run(progress=False)
     assert summary == {"shards_done": 1, "shards_skipped": 3, "samples": 3, "rejected": 0}
@@ -98,7 +99,7 @@ def test_rerun_skips_finished_shards(raw_shards, latent_shards, tmp_path):
 
 def test_ranks_take_disjoint_shards_and_last_writes_manifest(raw_shards, tmp_path):
     out = tmp_path / "lat"
-    cfg = CacheConfig(vae="tiny", text_encoder="tiny", input=str(raw_shards), output=str(out), buckets=list(BUCKETS), text_len=8, text_dim=16,
+    cfg = CacheConfig(**TINY, input=str(raw_shards), output=str(out), buckets=list(BUCKETS), text_len=8, text_dim=16,
                       device="cpu", workers=0)
     r1 = LatentCacher(cfg, rank=1, world_size=2)
     assert [os.path.basename(u) for u in r1.mine] == ["shard-000001.tar", "shard-000003.tar"]
@@ -154,7 +155,7 @@ def test_bad_samples_become_named_rejects(raw_shards, tmp_path):
         w.write({"__key__": good[0]["__key__"], "mp4": good[0]["mp4"], "txt": good[0]["txt"], "json": good[0]["json"]})
         w.write({"__key__": "garbage", "mp4": os.urandom(2000), "txt": b"noise", "json": b"{}"})
         w.write({"__key__": "nocap", "mp4": good[1]["mp4"], "json": b"{}"})  # no .txt, no caption in json
-    cfg = CacheConfig(vae="tiny", text_encoder="tiny", input=str(src), output=str(tmp_path / "out"), buckets=list(BUCKETS), text_len=8,
+    cfg = CacheConfig(**TINY, input=str(src), output=str(tmp_path / "out"), buckets=list(BUCKETS), text_len=8,
                       text_dim=16, device="cpu", workers=2)
     summary = LatentCacher(cfg).run(progress=False)
     assert summary["samples"] == 1 and summary["rejected"] == 2
@@ -179,7 +180,7 @@ def test_foreign_member_names_become_safe_unique_keys(raw_shards, tmp_path):
                 info = tarfile.TarInfo(f"{name}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    cfg = CacheConfig(vae="tiny", text_encoder="tiny", input=str(src), output=str(tmp_path / "out"), buckets=list(BUCKETS), text_len=8,
+    cfg = CacheConfig(**TINY, input=str(src), output=str(tmp_path / "out"), buckets=list(BUCKETS), text_len=8,
                       text_dim=16, device="cpu", workers=0)
     summary = LatentCacher(cfg).run(progress=False)
     assert summary["samples"] == len(names) and summary["rejected"] == 0

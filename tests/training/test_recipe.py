@@ -46,8 +46,8 @@ def test_dry_run_prints_the_shift_of_every_bucket(monkeypatch, capsys, tmp_path)
     (tmp_path / "shards").mkdir()
     buckets = "[{frames: 81, height: 720, width: 1280}, {frames: 81, height: 480, width: 832}]"
     assert main(["configs/demo_cpu.yaml", f"data.shards={tmp_path / 'shards'}", f"data.buckets={buckets}",
-                 "train.dynamic_shift=true", "train.shift_rule=per_frame", "train.base_seq_len=256", "train.max_seq_len=4096",
-                 "train.base_shift=0.5", "train.max_shift=1.15", "--dry-run"]) == 0
+                 "train.dynamic_shift=true", "train.shift_rule=per_frame", "train.base_seq_len=256",
+                 "train.max_seq_len=4096", "train.base_shift=0.5", "train.max_shift=1.15", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "timestep shift (dynamic, per_frame tokens: 256 -> 0.5, 4096 -> 1.15)" in out
     assert "81x720x1280 (latents [16, 21, 90, 160]): shift 2.9039" in out

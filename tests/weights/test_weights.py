@@ -275,7 +275,8 @@ def test_hif8_checkpoint_samples_with_its_recipe_unless_told_otherwise(tmp_path)
     from osp_megatron.cli.sample import load_dit, open_dit, quantization
 
     folder = onf.write_folder(tmp_path / "hif8", onf.random_state_dict(0), quant="hif8", quant_attn="hif8")
-    args = SimpleNamespace(checkpoint=str(folder), format="auto", ema=False, precision="checkpoint", tp=1, ssp=1, ulysses=1)
+    args = SimpleNamespace(checkpoint=str(folder), format="auto", ema=False, precision="checkpoint", tp=1, ssp=1,
+                           ulysses=1)
     ckpt, mc, precision = open_dit(args, {})
     assert (precision.recipe, precision.quantize_attention, precision.scale_max_fwd) == ("hif8_current", True, 15.0)
     assert open_dit(SimpleNamespace(**{**vars(args), "precision": "none"}), {})[2] == PrecisionConfig()
