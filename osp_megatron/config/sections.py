@@ -11,6 +11,7 @@ from typing import List, Optional
 
 from osp_megatron.config.schema import option
 from osp_megatron.config.sizes import DIM_FIELDS, SIZES, ModelDims, default_num_full
+from osp_megatron.diffusion.presets import SAMPLE_PRESETS
 from osp_megatron.skiparse import block_schedule
 
 SCHEDULES = ("full", "dual_end", "uniform")
@@ -197,7 +198,7 @@ class TrainConfig:
     sample_seed: int = option(42, "fixed noise seed, so samples are comparable across steps")
     sample_preset: str = option("", "named sampling settings for the sample videos, replacing sample_solver/steps/"
                                 "shift/guidance/seed (osp-next: OSP-Next's released inference; empty: none)",
-                                choices=("", "osp-next"))
+                                choices=("",) + tuple(SAMPLE_PRESETS))
     max_nonfinite_steps: int = option(5, "stop (exit 4) after this many non-finite steps in a row", minimum=1)
     exit_after_steps: int = option(0, "stop with a checkpoint (exit 3) after N steps in this process (0: never)",
                                    minimum=0)
