@@ -39,8 +39,8 @@ class CacheConfig:
 
     input: str
     output: str
-    vae: str = "tiny"
-    text_encoder: str = "tiny"
+    vae: str = ""  # a Wan VAE folder / pipeline folder, or "tiny" (the random demo stand-in); required
+    text_encoder: str = ""  # a umT5 folder / pipeline folder, or "tiny"; required
     tokenizer: Optional[str] = None
     buckets: List[BucketSpec] = field(default_factory=lambda: [BucketSpec()])
     fps: float = 16.0
@@ -84,6 +84,11 @@ class CacheConfig:
             errors.append(f"{prefix} --decoder={self.decoder}: {decoder_unavailable(self.decoder)}")
         if self.workers < 0:
             errors.append(f"{prefix} --workers={self.workers}: must be >= 0 (0 = decode in the main process)")
+        for name, flag in (("vae", "--vae"), ("text_encoder", "--text-encoder")):
+            if not getattr(self, name):
+                errors.append(f"{prefix} {flag} is required: give the encoder the model trains with (a Wan2.1 "
+                              f"diffusers pipeline folder, or --pipeline for both), or {flag} tiny for the random "
+                              "demo stand-in")
         if self.text_dim is not None and self.text_encoder != "tiny":
             errors.append(f"{prefix} --text-dim is only for --text-encoder tiny (a real encoder has its own width)")
 
@@ -206,7 +211,7 @@ class LatentCacher:
             writer.close()
         os.replace(tmp, self.out / name)
         stats = {"name": name, "source": url, "num_samples": count, "bytes": (self.out / name).stat().st_size,
-                 "rejects": rejects, "rank": self.rank}
+                 "rejects": rejects, "rank": self.rank, "latent_channels": self.vae.z_dim, "text_dim": self.text.dim}
         atomic_write_text(self.state / f"{name}.json", json.dumps(stats))
         return stats
 
@@ -234,6 +239,9 @@ class LatentCacher:
             "vae": self.cfg.vae,
             "text_encoder": self.cfg.text_encoder,
             "text_len": self.cfg.text_len,
+            # the widths the model must take (None: shards from before these fields)
+            "latent_channels": next((s["latent_channels"] for s in stats if "latent_channels" in s), None),
+            "text_dim": next((s["text_dim"] for s in stats if "text_dim" in s), None),
             "save_dtype": self.cfg.save_dtype,
             "buckets": [dataclasses.asdict(b) for b in self.cfg.buckets],
             "fps": self.cfg.fps,

@@ -4,9 +4,8 @@ import sys
 import textwrap
 
 import pytest
-import torch.distributed as dist
 
-from osp_megatron.launch import EXIT_BAD_CONFIG, EXIT_ERROR, DistEnv, LaunchError, distributed, free_port, run_ranks
+from osp_megatron.launch import EXIT_BAD_CONFIG, EXIT_ERROR, DistEnv, LaunchError, free_port, run_ranks
 
 
 def test_env_torchrun_slurm_and_single():
@@ -49,12 +48,24 @@ def test_run_ranks_exit_codes(capsys):
 
 
 def test_distributed_single_process_sets_up_and_tears_down():
-    assert not dist.is_initialized()
-    with distributed(DistEnv(), timeout_minutes=1) as device:
-        assert device.type == "cpu" and dist.is_initialized() and dist.get_world_size() == 1
-    assert not dist.is_initialized()
-    with distributed(DistEnv(), always=False):
+    """In a fresh process: a group is started and destroyed; `always=False` starts none; an existing group is kept."""
+    code = textwrap.dedent("""
+        import torch.distributed as dist
+        from osp_megatron.launch import DistEnv, distributed
+        with distributed(DistEnv(), timeout_minutes=1) as device:
+            assert device.type == "cpu" and dist.is_initialized() and dist.get_world_size() == 1
         assert not dist.is_initialized()
+        with distributed(DistEnv(), always=False):
+            assert not dist.is_initialized()
+        with distributed(DistEnv()):
+            with distributed(DistEnv()):
+                pass
+            assert dist.is_initialized()  # the inner block did not own the group
+        assert not dist.is_initialized()
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
 
 
 def test_failing_rank_is_named_and_peers_do_not_hang(tmp_path):

@@ -16,9 +16,12 @@ from typing import Optional, Sequence
 
 from osp_megatron.config import ConfigError, load_config
 from osp_megatron.config.reference import config_reference
+from osp_megatron.diffusion.flow_matching import FlowMatching
 from osp_megatron.launch import EXIT_BAD_CONFIG, DistEnv, distributed, run_ranks
 from osp_megatron.skiparse import block_schedule
 from osp_megatron.training.flops import forward_flops
+from osp_megatron.training.trainer import Trainer  # the trainer pulls in megatron-core's training stack
+
 
 def parallel_plan(cfg, world_size: int) -> str:
     """Human-readable parallel plan: group sizes, micro-batching, pipeline split, per-block layouts."""
@@ -66,6 +69,23 @@ def parallel_plan(cfg, world_size: int) -> str:
     return "\n".join(lines)
 
 
+def shift_plan(cfg) -> str:
+    """The training timestep shift each bucket resolves to (dynamic shift: per bucket; static: one value)."""
+    t, dims = cfg.train, cfg.model.resolve()
+    flow = FlowMatching.from_train_config(t, dims.patch_size)
+    rule = (f"dynamic, {t.shift_rule} tokens: {t.base_seq_len} -> {t.base_shift}, {t.max_seq_len} -> {t.max_shift}"
+            if t.dynamic_shift else "static")
+    lines = [f"timestep shift ({rule}):"]
+    if cfg.data.kind == "synthetic":
+        shapes = [("synthetic", list(cfg.data.synthetic_latent_shape))]
+    else:
+        shapes = [(f"{b.frames}x{b.height}x{b.width}", [dims.in_channels, (b.frames - 1) // 4 + 1, b.height // 8,
+                                                        b.width // 8]) for b in cfg.data.buckets]
+    for name, shape in shapes:
+        lines.append(f"  {name} (latents {shape}): shift {flow.shift_for(shape):.4f}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="osp-train",
@@ -110,14 +130,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(cfg.to_yaml())
             print("# parallel plan")
             print(parallel_plan(cfg, env.world_size))
+            print(shift_plan(cfg))
         return 0
     return run(cfg, env)
 
 
 def run(cfg, env: DistEnv) -> int:
     """Initialise torch.distributed, train, tear down. Returns the exit code."""
-    from osp_megatron.training.trainer import Trainer  # the trainer pulls in megatron-core's training stack
-
     def body() -> int:
         with distributed(env, timeout_minutes=cfg.parallel.timeout_minutes) as device:
             trainer = Trainer(cfg, device)

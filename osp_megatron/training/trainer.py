@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from osp_megatron.config import Config, resolved_dtype
 from osp_megatron.diffusion.flow_matching import FlowMatching
+from osp_megatron.training.clipping import GradClipper
 from osp_megatron.training import signals
 from osp_megatron.training.batches import BatchPreparer, EndlessLoader
 from osp_megatron.training.checkpoint import CheckpointError, Checkpointer, shutdown_writer_manager
@@ -183,8 +184,10 @@ class Trainer:
         # data + encoders
         self._setup_data()
         self.flow = FlowMatching.from_train_config(t, self.dims.patch_size)
+        self.clipper = GradClipper.from_train_config(t)
         self.preparer = BatchPreparer(self.flow, t.seed, self.dp_rank, self.device, self.dtype,
-                                      vae=self.vae, text_encoder=self.text_encoder)
+                                      vae=self.vae, text_encoder=self.text_encoder,
+                                      caption_dropout=cfg.data.caption_dropout)
         self.checkpointer = Checkpointer(
             self.run_dir, keep_last=t.keep_last, async_save=t.async_save and self.device.type == "cuda",
             checksums=t.checkpoint_checksums,
@@ -205,10 +208,10 @@ class Trainer:
         import data_pipeline
 
         self.loader = data_pipeline.build_loader(cfg.data, rank=self.dp_rank, world_size=self.dp_size,
-                                                 text_dim=self.dims.text_dim)
+                                                 text_dim=self.dims.text_dim, latent_channels=self.dims.in_channels)
         self.data = EndlessLoader(self.loader)
         need_vae = cfg.data.kind == "raw" or cfg.train.sample_interval > 0
-        need_text = cfg.data.kind == "raw" or cfg.train.sample_interval > 0
+        need_text = cfg.data.kind == "raw" or cfg.train.sample_interval > 0 or cfg.data.caption_dropout > 0
         self.vae = self.text_encoder = None
         if need_vae or need_text:
             from osp_megatron.encoders import load_text_encoder, load_vae
@@ -303,6 +306,7 @@ class Trainer:
             "loader": _all_gather_object({"dp_rank": self.dp_rank, "state": loader_state, "passes": self.data.passes}),
             "config_yaml": self.cfg.to_yaml(),
             "quant": self.recipe.state_dict() if hasattr(self.recipe, "state_dict") else None,
+            "clip": self.clipper.state_dict(),
         }
         t0 = time.time()
         self.checkpointer.save(self.step, state, before_commit=before_commit)
@@ -369,6 +373,7 @@ class Trainer:
             self.info(f"[osp-train] world size changed {osp['world_size']} -> {self.world}: RNG states re-seeded "
                       "(noise is derived from (seed, dp_rank, step) and does not depend on them)")
         self._restore_loader(osp["loader"], int(osp["dp_size"]))
+        self.clipper.load_state_dict(osp.get("clip"))
         if osp.get("quant") is not None and hasattr(self.recipe, "load_state_dict"):
             self.recipe.load_state_dict(osp["quant"], device=self.device)  # delayed-scaling amax histories
         return True
@@ -478,11 +483,12 @@ class Trainer:
         grad_norm = float(self.optimizer.get_grad_norm())
         finite = bool(np.isfinite(loss) and np.isfinite(grad_norm))
         if finite:
-            if t.clip_grad > 0:
+            bound = self.clipper.bound(grad_norm)
+            if bound is not None:
                 for opt in opts:
                     params = opt.get_parameters()
                     if params:
-                        clip_grad_by_total_norm_fp32(params, max_norm=t.clip_grad, total_norm=grad_norm)
+                        clip_grad_by_total_norm_fp32(params, max_norm=bound, total_norm=grad_norm)
             self.scheduler.step(increment=1)  # the LR of update number `updates + 1` (warmup starts above 0)
             self.optimizer.step_with_ready_grads()
             self.updates += 1
@@ -503,6 +509,7 @@ class Trainer:
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
+            "grad_clip_bound": float(self.clipper.last_bound or 0.0),
             "lr": self.optimizer.param_groups[0]["lr"],
             "step_time_s": dt,
             "samples_per_s": samples / dt,
@@ -542,7 +549,7 @@ class Trainer:
         if self.pp_size > 1:
             self.info("[osp-train] sample videos need parallel.pipeline_parallel=1; skipped")
             return
-        from osp_megatron.training.samples import make_sample_videos
+        from osp_megatron.training.samples import make_sample_videos, sample_settings
 
         if self.cfg.data.kind == "synthetic":
             latent_shape = tuple(self.cfg.data.synthetic_latent_shape)
@@ -550,10 +557,12 @@ class Trainer:
             b = self.cfg.data.buckets[0]
             latent_shape = tuple(self.vae.latent_shape(b.frames, b.height, b.width))
         net = self.ema.module if self.ema is not None and self.ema.device == self.device else unwrap(self.model)
+        st = sample_settings(t)
         paths = make_sample_videos(
-            net, self.vae, self.text_encoder, t.sample_prompts, latent_shape, t.sample_steps, t.sample_guidance,
-            t.sample_shift, t.sample_seed, self.device, torch.float32 if net is getattr(self.ema, "module", None) else self.dtype,
-            self.run_dir / "samples", self.step, self.cfg.data.fps, write=self.rank == 0, solver=t.sample_solver,
+            net, self.vae, self.text_encoder, t.sample_prompts, latent_shape, st["steps"], st["guidance"],
+            st["shift"], st["seed"], self.device, torch.float32 if net is getattr(self.ema, "module", None) else self.dtype,
+            self.run_dir / "samples", self.step, self.cfg.data.fps, write=self.rank == 0, solver=st["solver"],
+            negative_prompt=st["negative_prompt"], latent_dtype=st["latent_dtype"],
         )
         for p in paths:
             self.tracker.log_artifact(p, "samples")
