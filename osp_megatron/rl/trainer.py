@@ -14,6 +14,7 @@ samples and draws the same noise):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -55,10 +56,11 @@ Tensor = torch.Tensor
 # --------------------------------------------------------------------------------------------
 class RandomTextEmbedder:
     """Fixed random embeddings per prompt (tests / demo without a text encoder): `[L, D]` drawn from crc32(prompt);
-    the null (CFG) embedding is zeros."""
+    the null (CFG) embedding is the negative prompt's embedding, zeros when it is empty."""
 
-    def __init__(self, text_len: int, text_dim: int) -> None:
+    def __init__(self, text_len: int, text_dim: int, negative_prompt: str = "") -> None:
         self.text_len, self.text_dim = text_len, text_dim
+        self.negative_prompt = negative_prompt
         self._cache: Dict[str, Tensor] = {}
 
     def _one(self, prompt: str) -> Tensor:
@@ -70,14 +72,17 @@ class RandomTextEmbedder:
         return torch.stack([self._one(p) for p in prompts])
 
     def null(self) -> Tensor:
+        if self.negative_prompt:
+            return self._one(self.negative_prompt)[None]
         return torch.zeros(1, self.text_len, self.text_dim)
 
 
 class EncoderTextEmbedder:
     """umT5 (or the tiny stand-in) from `osp_megatron.encoders` (bf16 on CUDA), with an LRU cache of `cache_size`
-    prompts (CPU, float32); null embedding = encoding of ""."""
+    prompts (CPU, float32); null embedding = encoding of the negative prompt ("" by default)."""
 
-    def __init__(self, spec: str, device, text_len: int, text_dim: int, cache_size: int = 256) -> None:
+    def __init__(self, spec: str, device, text_len: int, text_dim: int, cache_size: int = 256,
+                 negative_prompt: str = "") -> None:
         from collections import OrderedDict
 
         from osp_megatron.encoders import load_text_encoder
@@ -86,6 +91,7 @@ class EncoderTextEmbedder:
         self.enc = load_text_encoder(spec, device=device, dtype=dtype, text_len=text_len, text_dim=text_dim)
         self._cache: "OrderedDict[str, Tensor]" = OrderedDict()
         self.cache_size = cache_size
+        self.negative_prompt = negative_prompt
 
     def encode(self, prompts: Sequence[str]) -> Tensor:
         new = [p for p in dict.fromkeys(prompts) if p not in self._cache]
@@ -100,7 +106,7 @@ class EncoderTextEmbedder:
         return out
 
     def null(self) -> Tensor:
-        return self.enc.encode([""]).float().cpu()
+        return self.enc.encode([self.negative_prompt]).float().cpu()
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,8 +115,8 @@ class EncoderTextEmbedder:
 class _Dist:
     """Ranks and groups for GRPO (single process when torch.distributed is not initialised)."""
 
-    def __init__(self, parallel=None) -> None:
-        self.parallel = parallel
+    def __init__(self, parallel=None, device="cpu") -> None:
+        self.parallel, self.device = parallel, torch.device(device)
         self.on = dist.is_initialized() and dist.get_world_size() > 1
         if parallel is not None:
             self.dp, self.dp_rank, self.dp_group = parallel.dp, parallel.dp_rank, parallel.dp_group
@@ -134,6 +140,13 @@ class _Dist:
         dist.all_gather(parts, t.contiguous(), group=self.dp_group)
         return torch.cat(parts)
 
+    def max_over_dp(self, value: int) -> int:
+        if not self.on or self.dp == 1 or self.dp_group is None:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.dp_group)
+        return int(t.item())
+
     def cp_all_gather(self, t: Tensor) -> Tensor:
         """Concatenate equal-size pieces of the context-parallel group in CP-rank order."""
         parts = [torch.empty_like(t) for _ in range(self.cp_size)]
@@ -144,9 +157,10 @@ class _Dist:
         """Sum over DP x CP (CP ranks hold partial grads of one sample), divide by DP."""
         if not self.on or self.dp_cp_group is None or dist.get_world_size(self.dp_cp_group) == 1:
             return
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
+        for p in params:  # a rank without samples in this update still joins the reduction
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=self.dp_cp_group)
         flat /= self.dp
@@ -202,7 +216,7 @@ class GRPOTrainer:
         if parallel is not None and getattr(parallel, "pp", 1) > 1:
             raise ValueError("osp-grpo does not support pipeline parallelism: set parallel.pipeline_parallel=1 "
                              "(use tensor/context parallelism for large models)")
-        self.dist = _Dist(parallel)
+        self.dist = _Dist(parallel, self.device)
         self.model = model
         self.model_dtype = next(model.parameters()).dtype
         n = gcfg.prompts_per_iteration * gcfg.group_size
@@ -211,7 +225,7 @@ class GRPOTrainer:
                              f"data-parallel size {self.dist.dp}: choose them so that DP divides the product")
         self.num_samples, self.local_samples = n, n // self.dist.dp
         self.lora_names = apply_lora(model, gcfg.lora.rank, gcfg.lora.alpha, gcfg.lora.targets, seed=gcfg.seed,
-                                     dropout=gcfg.lora.dropout)
+                                     dropout=gcfg.lora.dropout, init=gcfg.lora.init)
         self.params = lora_parameters(model)
         self._enable_recompute_grads(model)
         self.optimizer = torch.optim.AdamW(self.params, lr=gcfg.lr, betas=(gcfg.adam_beta1, gcfg.adam_beta2),
@@ -224,9 +238,10 @@ class GRPOTrainer:
         self.prompts = self._load_prompts()
         text_dim = int(getattr(getattr(model, "config", None), "text_dim", 0) or self._text_dim_from_model())
         if gcfg.text_source == "random":
-            self.text = RandomTextEmbedder(gcfg.text_len, text_dim)
+            self.text = RandomTextEmbedder(gcfg.text_len, text_dim, gcfg.negative_prompt)
         else:
-            self.text = EncoderTextEmbedder(cfg.encoders.text_encoder, self.device, gcfg.text_len, text_dim)
+            self.text = EncoderTextEmbedder(cfg.encoders.text_encoder, self.device, gcfg.text_len, text_dim,
+                                            negative_prompt=gcfg.negative_prompt)
         self._decoder = None
         self.null_text = self.text.null().to(self.device) if gcfg.cfg_scale != 1.0 else None
         self.latent_shape = [int(getattr(getattr(model, "config", None), "in_channels", 16))] + list(gcfg.latent_shape)
@@ -292,7 +307,8 @@ class GRPOTrainer:
             return self.model(x.to(dtype), timestep, t.to(dtype)).float()
 
         null = self.null_text
-        return cfg_velocity_fn(call, text.to(self.device), null, self.g.cfg_scale)
+        return cfg_velocity_fn(call, text.to(self.device), null, self.g.cfg_scale,
+                               detach_uncond=self.g.cfg_train_uncond == "detached")
 
     # ------------------------------------------------------------------ one iteration
     def iteration_prompts(self, it: int) -> List[int]:
@@ -307,7 +323,7 @@ class GRPOTrainer:
     def plan_for(self, it: int) -> RolloutPlan:
         g = self.g
         return make_plan(g.steps, g.shift, self.schedule.window(it), self.schedule.trained_steps(it), g.noise_level,
-                         g.eta, g.flash.enabled, g.flash.compression, g.flash.order)
+                         g.eta, g.flash.enabled, g.flash.compression, g.flash.order, g.flash.min_points)
 
     def prefix_steps(self, plan: RolloutPlan) -> int:
         """Steps before the window that a group runs once (0 when not sharing)."""
@@ -382,17 +398,57 @@ class GRPOTrainer:
         ids = self.local_ids()
         return adv[ids[0]: ids[-1] + 1], gathered, combined
 
-    def train_on(self, batch: Dict[str, Any], adv: Tensor, plan: RolloutPlan) -> Dict[str, float]:
+    def train_samples(self, it: int, adv: Tensor) -> List[int]:
+        """Local sample indices to train on, in training order.
+
+        `zero_adv_filter`: samples with A = 0 are dropped; the kept count is raised to a multiple of the rollout
+        micro-batch count by zero-advantage samples drawn at random (seeded), and when every A is 0 all samples
+        are kept with A = 1e-6 (done by the caller). `shuffle_train_order`: a seeded permutation."""
+        g = self.g
+        n = adv.numel()
+        order = list(range(n))
+        if g.zero_adv_filter:
+            keep = adv != 0
+            kept = int(keep.sum())
+            if kept:
+                batches = -(-n // g.rollout_batch)
+                short = (batches - kept % batches) % batches
+                zeros = (~keep).nonzero(as_tuple=True)[0]
+                if short and len(zeros) >= short:
+                    gen = torch.Generator().manual_seed(hash_ints(g.seed, it, self.dist.dp_rank, 0x2E40))
+                    keep[zeros[torch.randperm(len(zeros), generator=gen)[:short]]] = True
+                order = keep.nonzero(as_tuple=True)[0].tolist()
+        if g.shuffle_train_order:
+            gen = torch.Generator().manual_seed(hash_ints(g.seed, it, self.dist.dp_rank, 0x5407))
+            order = [order[i] for i in torch.randperm(len(order), generator=gen).tolist()]
+        return order
+
+    def update_groups(self, order: List[int]) -> List[List[List[int]]]:
+        """Train micro-batches (of `train_batch` samples) grouped per optimizer step: `updates_per_iteration`
+        even splits, or (0) one step per `grad_accumulation` micro-batches."""
+        g = self.g
+        if g.updates_per_iteration > 0:  # even splits (torch.chunk sizes)
+            size = max(-(-len(order) // g.updates_per_iteration), 1)
+            chunks = [order[k: k + size] for k in range(0, len(order), size)]
+            return [[c[k: k + g.train_batch] for k in range(0, len(c), g.train_batch)] for c in chunks]
+        micro = [order[k: k + g.train_batch] for k in range(0, len(order), g.train_batch)]
+        acc = g.grad_accumulation
+        return [micro[k: k + acc] for k in range(0, len(micro), acc)]
+
+    def train_on(self, batch: Dict[str, Any], adv: Tensor, plan: RolloutPlan, it: int = 0) -> Dict[str, float]:
         g = self.g
         self.model.train()
-        n = len(batch["ids"])
         steps = list(plan.trained)
-        chunks = [list(c) for c in torch.arange(n).chunk(g.updates_per_iteration) if len(c)]
         stats = {"ratio_mean": [], "clip_frac": [], "approx_kl": [], "policy_loss": [], "kl": [], "grad_norm": []}
-        for chunk in chunks:
+        if g.zero_adv_filter and bool((adv == 0).all()):
+            adv = adv + 1e-6  # every advantage 0: train all samples with a tiny one (as OSP-Next does)
+        order = self.train_samples(it, adv) if steps else []
+        updates = self.update_groups(order)
+        count = self.dist.max_over_dp(len(updates))  # every DP rank steps the optimizer equally often
+        updates += [[] for _ in range(count - len(updates))]
+        for micro in updates:
             self.optimizer.zero_grad(set_to_none=True)
-            micro = [chunk[k: k + g.train_batch] for k in range(0, len(chunk), g.train_batch)]
-            scale = 1.0 / (len(steps) * len(micro))
+            scale = 1.0 / (len(steps) * max(len(micro), 1))
             for mb in micro:
                 idx = torch.tensor(mb)
                 text = self.text.encode([batch["prompts"][i] for i in mb])
@@ -424,7 +480,10 @@ class GRPOTrainer:
             if math.isfinite(float(norm)):
                 self.optimizer.step()
                 self._update_ema()
-        return {k: (sum(v) / len(v)) for k, v in stats.items() if v}
+        out = {k: (sum(v) / len(v)) for k, v in stats.items() if v}
+        out["trained_samples"] = float(len(order))
+        out["updates"] = float(len(updates))
+        return out
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -443,7 +502,7 @@ class GRPOTrainer:
         batch = self.collect(it, plan)
         t1 = time.perf_counter()
         adv, gathered, combined = self.advantages(it, batch["scores"])
-        m = self.train_on(batch, adv, plan)
+        m = self.train_on(batch, adv, plan, it)
         t2 = time.perf_counter()
         window = self.schedule.window(it)
         flash_post = plan.count("dpm") if self.g.flash.enabled else None
@@ -468,6 +527,29 @@ class GRPOTrainer:
         """Mean reward of deterministic Euler samples from fixed seeds for the first `eval_prompts` prompts (same on
         every rank), in micro-batches of `rollout_batch`."""
         g = self.g
+        if g.eval_ema and self.ema is not None:
+            with self.ema_weights():
+                return self._evaluate(seeds, steps)
+        return self._evaluate(seeds, steps)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The LoRA EMA in place of the LoRA weights inside the block (evaluation, as OSP-Next evaluates)."""
+        live = dict(self.model.named_parameters())
+        saved = {n: live[n].detach().clone() for n in self.ema}
+        with torch.no_grad():
+            for n, v in self.ema.items():
+                live[n].copy_(v)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, v in saved.items():
+                    live[n].copy_(v)
+
+    @torch.no_grad()
+    def _evaluate(self, seeds: Optional[int], steps: Optional[int]) -> Dict[str, float]:
+        g = self.g
         seeds = seeds or g.eval_seeds
         self.model.eval()
         prompts = [p for p in self.prompts[: g.eval_prompts] for _ in range(seeds)]
@@ -475,7 +557,8 @@ class GRPOTrainer:
         for k in range(0, len(prompts), g.rollout_batch):
             mb = prompts[k: k + g.rollout_batch]
             x0 = torch.stack([seeded_noise(self.latent_shape, hash_ints(g.seed, 0xE7A1, k + i)) for i in range(len(mb))])
-            final = ode_sample(self.velocity_fn(self.text.encode(mb)), x0.to(self.device), steps or g.steps, g.shift)
+            final = ode_sample(self.velocity_fn(self.text.encode(mb)), x0.to(self.device),
+                               steps or g.eval_steps or g.steps, g.shift)
             for name, v in self.score(final, mb).items():
                 parts.setdefault(name, []).append(v.float().cpu())
         scores = {k: torch.cat(v) for k, v in parts.items()}

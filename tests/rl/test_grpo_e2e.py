@@ -101,8 +101,8 @@ def test_cli_dry_run_and_bad_override(capsys, tmp_path):
              f"grpo.prompts_file={tmp_path / 'prompts.txt'}"]
     assert grpo_main([str(ROOT / "configs/grpo_osp_14b.yaml"), *paths, "--dry-run", "--world-size", "64"]) == 0
     assert "steps [SSSSSSSSSSooooooooooooooo]" in capsys.readouterr().out
-    assert grpo_main([str(ROOT / "configs/grpo_demo_cpu.yaml"), "grpo.window.strategy=decay", "--dry-run"]) == 2
-    assert "grpo.window.strategy='decay'" in capsys.readouterr().err
+    assert grpo_main([str(ROOT / "configs/grpo_demo_cpu.yaml"), "grpo.window.strategy=sliding", "--dry-run"]) == 2
+    assert "grpo.window.strategy='sliding'" in capsys.readouterr().err
     assert grpo_main([str(ROOT / "configs/grpo_demo_cpu.yaml"), "parallel.pipeline_parallel=2", "--dry-run",
                       "--world-size", "2"]) == 2
     assert "pipeline_parallel" in capsys.readouterr().err
