@@ -12,7 +12,6 @@ decay `max(min_i, int(max_i·(1 - s/limit) + min_i·s/limit))`, exp_decay `ceil(
 `tail="mixgrpo"`: MixGRPO's end of the grid instead: the window is `[s, min(s+size, limit))` (it shrinks, and is
 empty at s = limit), and only once s > limit does it go back to the initial start (`roll_back`) or stay at limit.
 """
-"""
 from __future__ import annotations
 
 import math
