@@ -234,3 +234,28 @@ def merge_lora(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
             raise ValueError(f"merge_lora: {prefix}: B@A is {(b.shape[0], a.shape[1])} but weight is {tuple(w.shape)}")
         out[wkey] = (w.float() + scaling * (b @ a)).to(w.dtype)
     return out
+
+
+def full_adapters(model: nn.Module, tensors: Optional[Dict[str, Tensor]] = None) -> Dict[str, Tensor]:
+    """The adapters (or `tensors`, e.g. their EMA, keyed like `<module>.lora_A`) with TP shards joined into the
+    full shapes: column-parallel B gathered on dim 0, row-parallel A on dim 1 (a collective over each module's TP
+    group: every TP rank calls it). CPU float32 copies, plus `<module>.lora_scaling`."""
+    import torch.distributed as dist
+
+    own = dict(model.named_parameters())
+    out: Dict[str, Tensor] = {}
+    for name, module in model.named_modules():
+        if not hasattr(module, "_lora_kind"):
+            continue
+        group, tp, _ = _tp(module) if module._lora_kind != "linear" else (None, 1, 0)
+        for part in ("lora_A", "lora_B"):
+            key = f"{name}.{part}"
+            t = (tensors[key] if tensors is not None else own[key]).detach().float()
+            split = getattr(own[key], "lora_tp_split", "none")
+            if tp > 1 and split != "none":
+                pieces = [torch.empty_like(t) for _ in range(tp)]
+                dist.all_gather(pieces, t.contiguous(), group=group)
+                t = torch.cat(pieces, 0 if split == "out" else 1)
+            out[key] = t.cpu().clone()
+        out[f"{name}.lora_scaling"] = module.lora_scaling.detach().float().cpu().clone()
+    return out

@@ -33,7 +33,14 @@ from osp_megatron.diffusion.samplers import cfg_velocity_fn, seeded_noise
 from osp_megatron.parallel import ParallelState
 from osp_megatron.rl.advantages import combine_rewards, reward_stats, shuffled
 from osp_megatron.config import GRPOConfig
-from osp_megatron.rl.lora import apply_lora, load_lora_state_dict, lora_disabled, lora_parameters, lora_state_dict
+from osp_megatron.rl.lora import (
+    apply_lora,
+    full_adapters,
+    load_lora_state_dict,
+    lora_disabled,
+    lora_parameters,
+    lora_state_dict,
+)
 from osp_megatron.rl.loss import kl_penalty, ppo_clip_loss
 from osp_megatron.rl.rewards import LatentPreviewDecoder, MultiReward
 from osp_megatron.rl.rollout import (
@@ -46,6 +53,7 @@ from osp_megatron.rl.rollout import (
     transition_log_prob,
 )
 from osp_megatron.rl.windows import WindowSchedule, count_nfe, group_prefix_runs, hash_ints
+from osp_megatron.weights.lora import ADAPTER, ADAPTER_EMA, write_peft_adapter
 from osp_megatron.weights.lora import GRPO_CHECKPOINTS as CKPT_SUBDIR
 
 Tensor = torch.Tensor
@@ -592,7 +600,14 @@ class GRPOTrainer:
             torch.save({"lora": lora_state_dict(self.model), "optimizer": self.optimizer.state_dict(), "lora_ema": ema},
                        tmp / self._shard_name())
         self.dist.barrier()
+        adapters = full_adapters(self.model)  # TP shards joined (a collective over TP)
+        adapters_ema = full_adapters(self.model, self.ema) if self.ema is not None else None
         if self.dist.is_main:
+            extra = {"osp_megatron": {"iteration": self.iteration, "ema": False}}
+            write_peft_adapter(adapters, tmp / ADAPTER, self.g.lora.init, extra)
+            if adapters_ema is not None:
+                extra["osp_megatron"].update(ema=True, ema_decay=self.g.ema_decay)
+                write_peft_adapter(adapters_ema, tmp / ADAPTER_EMA, self.g.lora.init, extra)
             meta = {"iteration": self.iteration, "window": self.schedule.state_dict(), "run_id": run_id,
                     "grpo": asdict(self.g), "tp": self.dist.tp,
                     "lora_modules": self.lora_names}
@@ -725,10 +740,10 @@ def format_grpo_progress(it: int, total: int, m: Dict[str, float]) -> str:
 
 
 def merge_grpo_checkpoint(base_state_dict: Dict[str, Tensor], ckpt_dir, tp_rank: int = 0,
-                          ema: bool = False) -> Dict[str, Tensor]:
+                          ema: Optional[bool] = None) -> Dict[str, Tensor]:
     """Export: fold the LoRA of a GRPO checkpoint (`<ckpt_dir>/lora_tpXX.pt`) into a base model state dict (the
-    same TP shard) -> plain weights with the base keys (what the converter writes out). `ema=True` folds the EMA
-    of the LoRA weights instead (runs with grpo.ema_decay > 0)."""
+    same TP shard) -> plain weights with the base keys (what the converter writes out). `ema`: None folds the EMA
+    of the LoRA weights when the run kept one (grpo.ema_decay > 0), True requires it, False takes the live ones."""
     from osp_megatron.rl.lora import merge_lora
     from osp_megatron.weights.lora import read_shard, shard_name
 
