@@ -243,6 +243,11 @@ class Trainer:
             + (f"resumed at step {self.step}" if resumed else "fresh start")
             + (f", MLflow run {self.tracker.run_id} ({self.tracker.uri})" if self.tracker.active else "")
         )
+        if self.ema is not None:
+            host = self.ema.device.type == "cpu" and self.device.type == "cuda"
+            self.info(f"[osp-train] EMA decay {self.ema.decay} every {self.ema.interval} step(s), fp32 twin on "
+                      + ("the host (pinned copies on a side stream, lerp overlapped with the next step)" if host
+                         else str(self.ema.device)) + "; cost per update in metrics ema_update_s / ema_copy_s / ema_wait_s")
         if cfg.data.kind == "synthetic":
             self.info(f"[osp-train] synthetic data: latents {list(cfg.data.synthetic_latent_shape)} "
                       "(data.synthetic_latent_shape; data.buckets are not used)")
@@ -283,7 +288,7 @@ class Trainer:
         state["optimizer"] = self.optimizer.sharded_state_dict(state["model"], is_loading=loading,
                                                                metadata=OPT_SHARDING)
         if self.ema is not None:
-            state["ema"] = self.ema.sharded_state_dict()
+            state["ema"] = self.ema.sharded_state_dict(snapshot=not loading)
         return state
 
     def save(self, before_commit=None) -> None:
@@ -484,6 +489,8 @@ class Trainer:
                     if params:
                         clip_grad_by_total_norm_fp32(params, max_norm=t.clip_grad, total_norm=grad_norm)
             self.scheduler.step(increment=1)  # the LR of update number `updates + 1` (warmup starts above 0)
+            if self.ema is not None:
+                self.ema.fence()  # a host EMA's copies of the previous weights are done before they change
             self.optimizer.step_with_ready_grads()
             self.updates += 1
             if self.ema is not None:
@@ -513,6 +520,8 @@ class Trainer:
             "nonfinite_steps_total": float(self.nonfinite_total),
             "nonfinite_in_row": float(self.nonfinite_in_row),
         }
+        if self.ema is not None:
+            metrics.update(self.ema.stats())
         if self.device.type == "cuda":  # this rank's peak since start (rank 0's is what the console shows)
             metrics["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return metrics
