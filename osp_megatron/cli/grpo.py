@@ -100,7 +100,7 @@ def run(cfg, gcfg, env) -> int:
     from osp_megatron.models import build_model
     from osp_megatron.parallel.groups import initialize_parallel
     from osp_megatron.rl.trainer import GRPOTrainer
-    from osp_megatron.training.trainer import seed_everything
+    from osp_megatron.training.rng import seed_everything
 
     cpu_shims.apply()
     cuda = torch.cuda.is_available()

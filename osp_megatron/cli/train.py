@@ -182,12 +182,12 @@ def run(cfg, env: Dict[str, object]) -> int:
         init_method=f"tcp://{env['master_addr']}:{env['master_port']}",
         timeout=datetime.timedelta(minutes=int(os.environ.get("OSP_DIST_TIMEOUT_MIN", "30"))),
     )
-    from osp_megatron.training.trainer import Trainer
+    from osp_megatron.training.trainer import DiffusionTrainer
 
     trainer = None
     code = 1
     try:
-        trainer = Trainer(cfg, device)
+        trainer = DiffusionTrainer(cfg, device)
         trainer.setup()
         code = trainer.train()
     except Exception as exc:  # noqa: BLE001 - surface every rank's error with its id
