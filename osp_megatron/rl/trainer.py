@@ -53,6 +53,7 @@ from osp_megatron.rl.rollout import (
     transition_log_prob,
 )
 from osp_megatron.rl.windows import WindowSchedule, count_nfe, group_prefix_runs, hash_ints
+from osp_megatron.training.rng import get_rng_state, set_rng_state
 from osp_megatron.weights.lora import ADAPTER, ADAPTER_EMA, write_peft_adapter
 from osp_megatron.weights.lora import GRPO_CHECKPOINTS as CKPT_SUBDIR
 
@@ -139,6 +140,7 @@ class _Dist:
             self.dp, self.dp_rank, self.dp_group, self.dp_cp_group, self.cp_group = 1, 0, None, None, None
             self.tp_group, self.tp, self.tp_rank, self.cp_rank, self.cp_size = None, 1, 0, 0, 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.is_main = self.rank == 0
 
     def all_gather_1d(self, t: Tensor) -> Tensor:
@@ -595,6 +597,8 @@ class GRPOTrainer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         self.dist.barrier()
+        # every rank's full RNG state (python, numpy, torch CPU, CUDA, megatron's TP tracker)
+        torch.save(get_rng_state(), tmp / f"rng_rank{self.dist.rank:05d}.pt")
         if writer:
             ema = {k: v.detach().cpu().clone() for k, v in self.ema.items()} if self.ema is not None else None
             torch.save({"lora": lora_state_dict(self.model), "optimizer": self.optimizer.state_dict(), "lora_ema": ema},
@@ -609,9 +613,8 @@ class GRPOTrainer:
                 extra["osp_megatron"].update(ema=True, ema_decay=self.g.ema_decay)
                 write_peft_adapter(adapters_ema, tmp / ADAPTER_EMA, self.g.lora.init, extra)
             meta = {"iteration": self.iteration, "window": self.schedule.state_dict(), "run_id": run_id,
-                    "grpo": asdict(self.g), "tp": self.dist.tp,
+                    "grpo": asdict(self.g), "tp": self.dist.tp, "world_size": self.dist.world,
                     "lora_modules": self.lora_names}
-            torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))  # written last: marks complete
             os.replace(tmp, final)
             latest_tmp = self.ckpt_root / "latest.tmp"
@@ -645,8 +648,12 @@ class GRPOTrainer:
                                  "resume with the same ema_decay setting (or 0)")
             for k, v in saved.items():
                 self.ema[k].copy_(v)
-        rng = torch.load(path / "rng.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
+        rng = path / f"rng_rank{self.dist.rank:05d}.pt"
+        if meta.get("world_size") == self.dist.world and rng.is_file():
+            set_rng_state(torch.load(rng, weights_only=False))
+        elif self.dist.is_main:  # GRPO's own streams are seeded by (seed, iteration, sample): results do not change
+            print(f"[osp-grpo] world size changed {meta.get('world_size')} -> {self.dist.world}: RNG states re-seeded",
+                  flush=True)
         self.iteration = int(meta["iteration"])
         return meta
 
