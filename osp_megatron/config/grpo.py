@@ -118,7 +118,10 @@ class GRPOConfig:
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
     adam_eps: float = option(1e-8, "AdamW epsilon")
-    clip_grad: float = option(1.0, "clip the LoRA gradient norm to this (0: off)", minimum=0)
+    clip_grad: float = option(1.0, "clip the LoRA gradient norm to this (0: off); adaptive: the first bound",
+                              minimum=0)
+    clip_mode: str = option("norm", "gradient clipping: norm (fixed clip_grad) or adaptive (OSP-Next: bound = EMA "
+                            "mean + 3 std of the accepted norms, training/clipping.py)", choices=("norm", "adaptive"))
     clip_range: float = option(1e-4, "PPO clip range of the ratio (MixGRPO 1e-4, OSP-Next 5e-3)")
     adv_clip_max: float = option(5.0, "advantages are clipped to +-this")
     adv_norm: str = option("group", "advantage normalisation: per prompt group or over the whole batch",
@@ -190,6 +193,8 @@ class GRPOConfig:
             e.append(f"grpo.adv_eps={self.adv_eps}: must be > 0")
         if not 0.0 <= self.ema_decay < 1.0:
             e.append(f"grpo.ema_decay={self.ema_decay}: must be in [0, 1) (0 = no EMA, e.g. 0.99)")
+        if self.clip_mode == "adaptive" and self.clip_grad <= 0:
+            e.append("grpo.clip_mode=adaptive needs grpo.clip_grad > 0 (its first bound, OSP-Next: 1.0)")
         if self.adam_eps <= 0:
             e.append(f"grpo.adam_eps={self.adam_eps}: must be > 0")
         if not self.lora.targets:

@@ -62,6 +62,8 @@ RECIPE_VALUES: Dict[str, List[RecipeValue]] = {
         RecipeValue("adam_beta2", 0.999, f"{_T}: AdamW betas default (0.9, 0.999)"),
         RecipeValue("adam_eps", 1e-15, f"{_T}: AdamW eps default 1e-15"),
         RecipeValue("clip_grad", 1.0, f"{_C}: init_max_grad_norm (AdaptiveGradClipper's first bound)"),
+        RecipeValue("clip_mode", "adaptive", f"{_T}: AdaptiveGradClipper (ospnext/utils/clip_grads.py: EMA 0.99 of "
+                                             "the norms + 3 std)"),
         RecipeValue("clip_range", 5e-3, f"{_T}: rl_config clip_range default 5e-3"),
         RecipeValue("adv_clip_max", 5.0, f"{_T}: rl_config adv_clip_max default 5.0"),
         RecipeValue("adv_norm", "group", f"{_T}: PerPromptStatTracker(global_std=False)"),
@@ -118,6 +120,7 @@ RECIPE_VALUES: Dict[str, List[RecipeValue]] = {
         RecipeValue("adam_beta2", 0.999, f"{_F}: AdamW betas (0.9, 0.999)"),
         RecipeValue("adam_eps", 1e-8, f"{_F}: AdamW eps 1e-8"),
         RecipeValue("clip_grad", 1.0, f"{_S}: --max_grad_norm 1.0"),
+        RecipeValue("clip_mode", "norm", f"{_F}: clip_grad_norm_ to max_grad_norm"),
         RecipeValue("clip_range", 1e-4, f"{_S}: --clip_range 1e-4"),
         RecipeValue("adv_clip_max", 5.0, f"{_S}: --adv_clip_max 5.0"),
         RecipeValue("adv_norm", "group", f"{_S}: --use_group"),

@@ -53,6 +53,7 @@ from osp_megatron.rl.rollout import (
     transition_log_prob,
 )
 from osp_megatron.rl.windows import WindowSchedule, count_nfe, group_prefix_runs, hash_ints
+from osp_megatron.training.clipping import GradClipper
 from osp_megatron.training.rng import get_rng_state, set_rng_state
 from osp_megatron.weights.lora import ADAPTER, ADAPTER_EMA, write_peft_adapter
 from osp_megatron.weights.lora import GRPO_CHECKPOINTS as CKPT_SUBDIR
@@ -240,6 +241,7 @@ class GRPOTrainer:
         self._enable_recompute_grads(model)
         self.optimizer = torch.optim.AdamW(self.params, lr=gcfg.lr, betas=(gcfg.adam_beta1, gcfg.adam_beta2),
                                            eps=gcfg.adam_eps, weight_decay=gcfg.weight_decay)
+        self.clipper = GradClipper(gcfg.clip_mode, gcfg.clip_grad)
         self.ema: Optional[Dict[str, Tensor]] = None
         if gcfg.ema_decay > 0:
             self.ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -449,7 +451,8 @@ class GRPOTrainer:
         g = self.g
         self.model.train()
         steps = list(plan.trained)
-        stats = {"ratio_mean": [], "clip_frac": [], "approx_kl": [], "policy_loss": [], "kl": [], "grad_norm": []}
+        stats = {"ratio_mean": [], "clip_frac": [], "approx_kl": [], "policy_loss": [], "kl": [], "grad_norm": [],
+                 "clip_bound": []}
         if g.zero_adv_filter and bool((adv == 0).all()):
             adv = adv + 1e-6  # every advantage 0: train all samples with a tiny one (as OSP-Next does)
         order = self.train_samples(it, adv) if steps else []
@@ -481,11 +484,13 @@ class GRPOTrainer:
                         stats[key].append(getattr(st, key))
             self.dist.reduce_grads(self.params)
             norm = self.dist.grad_norm(self.params)
-            if g.clip_grad > 0 and math.isfinite(float(norm)):
-                coef = min(1.0, g.clip_grad / (float(norm) + 1e-6))
+            bound = self.clipper.bound(float(norm)) if math.isfinite(float(norm)) else None
+            if bound is not None:
+                coef = min(1.0, bound / (float(norm) + 1e-6))
                 for p in self.params:
                     if p.grad is not None:
                         p.grad.mul_(coef)
+                stats["clip_bound"].append(bound)
             stats["grad_norm"].append(float(norm))
             if math.isfinite(float(norm)):
                 self.optimizer.step()
@@ -613,6 +618,7 @@ class GRPOTrainer:
                 extra["osp_megatron"].update(ema=True, ema_decay=self.g.ema_decay)
                 write_peft_adapter(adapters_ema, tmp / ADAPTER_EMA, self.g.lora.init, extra)
             meta = {"iteration": self.iteration, "window": self.schedule.state_dict(), "run_id": run_id,
+                    "clipper": self.clipper.state_dict(),
                     "grpo": asdict(self.g), "tp": self.dist.tp, "world_size": self.dist.world,
                     "lora_modules": self.lora_names}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))  # written last: marks complete
@@ -654,6 +660,7 @@ class GRPOTrainer:
         elif self.dist.is_main:  # GRPO's own streams are seeded by (seed, iteration, sample): results do not change
             print(f"[osp-grpo] world size changed {meta.get('world_size')} -> {self.dist.world}: RNG states re-seeded",
                   flush=True)
+        self.clipper.load_state_dict(meta.get("clipper"))
         self.iteration = int(meta["iteration"])
         return meta
 

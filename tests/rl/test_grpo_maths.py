@@ -181,3 +181,18 @@ def test_gaussian_lora_init_std():
     assert abs(float(a.std()) - 1 / 32) < 1e-3 and abs(float(a.mean())) < 1e-3
     apply_lora(k := torch.nn.Sequential(torch.nn.Linear(4096, 8)), 32, 64, ["0"])
     assert float(lora_parameters(k)[0].abs().max()) <= 1 / 64 + 1e-7  # Kaiming-uniform bound 1/sqrt(in)
+
+
+def test_adaptive_clipping_bound_and_resume(tmp_path):
+    small = dict(iterations=2, steps=6, group_size=2, prompts_per_iteration=1, rollout_batch=2, train_batch=2,
+                 latent_shape=[1, 4, 4], window=dict(strategy="fixed", size=2), eval_interval=0, lr=1e-2,
+                 clip_mode="adaptive", clip_grad=1.0)
+    t = make_trainer(tmp_path, layers=2, schedule="full", **small)
+    m = t.step()
+    assert m["grpo/clip_bound"] == pytest.approx(min(1.0, 3 * m["grpo/grad_norm"]))  # OSP-Next's first bound
+    state = t.clipper.state_dict()
+    assert state["mode"] == "adaptive" and state["mean"] is not None
+    ckpt = t.save()
+    r = make_trainer(tmp_path, layers=2, schedule="full", **small)
+    r.load(ckpt)
+    assert r.clipper.state_dict() == state
