@@ -63,10 +63,9 @@ def test_osp_next_recipe_reward_rises_and_shuffled_control_does_not(tmp_path):
         runs[shuffle] = (evals[0], evals[-1])
         assert all(h["grpo/updates"] == 2.0 for h in hist if "grpo/updates" in h)  # 16 samples / train batch 8
     (start, end), (c_start, c_end) = runs[False], runs[True]
-    print("osp-next recipe eval/combined (start, end) trained / shuffled:", runs)
     assert start == c_start
-    assert end - start > 0.1, runs
-    assert abs(c_end - c_start) < 0.05, runs
+    assert end - start > 0.1, runs  # measured: 0.452 -> 0.658
+    assert abs(c_end - c_start) < 0.05, runs  # measured: 0.452 -> 0.415
 
 
 def test_checkpoint_resume_is_exact_and_metrics_reach_mlflow(tmp_path):
