@@ -26,7 +26,7 @@ from osp_megatron.parallel.groups import initialize_parallel
 from osp_megatron.rl.rollout import make_plan
 from osp_megatron.rl.trainer import GRPOTrainer
 from osp_megatron.rl.windows import WindowSchedule, count_nfe, group_prefix_runs
-from osp_megatron.training.trainer import seed_everything
+from osp_megatron.training.rng import seed_everything
 from osp_megatron.weights import load_into
 
 
@@ -76,12 +76,13 @@ def plan_text(cfg, gcfg, world_size: int) -> str:
             continue
         w = sched.window(it)
         plan = make_plan(gcfg.steps, gcfg.shift, w, sched.trained_steps(it), gcfg.noise_level, gcfg.eta,
-                         gcfg.flash.enabled, gcfg.flash.compression, gcfg.flash.order)
+                         gcfg.flash.enabled, gcfg.flash.compression, gcfg.flash.order,
+                         gcfg.flash.min_points)
         shared = gcfg.init_same_noise and gcfg.share_prefix and w.start > 0 and n % dp == 0
         nfe = count_nfe(gcfg.steps, w, len(plan.trained), plan.count("dpm") if gcfg.flash.enabled else None,
                         gcfg.cfg_scale, gcfg.kl_beta > 0, n, group_prefix_runs(n, gcfg.group_size, dp) if shared else -1)
         kinds = "".join({"ode": "o", "sde": "S", "dpm": "d"}[k] for k in plan.kinds)
-        lines.append(f"iteration {it}: window {w.steps[0]}..{w.steps[-1]} trained {list(plan.trained)} "
+        lines.append(f"iteration {it}: window {f'{w.steps[0]}..{w.steps[-1]}' if w.steps else 'empty'} trained {list(plan.trained)} "
                      f"steps [{kinds}] NFE/sample {nfe.per_sample} NFE/iteration {nfe.per_iteration}")
     return "\n".join(lines)
 

@@ -20,7 +20,7 @@ from osp_megatron.diffusion.flow_matching import FlowMatching
 from osp_megatron.launch import EXIT_BAD_CONFIG, DistEnv, distributed, run_ranks
 from osp_megatron.skiparse import block_schedule
 from osp_megatron.training.flops import forward_flops
-from osp_megatron.training.trainer import Trainer  # the trainer pulls in megatron-core's training stack
+from osp_megatron.training.trainer import DiffusionTrainer
 
 
 def parallel_plan(cfg, world_size: int) -> str:
@@ -139,7 +139,7 @@ def run(cfg, env: DistEnv) -> int:
     """Initialise torch.distributed, train, tear down. Returns the exit code."""
     def body() -> int:
         with distributed(env, timeout_minutes=cfg.parallel.timeout_minutes) as device:
-            trainer = Trainer(cfg, device)
+            trainer = DiffusionTrainer(cfg, device)
             try:
                 trainer.setup()
                 return trainer.train()

@@ -17,8 +17,9 @@ import math
 from dataclasses import dataclass
 from typing import Sequence, Tuple
 
-import numpy as np
 import torch
+
+from osp_megatron.training.rng import derive_seed
 
 
 def sample_sigmas(
@@ -78,9 +79,8 @@ def make_training_pair(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tenso
 
 
 def step_seed(seed: int, dp_rank: int, step: int, micro: int = 0) -> int:
-    """A 63-bit seed from (seed, data-parallel rank, step, micro-batch); CP/TP/PP ranks of one DP rank agree."""
-    state = np.random.SeedSequence([seed, dp_rank, step, micro]).generate_state(1, dtype=np.uint64)[0]
-    return int(state) & ((1 << 63) - 1)
+    """`derive_seed(seed, dp_rank, step, micro)`: CP/TP/PP ranks of one DP rank agree."""
+    return derive_seed(seed, dp_rank, step, micro)
 
 
 @dataclass

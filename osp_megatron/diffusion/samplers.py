@@ -90,14 +90,27 @@ def cfg_combine(v_cond: Tensor, v_uncond: Tensor, scale: float) -> Tensor:
 
 
 def cfg_velocity_fn(model: Callable, text: Tensor, null_text: Optional[Tensor], scale: float,
-                    timesteps: str = "float") -> VelocityFn:
-    """CFG velocity: one batched call on `[cond; uncond]` (2b samples). `scale == 1` or no null text: one pass."""
+                    timesteps: str = "float", detach_uncond: bool = False) -> VelocityFn:
+    """CFG velocity: one batched call on `[cond; uncond]` (2b samples). `scale == 1` or no null text: one pass.
+
+    `detach_uncond`: two calls, the unconditional one under no_grad, combined as `lerp(v_u.detach(), v_c, s)`, so
+    a backward through the result carries `s·dv_c` only (OSP-Next's training forward)."""
     if null_text is None or scale == 1.0:
         return model_velocity_fn(model, text, timesteps)
     if null_text.shape[0] == 1 and text.shape[0] > 1:
         null_text = null_text.expand(text.shape[0], *null_text.shape[1:])
     if null_text.shape != text.shape:
         raise ValueError(f"null_text shape {tuple(null_text.shape)} must match text {tuple(text.shape)} (or batch 1)")
+    if detach_uncond:
+        cond_fn, uncond_fn = model_velocity_fn(model, text, timesteps), model_velocity_fn(model, null_text, timesteps)
+
+        def detached(x: Tensor, sigma: Tensor) -> Tensor:
+            v_cond = cond_fn(x, sigma)
+            with torch.no_grad():
+                v_uncond = uncond_fn(x, sigma)
+            return torch.lerp(v_uncond.detach().to(v_cond.dtype), v_cond, float(scale))
+
+        return detached
     both = torch.cat([text, null_text], dim=0)
 
     def fn(x: Tensor, sigma: Tensor) -> Tensor:
