@@ -5,7 +5,7 @@ script with `--no-python`), with srun (RANK/WORLD_SIZE from SLURM_PROCID/SLURM_N
 slurm/launcher.sh), or plainly for one process. Backend: nccl with CUDA, gloo on CPU.
 The config is validated against the world size before any process group starts.
 
-Exit codes: 0 done, 1 error, 2 invalid config/arguments, 3 stopped by SIGTERM/SIGUSR1 after a checkpoint
+Exit codes: 0 done, 1 error, 2 invalid config/arguments, 3 stopped by SIGTERM/SIGUSR1/SIGINT after a checkpoint
 (requeue to continue), 4 stopped after train.max_nonfinite_steps non-finite steps in a row.
 """
 from __future__ import annotations
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="osp-train",
         description="Flow-matching training of OSP-Next / Wan2.1 DiTs on megatron-core (run under torchrun or srun).",
-        epilog="Exit codes: 0 done, 1 error, 2 invalid config, 3 checkpointed after SIGTERM/SIGUSR1 (requeue), "
+        epilog="Exit codes: 0 done, 1 error, 2 invalid config, 3 checkpointed after SIGTERM/SIGUSR1/SIGINT (requeue), "
                "4 too many non-finite steps in a row. Every config key: osp-train --help-config.",
     )
     ap.add_argument("config", nargs="?", help="YAML recipe or preset name (see configs/)")
@@ -182,6 +182,7 @@ def run(cfg, env: Dict[str, object]) -> int:
         init_method=f"tcp://{env['master_addr']}:{env['master_port']}",
         timeout=datetime.timedelta(minutes=int(os.environ.get("OSP_DIST_TIMEOUT_MIN", "30"))),
     )
+    from osp_megatron.training import signals
     from osp_megatron.training.trainer import DiffusionTrainer
 
     trainer = None
@@ -190,6 +191,11 @@ def run(cfg, env: Dict[str, object]) -> int:
         trainer = DiffusionTrainer(cfg, device)
         trainer.setup()
         code = trainer.train()
+        if code != 0:
+            # every rank agreed on this stop: a launcher's SIGTERM (sent once the first rank exits) must not turn
+            # the code into -15 while the others tear down; leave together
+            signals.ignore_stop_signals()
+            dist.barrier()
     except Exception as exc:  # noqa: BLE001 - surface every rank's error with its id
         print(f"[rank {rank}] osp-train failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         traceback.print_exc()
