@@ -126,6 +126,13 @@ def verify_checkpoint(ckpt_dir: str | Path) -> Dict[str, Any]:
             raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: file {rel} fails its CRC32 check; {fix}")
     if not (ckpt_dir / "metadata.json").is_file():
         raise CheckpointError(f"checkpoint {ckpt_dir} is not a megatron dist_checkpointing directory; {fix}")
+    if (ckpt_dir / ".metadata").is_file():
+        from osp_megatron.weights.safe_pickle import load_dcp_metadata
+
+        try:
+            load_dcp_metadata(ckpt_dir / ".metadata")
+        except Exception as exc:  # noqa: BLE001 - refused class or unreadable pickle: one message
+            raise CheckpointError(f"checkpoint {ckpt_dir} is refused: .metadata: {exc}") from None
     return marker
 
 
@@ -461,6 +468,10 @@ class Checkpointer:
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
         from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+        from osp_megatron.weights import safe_pickle
+
+        safe_pickle.install()  # checkpoints are data: no code runs from .metadata or byte items
 
         problem = [None]
         if _rank() == 0 and not verified:

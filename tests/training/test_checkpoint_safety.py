@@ -151,3 +151,51 @@ def test_writer_process_killed_mid_save_is_an_error_not_a_hang(tmp_path):
     assert out.returncode == 1 and "not reached" not in out.stdout, out
     assert "checkpoint writer process" in out.stderr and "killed by signal 9" in out.stderr
     assert "step_0000007.tmp" in out.stderr and time.monotonic() - t0 < 30
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_crafted_dcp_metadata_is_refused_and_runs_nothing(world, tmp_path, monkeypatch):
+    import pickle
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from osp_megatron.training.checkpoint import write_marker
+    from osp_megatron.weights import safe_pickle
+
+    monkeypatch.chdir(tmp_path)
+    ck = Checkpointer(tmp_path, keep_last=3)
+    ck.save(1, _state(1.0, 1))
+    step = ck.root / "step_0000001"
+    assert _load(ck, step) == 1.0  # a real checkpoint passes the restricted unpickler
+    (step / ".metadata").write_bytes(pickle.dumps(_Boom()))
+    write_marker(step, 1, checksums=True)  # the attacker recomputes the CRCs too
+    with pytest.raises(CheckpointError, match=r"refused: .metadata: refusing to load posix.system"):
+        ck.resume_dir()
+    safe_pickle.install()
+    with pytest.raises(safe_pickle.UnsafeCheckpointError):
+        FileSystemReader(str(step)).read_metadata()
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_save_refuses_non_finite_weights_and_keeps_the_last_good_checkpoint(world, tmp_path):
+    from types import SimpleNamespace
+
+    from osp_megatron.training.loop import NonFiniteStop, Trainer
+
+    ck = Checkpointer(tmp_path, keep_last=3)
+    ck.save(1, _state(1.0, 1))
+    trainer = Trainer.__new__(Trainer)  # only what save() reads before it writes anything
+    trainer.cfg = SimpleNamespace(train=SimpleNamespace(save_checkpoints=True))
+    trainer.model, trainer.ema, trainer.device, trainer.step, trainer.checkpointer = (
+        torch.nn.Linear(3, 2), None, torch.device("cpu"), 2, ck)
+    assert trainer.weights_finite()
+    with torch.no_grad():
+        trainer.model.weight[0, 1] = float("inf")
+    with pytest.raises(NonFiniteStop, match=r"weights after step 2 are not finite; not saved: the last good "
+                                            r"checkpoint is .*step_0000001"):
+        trainer.save()
+    assert ck.committed_steps() == [1] and (ck.root / "latest").read_text().strip() == "step_0000001"
