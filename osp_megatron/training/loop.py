@@ -32,6 +32,7 @@ Exit codes are those of `signals`: 0 done, 3 checkpointed after a stop request, 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional
@@ -484,7 +485,13 @@ class Trainer:
         finally:
             self.stop.uninstall()
             if self.rank == 0:
-                self.tracker.finish(status)
+                try:
+                    self.tracker.finish(status)
+                except Exception as exc:  # noqa: BLE001 - never hide the error that ended the run
+                    if status != "FAILED":
+                        raise
+                    print(f"{self.log_prefix} the tracker could not record the failure either "
+                          f"({type(exc).__name__}: {redact_secrets(str(exc))[:300]})", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         try:
