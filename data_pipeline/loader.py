@@ -27,6 +27,7 @@ from data_pipeline.decode import to_unit_range
 from data_pipeline.shardlist import read_manifest, resolve_shards
 from data_pipeline.stream import COUNTERS, ShardDataset, fresh_role_state
 from data_pipeline.synthetic_loader import SyntheticLoader
+from osp_megatron.training.signals import ignore_stop_signals
 
 STATE_VERSION = 1
 
@@ -84,7 +85,9 @@ class ShardLoader:
         # in_order (the default): batches come back strictly round-robin over workers; exact resume relies on it
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=workers,
-            prefetch_factor=2 if workers > 0 else None, persistent_workers=False, **kwargs,
+            prefetch_factor=2 if workers > 0 else None, persistent_workers=False,
+            worker_init_fn=ignore_stop_signals,  # a stop signal to the process group must not kill the workers
+            **kwargs,
         )
         for batch in loader:
             state = batch.pop("__state__")

@@ -5,20 +5,24 @@ script with `--no-python`), with srun (RANK/WORLD_SIZE from SLURM_PROCID/SLURM_N
 slurm/launcher.sh), or plainly for one process. Backend: nccl with CUDA, gloo on CPU.
 The config is validated against the world size before any process group starts.
 
-Exit codes: 0 done, 1 error, 2 invalid config/arguments, 3 stopped by SIGTERM/SIGUSR1 after a checkpoint
+Exit codes: 0 done, 1 error, 2 invalid config/arguments, 3 stopped by SIGTERM/SIGUSR1/SIGINT after a checkpoint
 (requeue to continue), 4 stopped after train.max_nonfinite_steps non-finite steps in a row.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from typing import Optional, Sequence
+
+import torch.distributed as dist
 
 from osp_megatron.config import ConfigError, load_config
 from osp_megatron.config.reference import config_reference
 from osp_megatron.diffusion.flow_matching import FlowMatching
 from osp_megatron.launch import EXIT_BAD_CONFIG, DistEnv, distributed, run_ranks
 from osp_megatron.skiparse import block_schedule
+from osp_megatron.training import signals
 from osp_megatron.training.flops import forward_flops
 from osp_megatron.training.trainer import DiffusionTrainer
 
@@ -90,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="osp-train",
         description="Flow-matching training of OSP-Next / Wan2.1 DiTs on megatron-core (run under torchrun or srun).",
-        epilog="Exit codes: 0 done, 1 error, 2 invalid config, 3 checkpointed after SIGTERM/SIGUSR1 (requeue), "
+        epilog="Exit codes: 0 done, 1 error, 2 invalid config, 3 checkpointed after SIGTERM/SIGUSR1/SIGINT (requeue), "
                "4 too many non-finite steps in a row. Every config key: osp-train --help-config.",
     )
     ap.add_argument("config", nargs="?", help="YAML recipe or preset name (see configs/)")
@@ -137,14 +141,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run(cfg, env: DistEnv) -> int:
     """Initialise torch.distributed, train, tear down. Returns the exit code."""
+
     def body() -> int:
         with distributed(env, timeout_minutes=cfg.parallel.timeout_minutes) as device:
             trainer = DiffusionTrainer(cfg, device)
             try:
                 trainer.setup()
-                return trainer.train()
+                code = trainer.train()
+                if code != 0:
+                    # every rank agreed on this stop: a launcher's SIGTERM (sent once the first rank exits) must not
+                    # turn the code into -15 while the others tear down; leave together
+                    signals.ignore_stop_signals()
+                    dist.barrier()
+                return code
             finally:
-                trainer.close()
+                try:
+                    trainer.close()
+                except Exception:  # noqa: BLE001 - a cleanup error must not hide the one that ended the run
+                    traceback.print_exc()
 
     return run_ranks("osp-train", env, body)
 

@@ -4,11 +4,16 @@ Layout under `<run_dir>/checkpoints/`:
     step_0000100/            one torch_dist checkpoint (`*.distcp`, `.metadata`, `common.pt`, `metadata.json`)
         osp_checkpoint.json  completion marker: step, time, every file with its size and CRC32
     step_0000100.tmp/        a save in progress (never read; removed by the next save or resume)
+    step_0000100.old/        the previous copy while step 100 is saved again (restored by a resume if the
+                             save was killed before the new copy took the name, else deleted)
     latest                   text file holding the name of the newest complete step directory
 
 Commit protocol: write into `step_X.tmp` -> all ranks done (sync save, or the async writer finalised) ->
-rank 0 writes the marker, renames `step_X.tmp` -> `step_X`, writes `latest.tmp` and renames it over `latest`,
-then prunes to the newest `keep_last`. A save killed at any point leaves `latest` on the previous checkpoint.
+rank 0 writes the marker, renames an existing `step_X` -> `step_X.old`, `step_X.tmp` -> `step_X`, writes
+`latest.tmp` and renames it over `latest`, deletes `step_X.old`, then prunes to the newest `keep_last`. A save
+killed at any point leaves a complete checkpoint that `latest` names (or that a resume restores to that name).
+A resume never starts fresh next to complete checkpoints when `latest` is missing, and refuses a damaged
+`latest`; both errors name the newest intact checkpoint and `train.resume_from=...`.
 Loading checks the marker (sizes always, CRC32 when recorded) before megatron reads anything and refuses a
 partial or corrupt checkpoint with a message naming the file and the fix.
 """
@@ -30,6 +35,7 @@ from osp_megatron.weights.paths import read_latest
 MARKER = "osp_checkpoint.json"
 LATEST = "latest"
 CKPT_SUBDIR = "checkpoints"
+OLD_SUFFIX = ".old"
 
 
 class CheckpointError(RuntimeError):
@@ -122,7 +128,81 @@ def verify_checkpoint(ckpt_dir: str | Path) -> Dict[str, Any]:
             raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: file {rel} fails its CRC32 check; {fix}")
     if not (ckpt_dir / "metadata.json").is_file():
         raise CheckpointError(f"checkpoint {ckpt_dir} is not a megatron dist_checkpointing directory; {fix}")
+    if (ckpt_dir / ".metadata").is_file():
+        from osp_megatron.weights.safe_pickle import load_dcp_metadata
+
+        try:
+            load_dcp_metadata(ckpt_dir / ".metadata")
+        except Exception as exc:  # noqa: BLE001 - refused class or unreadable pickle: one message
+            raise CheckpointError(f"checkpoint {ckpt_dir} is refused: .metadata: {exc}") from None
     return marker
+
+
+def start_writer_manager() -> None:
+    """Start the results queue of megatron's torch_dist writer in a Manager process that ignores the stop
+    signals (megatron would start one with the default actions: a SIGTERM/SIGUSR1 to the process group would kill
+    it and break the final save with BrokenPipeError). No-op once a queue exists."""
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+    except ImportError:  # pragma: no cover
+        return
+    if getattr(fa, "_results_queue", None) is not None:
+        return
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from osp_megatron.training.signals import ignore_stop_signals
+
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=ignore_stop_signals)
+    fa._results_queue = manager.Queue()
+
+
+class WriterWatchdog:
+    """While a save runs: if a helper process started during it (megatron's forked writers) dies from a signal
+    or with an error before the save returns, print which and exit this rank with status 1 at once, instead of
+    waiting forever on the writer's queue (and the peers for the distributed timeout)."""
+
+    def __init__(self, what: str, poll_s: float = 0.5):
+        import threading
+
+        self.what = what
+        self.poll_s = poll_s
+        self._done = threading.Event()
+        self._before = self._children()
+        self._thread = threading.Thread(target=self._watch, name="checkpoint-writer-watchdog", daemon=True)
+
+    @staticmethod
+    def _children():
+        import multiprocessing.process as mpp
+
+        while True:
+            try:
+                return set(mpp._children)  # noqa: SLF001 - the Process objects this process started
+            except RuntimeError:  # changed size while copied (a process started or was reaped): again
+                continue
+
+    def _watch(self) -> None:
+        import sys
+
+        while not self._done.wait(self.poll_s):
+            for proc in self._children() - self._before:
+                popen = getattr(proc, "_popen", None)
+                code = None if popen is None else popen.poll()
+                if code is not None and code != 0 and not self._done.is_set():
+                    how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+                    print(f"[rank {_rank()}] osp-train failed: the checkpoint writer process {proc.pid} {how} "
+                          f"while saving {self.what} (out of memory? killed?); the save is abandoned, `latest` "
+                          "still names the previous checkpoint. Resume the run.", file=sys.stderr, flush=True)
+                    os._exit(1)
+
+    def __enter__(self) -> "WriterWatchdog":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 def shutdown_writer_manager() -> None:
@@ -141,6 +221,52 @@ def shutdown_writer_manager() -> None:
             manager.shutdown()
         except Exception:  # noqa: BLE001 - best effort at exit
             pass
+
+
+class RunDirLock:
+    """An exclusive lock on `<run_dir>/.lock` (POSIX record lock, released by the kernel when the holder dies),
+    taken by rank 0 for as long as a trainer uses the run directory. The file names the holder (pid, host,
+    start time), so a second trainer on the same run directory (e.g. a rerun while the orphaned ranks of a
+    killed launcher still train) is refused with who holds it."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / ".lock"
+        self._fh = None
+
+    def acquire(self) -> None:
+        import fcntl
+        import socket
+
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fh = open(self.path, "a+")
+        except OSError as exc:
+            raise CheckpointError(f"cannot write to train.run_dir={self.run_dir}: {exc.strerror} ({exc.filename}); "
+                                  "give a writable directory") from None
+        try:
+            fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            owner = fh.read().strip() or "owner unknown"
+            fh.close()
+            raise CheckpointError(
+                f"train.run_dir={self.run_dir} is in use by another trainer ({owner}; lock {self.path}): stop that "
+                "run first (after a killed launcher its ranks may still be running) or use another train.run_dir"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            import fcntl
+
+            fcntl.lockf(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
 
 
 class Checkpointer:
@@ -210,6 +336,7 @@ class Checkpointer:
         if self.async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
+            start_writer_manager()
             request = dist_checkpointing.save(state, str(tmp), sharded_strategy=self._strategy(),
                                               async_sharded_save=True)
             request.add_finalize_fn(commit)
@@ -217,17 +344,25 @@ class Checkpointer:
                 self._queue = AsyncCallsQueue()
             self._queue.schedule_async_request(request)
         else:
-            dist_checkpointing.save(state, str(tmp), sharded_strategy=self._strategy())
+            start_writer_manager()
+            with WriterWatchdog(tmp.name):
+                dist_checkpointing.save(state, str(tmp), sharded_strategy=self._strategy())
             commit()
 
     def _commit(self, step: int, tmp: Path) -> None:
         write_marker(tmp, step, self.checksums)
         final = self.root / step_dir_name(step)
-        if final.exists():
-            shutil.rmtree(final)
+        old = self.root / (final.name + OLD_SUFFIX)
+        if final.exists():  # re-saving a step: keep the complete copy until the new one holds its name
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            _fsync_dir(self.root)
         os.replace(tmp, final)
         _fsync_dir(self.root)
         _atomic_write_text(self.root / LATEST, final.name + "\n")
+        if old.exists():
+            shutil.rmtree(old)
         self._prune(keep=final.name)
 
     def _prune(self, keep: str) -> None:
@@ -250,22 +385,96 @@ class Checkpointer:
         shutdown_writer_manager()
 
     def remove_stale_tmp(self) -> None:
-        """Delete `*.tmp` step directories left by a killed save (rank 0)."""
+        """Clean up after a killed save (rank 0): delete `*.tmp` step directories; a `step_X.old` left by a
+        re-save of step X goes back to its name when `step_X` is missing or incomplete, else it is deleted."""
         if _rank() == 0 and self.root.is_dir():
+            for p in sorted(self.root.iterdir()):
+                if p.is_dir() and p.name.endswith(OLD_SUFFIX):
+                    final = self.root / p.name[: -len(OLD_SUFFIX)]
+                    if (final / MARKER).is_file():
+                        shutil.rmtree(p, ignore_errors=True)
+                    elif (p / MARKER).is_file():
+                        if final.exists():
+                            shutil.rmtree(final)
+                        os.replace(p, final)
+                        _fsync_dir(self.root)
             for p in self.root.iterdir():
                 if p.is_dir() and p.name.endswith(".tmp"):
                     shutil.rmtree(p, ignore_errors=True)
         _barrier()
 
+    def intact_steps(self) -> List[int]:
+        """Committed steps whose files pass `verify_checkpoint`, oldest first (reads every file: rank 0 only)."""
+        out = []
+        for step in self.committed_steps():
+            try:
+                verify_checkpoint(self.root / step_dir_name(step))
+            except CheckpointError:
+                continue
+            out.append(step)
+        return out
+
+    def _resume_problem(self, what: str) -> str:
+        intact = self.intact_steps()
+        if not intact:
+            return f"{what}; no intact checkpoint is left in {self.root}: use a new train.run_dir for a fresh run"
+        newest = self.root / step_dir_name(intact[-1])
+        return (f"{what}; the newest intact checkpoint is {newest}: resume from it with "
+                f"train.resume_from={newest.name} (or use a new train.run_dir for a fresh run)")
+
+    def resume_dir(self, resume_from: str = "") -> Optional[Path]:
+        """The checkpoint a resume starts from, verified (collective; rank 0 checks, the answer is broadcast).
+
+        `resume_from` (a step_* name under the checkpoint root, or a path) wins over `latest`. None: nothing to
+        resume (no `latest` and no committed step). A missing `latest` next to complete checkpoints, a dangling
+        or damaged `latest` raise CheckpointError naming the newest intact checkpoint and the override."""
+        answer: List[Any] = [None, None]
+        if _rank() == 0:
+            try:
+                path = self._find(resume_from)
+                answer[0] = None if path is None else str(path)
+            except CheckpointError as exc:
+                answer[1] = str(exc)
+        if dist.is_initialized():
+            dist.broadcast_object_list(answer, src=0)
+        if answer[1] is not None:
+            raise CheckpointError(answer[1])
+        return None if answer[0] is None else Path(answer[0])
+
+    def _find(self, resume_from: str) -> Optional[Path]:
+        if resume_from:
+            path = Path(resume_from)
+            if not path.is_absolute() and not path.exists():
+                path = self.root / resume_from
+            verify_checkpoint(path)
+            return path
+        pointer = self.root / LATEST
+        if not pointer.is_file():
+            if self.committed_steps():
+                raise CheckpointError(self._resume_problem(
+                    f"{pointer} is missing but {self.root} holds checkpoints (a fresh start would overwrite them)"))
+            return None
+        try:
+            path = self.latest_dir()
+            verify_checkpoint(path)
+        except CheckpointError as exc:
+            raise CheckpointError(self._resume_problem(f"`latest` cannot be used: {exc}")) from None
+        return path
+
     # ------------------------------------------------------------------ load
-    def load(self, ckpt_dir: Path, sharded_state: Dict[str, Any]) -> Dict[str, Any]:
-        """Verify `ckpt_dir` (rank 0, result broadcast) and load `sharded_state` from it (collective)."""
+    def load(self, ckpt_dir: Path, sharded_state: Dict[str, Any], verified: bool = False) -> Dict[str, Any]:
+        """Verify `ckpt_dir` (rank 0, result broadcast; skipped when `resume_dir` just did) and load
+        `sharded_state` from it (collective)."""
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
         from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
 
+        from osp_megatron.weights import safe_pickle
+
+        safe_pickle.install()  # checkpoints are data: no code runs from .metadata or byte items
+
         problem = [None]
-        if _rank() == 0:
+        if _rank() == 0 and not verified:
             try:
                 verify_checkpoint(ckpt_dir)
             except CheckpointError as exc:

@@ -32,6 +32,7 @@ Exit codes are those of `signals`: 0 done, 3 checkpointed after a stop request, 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional
@@ -42,7 +43,8 @@ import torch.distributed as dist
 
 from osp_megatron.config import Config, resolved_dtype
 from osp_megatron.training import signals
-from osp_megatron.training.checkpoint import CheckpointError, Checkpointer, shutdown_writer_manager
+from osp_megatron.config.redact import redact_secrets, redact_tree
+from osp_megatron.training.checkpoint import CheckpointError, Checkpointer, RunDirLock, shutdown_writer_manager
 from osp_megatron.training.clipping import GradClipper
 from osp_megatron.training.ema import EMA, unwrap
 from osp_megatron.training.rng import derive_seed, get_rng_state, seed_everything, set_rng_state
@@ -166,6 +168,7 @@ class Trainer:
 
         cfg, t = self.cfg, self.cfg.train
         cpu_shims.apply()
+        self._lock_run_dir()
         self.ps = self.init_parallel()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -215,10 +218,26 @@ class Trainer:
             self.init_weights()
         self.tracker = Tracker(cfg.tracking, self.run_dir, enabled=self.rank == 0, run_id=self.tracking_run_id)
         if self.rank == 0:
+            reopened = self.tracking_run_id is not None
             self.tracking_run_id = self.tracker.run_id
-            self.tracker.metrics_log.truncate_after(self.step)
+            logged = self.tracker.metrics_log.truncate_after(self.step)
+            if reopened:  # the re-opened tracker run already holds the steps replayed after the checkpoint
+                self.tracker.logged_until = logged
         self.tracking_run_id = all_gather_object(self.tracking_run_id)[0]
         self._log_run_start(resumed)
+
+    def _lock_run_dir(self) -> None:
+        """Rank 0 holds `RunDirLock` until `close()`; a refusal is raised on every rank (collective)."""
+        self.run_lock = RunDirLock(self.run_dir)
+        problem = [None]
+        if self.rank == 0:
+            try:
+                self.run_lock.acquire()
+            except CheckpointError as exc:
+                problem[0] = str(exc)
+        dist.broadcast_object_list(problem, src=0)
+        if problem[0] is not None:
+            raise CheckpointError(problem[0])
 
     def _log_run_start(self, resumed: bool) -> None:
         cfg = self.cfg
@@ -228,9 +247,9 @@ class Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg_path = run_dir / "config.yaml"
         tmp = cfg_path.with_suffix(".yaml.tmp")
-        tmp.write_text(cfg.to_yaml())
+        tmp.write_text(redact_secrets(cfg.to_yaml()))  # credentials in URIs never reach disk or the tracker
         os.replace(tmp, cfg_path)
-        self.tracker.log_params(cfg.flat(), step=self.step)
+        self.tracker.log_params(redact_tree(cfg.flat()), step=self.step)
         self.tracker.set_tags({"world_size": self.world, "dp": self.dp_size, "cp": self.cp_size,
                                "pp": self.pp_size, "resumed_from_step": self.step if resumed else 0})
         self.tracker.log_artifact(cfg_path, "config")
@@ -244,7 +263,7 @@ class Trainer:
             + (f" ({n_trainable:,} trainable)" if n_trainable != n_params else "") + ", "
             + (f"{describe}, " if describe else "")
             + (f"resumed at step {self.step}" if resumed else "fresh start")
-            + (f", MLflow run {self.tracker.run_id} ({self.tracker.uri})" if self.tracker.active else "")
+            + (f", MLflow run {self.tracker.run_id} ({redact_secrets(self.tracker.uri)})" if self.tracker.active else "")
         )
         if self.ema is not None:
             host = self.ema.device.type == "cpu" and self.device.type == "cuda"
@@ -305,9 +324,25 @@ class Trainer:
             state["ema"] = self.ema.sharded_state_dict(snapshot=not loading)
         return state
 
+    def weights_finite(self) -> bool:
+        """Every weight of the model (and of the EMA twin) finite on every rank (collective)."""
+        tensors = [p.detach() for p in unwrap(self.model).parameters()]
+        if self.ema is not None:
+            tensors += [p.detach() for p in self.ema.module.parameters()]
+        bad = torch.stack([~torch.isfinite(x).all() for x in tensors]).any() if tensors else torch.tensor(False)
+        flag = bad.to(device=self.device, dtype=torch.float32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0.0
+
     def save(self, before_commit=None) -> None:
+        """Checkpoint the current step (collective). Refuses weights that are not finite: the checkpoint that
+        `latest` names stays the last one whose weights were all finite."""
         if not self.cfg.train.save_checkpoints:
             return
+        if not self.weights_finite():
+            raise NonFiniteStop(
+                f"the weights after step {self.step} are not finite; not saved: the last good checkpoint is "
+                f"{self.checkpointer.latest_dir()}. Lower train.lr or check the data, then resume.")
         state = self._sharded_state(loading=False)
         state["osp"] = {
             "step": self.step,
@@ -318,7 +353,7 @@ class Trainer:
             "world_size": self.world,
             "dp_size": self.dp_size,
             "rng": all_gather_object(get_rng_state()),
-            "config_yaml": self.cfg.to_yaml(),
+            "config_yaml": redact_secrets(self.cfg.to_yaml()),
             "clip": self.clipper.state_dict(),
             **self.state_dict_extras(),
         }
@@ -361,11 +396,11 @@ class Trainer:
                 )
             return False
         self.checkpointer.remove_stale_tmp()
-        ckpt = self.checkpointer.latest_dir()
+        ckpt = self.checkpointer.resume_dir(self.cfg.train.resume_from)
         if ckpt is None:
             return False
         self._materialize_optimizer_state()
-        loaded = self.checkpointer.load(ckpt, self._sharded_state(loading=True))
+        loaded = self.checkpointer.load(ckpt, self._sharded_state(loading=True), verified=True)
         model = unwrap(self.model)
         with torch.no_grad():  # fp32 main params are views of leaf params: copy in place without autograd
             model.load_state_dict(loaded["model"], strict=False)
@@ -389,6 +424,9 @@ class Trainer:
                       "(noise is derived from (seed, dp_rank, step) and does not depend on them)")
         self.clipper.load_state_dict(osp.get("clip"))
         self.load_state_dict_extras(osp)
+        if ckpt.parent == self.checkpointer.root:
+            self.checkpointer.last_committed = self.step  # a rerun of a finished run does not save this step again
+        self.info(f"{self.log_prefix} resuming from {ckpt}")
         return True
 
     # ------------------------------------------------------------------------------------------ loop
@@ -451,7 +489,13 @@ class Trainer:
         finally:
             self.stop.uninstall()
             if self.rank == 0:
-                self.tracker.finish(status)
+                try:
+                    self.tracker.finish(status)
+                except Exception as exc:  # noqa: BLE001 - never hide the error that ended the run
+                    if status != "FAILED":
+                        raise
+                    print(f"{self.log_prefix} the tracker could not record the failure either "
+                          f"({type(exc).__name__}: {redact_secrets(str(exc))[:300]})", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         try:
@@ -459,3 +503,5 @@ class Trainer:
                 self.checkpointer.close()
         finally:
             shutdown_writer_manager()
+            if hasattr(self, "run_lock"):
+                self.run_lock.release()

@@ -1,12 +1,20 @@
-"""Graceful stop on SIGTERM / SIGUSR1 (SLURM preemption, `scancel`, `--signal=USR1@90`).
+"""Graceful stop on SIGTERM / SIGUSR1 / SIGINT (SLURM preemption, `scancel`, `--signal=USR1@90`, torchrun's
+forwarded SIGTERM, Ctrl-C).
 
 The handler only sets a flag. The trainer checks it after every optimizer step; all ranks agree through a
 MAX all-reduce (a signal may reach only some ranks), then the trainer saves a checkpoint and the process
 exits with `EXIT_REQUEUE` (3): "checkpointed for requeue". Other exit codes of `osp-train`:
     0  finished train.steps
     1  error (config, data, crash)
-    3  stopped by SIGTERM/SIGUSR1 after a successful checkpoint: requeue the job to continue
+    3  stopped by SIGTERM/SIGUSR1/SIGINT after a successful checkpoint: requeue the job to continue
     4  stopped after train.max_nonfinite_steps non-finite steps in a row (the last good checkpoint is kept)
+
+The stop signal usually reaches a rank's whole process group (SLURM `--signal`, `scancel --signal`, torchrun,
+a terminal's Ctrl-C), so the rank's helper processes get it too. They call `ignore_stop_signals` when they
+start (DataLoader workers through `worker_init_fn`, the checkpoint writer's Manager through its initializer)
+and so live until the final save is written; they still exit with their parent (torch's worker watchdog, the
+Manager's shutdown). After a stop (exit 3 or 4) the rank ignores further stop signals while it tears down, so a
+launcher's follow-up SIGTERM cannot turn the agreed exit code into -15.
 """
 from __future__ import annotations
 
@@ -15,11 +23,17 @@ from typing import Optional
 
 from osp_megatron.launch import EXIT_ERROR, EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE  # noqa: F401 (re-exported)
 
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def ignore_stop_signals(*_args) -> None:
+    """Ignore the stop signals in this process (a helper process; `*_args` takes a worker id)."""
+    for sig in HANDLED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class StopRequest:
-    """Installs handlers for SIGTERM/SIGUSR1 that record the signal; `uninstall()` restores the old ones."""
+    """Installs handlers for SIGTERM/SIGUSR1/SIGINT that record the signal; `uninstall()` restores the old ones."""
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None

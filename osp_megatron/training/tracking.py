@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -31,13 +32,26 @@ class MetricsLog:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    def truncate_after(self, step: int) -> None:
+    def truncate_after(self, step: int) -> int:
+        """Keep the lines of steps <= `step`; returns the last step the file held (0: none). A torn last line
+        (a crash or a full disk mid-append) is dropped with a warning; a bad line elsewhere names the file."""
         if not self.path.exists():
-            return
-        keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            return 0
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                records.append((json.loads(line)["step"], line))
+            except (ValueError, KeyError, TypeError) as exc:
+                if i == len(lines) - 1:
+                    warnings.warn(f"{self.path}: dropped a torn last line ({line[:60]!r}...)", stacklevel=2)
+                    continue
+                raise ValueError(f"{self.path} line {i + 1} is not a metrics record ({exc}); fix or remove that line") from None
+        last = max((s for s, _ in records), default=0)
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.write_text("".join(line + "\n" for s, line in records if s <= step))
         os.replace(tmp, self.path)
+        return last
 
     def append(self, record: Dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +99,7 @@ class Tracker:
         self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl")
         self.client = None
         self.run_id: Optional[str] = None
+        self.logged_until = 0  # steps <= this reached the tracker before a resume: not sent again
         if not enabled or tracking_cfg.backend == "none":
             return
         try:
@@ -140,7 +155,7 @@ class Tracker:
         if not self.enabled:
             return
         self.metrics_log.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
-        if not self.active:
+        if not self.active or step <= self.logged_until:
             return
         from mlflow.entities import Metric
 

@@ -39,6 +39,9 @@ def _ensure_world() -> None:
     """dist_checkpointing needs a process group: a single-process one when the caller has none."""
     import torch.distributed as dist
 
+    from osp_megatron.weights import safe_pickle
+
+    safe_pickle.install()  # every torch_dist read below is data-only
     if not dist.is_initialized():
         ParallelState.single()
 

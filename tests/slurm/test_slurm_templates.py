@@ -80,7 +80,7 @@ DEMO = REPO / "configs" / "demo_cpu.yaml"
 @pytest.mark.skipif(not DEMO.is_file(), reason="configs/demo_cpu.yaml not written yet (training helper)")
 def test_train_template_demo_cpu_usr1_requeue_resume(cluster, tmp_path):
     """`sbatch slurm/train.sbatch configs/demo_cpu.yaml` (osp-train on 2 nodes x 1 task): SIGUSR1 to the
-    batch shell once training runs -> the trainer checkpoints and exits 3 -> requeue -> the restart resumes from
+    batch shell after a periodic save, with a DataLoader worker per rank -> the trainer checkpoints and exits 3 -> requeue -> the restart resumes from
     `latest` and completes all steps."""
     steps = 20
     run_dir = tmp_path / "run"
@@ -90,13 +90,14 @@ def test_train_template_demo_cpu_usr1_requeue_resume(cluster, tmp_path):
     assert made.returncode == 0, made.stderr
     log = tmp_path / "job-%j.out"
     job = cluster.sbatch([f"--output={log}", "--time=00:15:00", str(SLURM_DIR / "train.sbatch"), str(DEMO),
-                          f"train.run_dir={run_dir}", f"data.shards={data}", "data.num_workers=0",
-                          f"train.steps={steps}", "train.warmup_steps=0", "train.save_interval=0",
+                          f"train.run_dir={run_dir}", f"data.shards={data}", "data.num_workers=1",
+                          f"train.steps={steps}", "train.warmup_steps=0", "train.save_interval=2",
                           "train.log_interval=1", "train.sample_interval=0", "tracking.backend=none"])
     logs = [tmp_path / f"job-{job}.out"]
-    # the trainer's signal handlers are installed before step 1 is logged
-    cluster.wait_for(lambda: logs[0].exists() and f"step 1/{steps}" in logs[0].read_text(), 300,
-                     "osp-train logging step 1", job, logs)
+    # after a periodic save (the checkpoint writer's Manager process exists) and with a loader worker: both
+    # must survive the signal that reaches the whole job step
+    cluster.wait_for(lambda: logs[0].exists() and "checkpoint step 2" in logs[0].read_text()
+                     and f"step 3/{steps}" in logs[0].read_text(), 300, "osp-train past its step-2 save", job, logs)
     cluster.run(["scancel", "--signal=USR1", "--batch", job])
     states = cluster.wait(job, 600, logs)
     text = logs[0].read_text()
@@ -105,7 +106,7 @@ def test_train_template_demo_cpu_usr1_requeue_resume(cluster, tmp_path):
     stopped = re.search(r"stopped at step (\d+) \(signal 10\); checkpointed for requeue", text)
     resumed = re.search(r"resumed at step (\d+)", text)
     assert stopped and resumed, read_logs(logs)
-    assert 1 <= int(stopped.group(1)) == int(resumed.group(1)) < steps, read_logs(logs)
+    assert 3 <= int(stopped.group(1)) == int(resumed.group(1)) < steps, read_logs(logs)
     assert f"step {steps}/{steps}" in text, read_logs(logs)
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step_{steps:07d}", latest
