@@ -19,6 +19,7 @@ SPECS = ("local", "te")
 DTYPES = ("auto", "fp32", "bf16")
 RECIPES = ("none", "hif8_current", "hif8_delayed", "fp8_delayed", "fp8_current", "fp8_block")
 ROUNDINGS = ("ta", "hybrid")
+AMAX_SCOPES = ("local", "tp", "tp_cp")  # HiF8 amax scopes (osp_megatron.quant.modules.set_amax_scope)
 FORMATS = ("auto", "megatron", "diffusers", "wan", "osp-next")  # osp_megatron.weights.FORMATS + auto
 
 
@@ -123,7 +124,11 @@ class PrecisionConfig:
     interval: int = option(1, "delayed scaling: recompute the scale every N steps", minimum=1)
     backward_rounding: str = option("ta", "HiF8 rounding of gradients: ta (ties away) or hybrid (the paper's "
                                     "stochastic rule)", choices=ROUNDINGS)
-    quantize_attention: bool = option(False, "HiF8 on attention Q/K/V (and dQ/dK/dV)")
+    quantize_attention: bool = option(False, "HiF8 on the Q/K/V (and dQ/dK/dV) of self- and cross-attention, as "
+                                      "the kernel sees them (after the Ulysses all-to-all)")
+    amax_scope: str = option("local", "ranks a HiF8 amax is reduced over: local (each rank's own tensor, OSP-Next), "
+                             "tp (TP shards: output independent of the TP degree), tp_cp (TP x context parallel: "
+                             "forward independent of TP, SSP and Ulysses degrees)", choices=AMAX_SCOPES)
     bf16_first_blocks: int = option(0, "keep the first N blocks out of quantization", minimum=0)
     bf16_last_blocks: int = option(0, "keep the last N blocks out of quantization", minimum=0)
 
@@ -249,6 +254,6 @@ class EncoderConfig:
 
 
 __all__ = [
-    "ATTENTION_BACKENDS", "DTYPES", "EncoderConfig", "FORMATS", "ModelConfig", "ParallelConfig", "PrecisionConfig",
-    "RECIPES", "ROUNDINGS", "SCHEDULES", "SPECS", "TrackingConfig", "TrainConfig",
+    "AMAX_SCOPES", "ATTENTION_BACKENDS", "DTYPES", "EncoderConfig", "FORMATS", "ModelConfig", "ParallelConfig",
+    "PrecisionConfig", "RECIPES", "ROUNDINGS", "SCHEDULES", "SPECS", "TrackingConfig", "TrainConfig",
 ]

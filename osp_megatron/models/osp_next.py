@@ -34,6 +34,7 @@ from osp_megatron.models.attention import SequenceContext
 from osp_megatron.models.specs import get_layer_specs
 from osp_megatron.parallel import ParallelState, TokenPlacement
 from osp_megatron.parallel.tp_shards import tp_gather, tp_slice
+from osp_megatron.quant.modules import set_amax_scope
 from osp_megatron.skiparse import plan_blocks
 
 
@@ -112,6 +113,7 @@ class OSPNextDiT(MegatronModule):
             for p in self.head.parameters():
                 p.sequence_parallel = config.sequence_parallel
         self._sequences: Dict[Tuple, SequenceContext] = {}
+        set_amax_scope(self, parallel, config.amax_scope)
 
     # ------------------------------------------------------------------ helpers
     def set_input_tensor(self, input_tensor) -> None:

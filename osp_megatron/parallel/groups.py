@@ -56,7 +56,7 @@ class ParallelState:
     pp_group: Optional[object] = None
     dp_group: Optional[object] = None
     dp_cp_group: Optional[object] = None
-    tp_cp_group: Optional[object] = None  # tensors sharded over heads (TP) and tokens (CP): per-tensor amax
+    tp_cp_group: Optional[object] = None  # tensors sharded over heads (TP) and tokens (CP), e.g. HiF8 amax
 
     @classmethod
     def single(cls) -> "ParallelState":
@@ -78,11 +78,6 @@ class ParallelState:
     def splits_sequence(self) -> bool:
         """Whether a sample's tokens are split over ranks (context parallelism or TP sequence parallelism)."""
         return self.cp.size > 1 or self.sp_size > 1
-
-    @property
-    def qkv_amax_group(self) -> Optional[object]:
-        """The group attention's q/k/v are sharded over (heads over TP, tokens over CP), None when unsharded."""
-        return self.tp_cp_group if (self.tp > 1 or self.cp.size > 1) else None
 
     @property
     def is_first_stage(self) -> bool:

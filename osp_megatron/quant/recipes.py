@@ -52,6 +52,30 @@ def _check_role(role: str) -> bool:
     return role in BACKWARD_ROLES
 
 
+_REUSED_ROLES = ("input", "grad_output")
+
+
+class _ReuseLast:
+    """Reuse the last quantization of an "input" or "grad_output" tensor handed in again unchanged (same object
+    and version, same module key and group): the shared input of the Q, K and V linears, and the dy a
+    row-parallel linear's bias add and its GEMM both quantize."""
+
+    def _reset_reuse(self) -> None:
+        self._last: Dict[str, Tuple[Any, ...]] = {}
+
+    def _reused(self, x: torch.Tensor, role: str, key: Any, group: Any) -> Optional[torch.Tensor]:
+        hit = self._last.get(role)
+        if hit is not None and hit[0]() is x and hit[1] == x._version and hit[2] is group and (
+            role == "input" or hit[3] == key
+        ):
+            return hit[4]
+        return None
+
+    def _remember(self, x: torch.Tensor, role: str, key: Any, group: Any, y: torch.Tensor) -> None:
+        if role in _REUSED_ROLES:
+            self._last[role] = (weakref.ref(x), x._version, group, key, y)
+
+
 def _mix_seed(*parts: int) -> int:
     h = 0x811C9DC5
     for p in parts:
@@ -60,7 +84,7 @@ def _mix_seed(*parts: int) -> int:
 
 
 @dataclasses.dataclass
-class HiF8CurrentScaling:
+class HiF8CurrentScaling(_ReuseLast):
     """OSP-Next current scaling: scale = scale_max / amax of this call, per tensor."""
 
     scale_max_fwd: float = 15.0
@@ -74,7 +98,7 @@ class HiF8CurrentScaling:
         if self.backward_rounding not in ("ta", "hybrid"):
             raise ValueError(f"backward_rounding={self.backward_rounding!r}: use ta or hybrid")
         self._calls = 0
-        self._last_input: Optional[Tuple[Any, ...]] = None
+        self._reset_reuse()
 
     def quantize(
         self,
@@ -85,27 +109,22 @@ class HiF8CurrentScaling:
     ) -> torch.Tensor:
         """Fake-quantize x (any shape, fp32/bf16/fp16) -> same shape and dtype. `key` is unused here.
 
-        tp_group: when x is one shard of a tensor-parallel tensor, the amax is all-reduced (MAX) over it so
-        every shard uses the scale of the whole tensor. An "input" quantized again unchanged (same tensor
-        object and version, e.g. the shared input of the Q, K and V linears) reuses the previous result.
+        tp_group: the group the amax is all-reduced (MAX) over (e.g. the TP shards of one tensor, so every
+        shard uses the scale of the whole tensor); None: this tensor's own amax. An "input" or "grad_output"
+        quantized again unchanged (same tensor object and version) reuses the previous result.
         """
         backward = _check_role(role)
         scale_max = self.scale_max_bwd if backward else self.scale_max_fwd
         rounding = self.backward_rounding if backward else "ta"
-        if role == "input":
-            hit = self._last_input
-            if (
-                hit is not None and hit[0]() is x and hit[1] == x._version and hit[2] is tp_group
-                and hit[3] == scale_max
-            ):
-                return hit[4]
+        hit = self._reused(x, role, key, tp_group)
+        if hit is not None:
+            return hit
         seed = 0
         if rounding == "hybrid":
             self._calls += 1
             seed = _mix_seed(self.seed, self._calls)
         y, _ = qdq_current(x, scale_max, rounding=rounding, seed=seed, group=tp_group)
-        if role == "input":
-            self._last_input = (weakref.ref(x), x._version, tp_group, scale_max, y)
+        self._remember(x, role, key, tp_group, y)
         return y
 
 
@@ -118,7 +137,7 @@ class _DelayedSlot:
 
 
 @dataclasses.dataclass
-class HiF8DelayedScaling:
+class HiF8DelayedScaling(_ReuseLast):
     """TE DelayedScaling semantics with HiF8 rounding (see the module docstring)."""
 
     amax_history_len: int = 16
@@ -145,6 +164,7 @@ class HiF8DelayedScaling:
         self.amax_reduction_group: Optional[torch.distributed.ProcessGroup] = None
         self._slots: Dict[Tuple[Any, str], _DelayedSlot] = {}
         self._calls = 0
+        self._reset_reuse()
 
     # -------------------------------------------------------------------------------------------
     def begin_step(self) -> None:
@@ -232,6 +252,9 @@ class HiF8DelayedScaling:
         if key is None:
             raise ValueError("HiF8DelayedScaling.quantize needs key= (one per module) to keep its amax history")
         scale_max = self.scale_max_bwd if backward else self.scale_max_fwd
+        hit = self._reused(x, role, key, tp_group)
+        if hit is not None and role == "grad_output":  # the same dy again within one backward
+            return hit
         s = self._get_slot(key, role, x.device)
         if 0 <= s.recorded_step < self.step:
             self._update(s, scale_max)
@@ -247,6 +270,7 @@ class HiF8DelayedScaling:
                 torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX, group=group)
         s.history[0] = torch.maximum(s.history[0], amax)
         s.recorded_step = self.step
+        self._remember(x, role, key, tp_group, y)
         return y
 
 
