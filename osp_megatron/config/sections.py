@@ -128,7 +128,7 @@ class PrecisionConfig:
                                       "the kernel sees them (after the Ulysses all-to-all)")
     amax_scope: str = option("local", "ranks a HiF8 amax is reduced over: local (each rank's own tensor, OSP-Next), "
                              "tp (TP shards: output independent of the TP degree), tp_cp (TP x context parallel: "
-                             "forward independent of TP, SSP and Ulysses degrees)", choices=AMAX_SCOPES)
+                             "every activation scaled by the whole tensor's amax)", choices=AMAX_SCOPES)
     bf16_first_blocks: int = option(0, "keep the first N blocks out of quantization", minimum=0)
     bf16_last_blocks: int = option(0, "keep the last N blocks out of quantization", minimum=0)
 

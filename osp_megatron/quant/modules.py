@@ -19,9 +19,10 @@ quantized tensor is all-reduced (MAX) before scaling.
     tp     the amax of TP shards is reduced over the TP group, so TP > 1 quantizes exactly as TP = 1:
            column-parallel W (rows split), dy (columns split), x under sequence parallelism (rows split);
            row-parallel W and x (columns split); Q/K/V (heads split).
-    tp_cp  as tp, and activations (x, dy, Q/K/V) reduced over TP x CP, so the forward does not depend on the
-           TP, SSP or Ulysses degree. Exception in backward: text K/V of cross-attention are replicated over CP
-           and each CP rank holds a partial sum of their gradients, whose amax is the max of the partial ones.
+    tp_cp  as tp, and activations (x, dy, Q/K/V) reduced over TP x CP, so every quantized activation is scaled
+           by the amax of the whole tensor whatever the TP, SSP or Ulysses degree. Exception in backward: text K/V
+           of cross-attention are replicated over CP and each CP rank holds a partial sum of their gradients,
+           whose amax is the max of the partial ones.
 Bias: dbias = sum(g_q) for every linear (OSP-Next). Row-parallel linears keep megatron's bias add after the TP
 reduction; its backward quantizes the dy it sees (the same tensor the GEMM's backward receives, quantized once
 and reused; under sequence parallelism the rank's sequence chunk).
