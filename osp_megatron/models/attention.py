@@ -155,7 +155,7 @@ class SelfAttention(_AttentionBase):
                  layout: str, kind: str):
         if kind not in ("full", "sparse"):
             raise ValueError(f"SelfAttention: kind {kind!r}: use full or sparse")
-        split = parallel.cp.ulysses if kind == "sparse" else parallel.cp.size
+        split = parallel.cp.ulysses if kind == "sparse" else parallel.full_ulysses(config.num_attention_heads)
         super().__init__(config, submodules, parallel, split, quantizer_key=f"attn{layer_number}")
         self.layer_number, self.layout, self.kind = layer_number, layout, kind
 
@@ -172,7 +172,8 @@ class SelfAttention(_AttentionBase):
         q = apply_rope(q.view(shape5), cos, sin).view(s, gb, self.heads, self.head_dim)
         k = apply_rope(k.view(shape5), cos, sin).view(s, gb, self.heads, self.head_dim)
         v = v.view(s, gb, self.heads, self.head_dim)
-        q, k, v = (placement.seq_to_heads(t, self.layout, self.kind) for t in (q, k, v))
+        q = placement.seq_to_heads(q, self.layout, self.kind)
+        k, v = (placement.seq_to_heads(t, self.layout, self.kind, keys=True) for t in (k, v))
         q, k, v = self.qkv_quantizer(q, k, v)
         o = grouped_attention(q, k, v, seq.problems(self.layout, self.kind), self.core_attention)
         o = placement.heads_to_seq(o, self.layout, self.kind)

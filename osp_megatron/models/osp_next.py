@@ -125,7 +125,8 @@ class OSPNextDiT(MegatronModule):
         """The token placement (+ RoPE tables) of latent grid (T, H, W) after patchify, cached per grid."""
         key = (tuple(grid), str(device))
         if key not in self._sequences:
-            placement = TokenPlacement(grid, self.config.sparse_ratio, self.schedule, self.parallel, device)
+            placement = TokenPlacement(grid, self.config.sparse_ratio, self.schedule, self.parallel, device,
+                                       full_ulysses=self.parallel.full_ulysses(self.config.num_attention_heads))
             self._sequences[key] = SequenceContext(placement, self.config.head_dim, self.config.rope_theta)
         return self._sequences[key]
 
