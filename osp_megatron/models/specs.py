@@ -2,8 +2,8 @@
 
 Every per-block choice is in its spec, built once from the config by `get_layer_specs(config)`:
 - attention kind (`params["kind"]`): full | token | group, from the block schedule;
-- linears: `local` (megatron tensor-parallel linears, pure torch, runs on CPU), the same with HiF8 quantized
-  GEMMs (`precision.recipe=hif8_*`, except the bf16 first/last blocks), or `te` (TransformerEngine, GPU only);
+- linears: `local` (megatron tensor-parallel linears, pure torch, runs on CPU), the same with quantized
+  GEMMs (`precision.recipe=hif8_*` or the native `fp8_current` / `fp8_delayed`, except the bf16 first/last blocks), or `te` (TransformerEngine, GPU only);
 - Q/K/V quantizer of self- and cross-attention: HiF8 (`precision.quantize_attention`) or none;
 - core attention kernel: `model.attention_backend` (sdpa | flash | math | te).
 """
@@ -72,7 +72,8 @@ def get_layer_specs(config) -> List[ModuleSpec]:
     """Per-layer block specs (global layer order) from an `OSPNextConfig`: schedule, num_full_blocks,
     spec_name, attention_backend, quant_recipe, quantize_attention, bf16_first_blocks, bf16_last_blocks."""
     kinds = block_schedule(config.num_layers, config.schedule, config.num_full_blocks)
-    hif8 = config.quant_recipe.startswith("hif8")
+    # quantized linears: HiF8 recipes, and the native FP8 ones with the local spec (TE owns FP8 in the te spec)
+    hif8 = config.quant_recipe.startswith("hif8") or config.quant_recipe in ("fp8_current", "fp8_delayed")
     first, last = config.bf16_first_blocks, config.bf16_last_blocks
     return [
         get_block_spec(config.spec_name, kind, quantized=hif8 and not (i < first or i >= config.num_layers - last),

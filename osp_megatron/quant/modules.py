@@ -5,7 +5,9 @@
     forward:   x_q = Q_fwd(x), W_q = Q_fwd(W);  y = x_q @ W_q^T + b           (x_q, W_q saved)
     backward:  g_q = Q_bwd(dy);  dgrad = g_q @ W_q;  wgrad = g_q^T @ x_q;  dbias = sum(g_q)
 
-Q_* is the active recipe's per-tensor quantize-dequantize (`recipes.py`). Layouts: x [s, b, K] (or [n, K]),
+Q_* is the active recipe's per-tensor quantize-dequantize (`recipes.py`): HiF8, or the native FP8 recipes, whose
+GEMMs on CUDA (compute capability >= 8.9) run in FP8 through `torch._scaled_mm` on the fp8 codes (`use_scaled_mm`;
+elsewhere the same values as fake quantization with high-precision GEMMs). Layouts: x [s, b, K] (or [n, K]),
 W [N, K] (torch.nn.functional.linear layout), y [s, b, N].
 
 Tensor parallel: megatron's communication is kept as is (copy_to / reduce_from / gather / scatter in the
@@ -119,9 +121,71 @@ def hif8_linear_tp(
     """HiF8 linear with megatron's TP communication (see module docstring); input [.., K], weight [N, K].
 
     x_group / w_group / g_group: the groups the amax of x, W and dy is all-reduced over (None: local)."""
+    if use_scaled_mm(recipe, input, weight, sequence_parallel):
+        return _FP8ScaledMMFn.apply(input, weight, bias, recipe, key, tp_group, allreduce_dgrad, x_group, w_group,
+                                    g_group)
     return _HiF8LinearFn.apply(
         input, weight, bias, recipe, key, tp_group, allreduce_dgrad, sequence_parallel, x_group, w_group, g_group
     )
+
+
+def use_scaled_mm(recipe: Any, input: torch.Tensor, weight: torch.Tensor, sequence_parallel: bool = False) -> bool:
+    """Whether a native FP8 recipe runs this linear's GEMMs in FP8 (`torch._scaled_mm`): CUDA tensors of compute
+    capability >= 8.9, no sequence parallelism, tokens / K / N multiples of 16 (else the fake-quant path, which
+    computes the same values in high precision)."""
+    if not hasattr(recipe, "quantize_fp8") or not (input.is_cuda and hasattr(torch, "_scaled_mm")):
+        return False
+    if sequence_parallel or torch.cuda.get_device_capability(input.device) < (8, 9):
+        return False
+    m = input.numel() // input.shape[-1]
+    n, k = weight.shape
+    return m % 16 == 0 and n % 16 == 0 and k % 16 == 0
+
+
+def _column_major(t: torch.Tensor) -> torch.Tensor:
+    return t.t().contiguous().t()
+
+
+def _scaled_mm(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor, dtype) -> torch.Tensor:
+    """(a * a_inv) @ (b * b_inv) for fp8 a [M, K] (row-major) and b [K, N] (made column-major), fp32 accumulation."""
+    return torch._scaled_mm(a, _column_major(b), scale_a=a_inv, scale_b=b_inv, out_dtype=dtype)
+
+
+class _FP8ScaledMMFn(torch.autograd.Function):
+    """The quantized linear of the module docstring with FP8 GEMMs on the device (native FP8 recipes, CUDA):
+
+        forward:  y = (x8 * sx^-1) @ (W8 * sw^-1)^T + b                    (x8, W8 fp8 codes saved, not x / W)
+        backward: g8 = Q_bwd(dy);  dgrad = g8 @ W8;  wgrad = g8^T @ x8;  dbias = sum(dequant(g8))
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, recipe, key, tp_group, allreduce_dgrad, x_group, w_group, g_group):
+        x8, x_inv = recipe.quantize_fp8(input, "input", key, _multi(x_group))
+        w8, w_inv = recipe.quantize_fp8(weight, "weight", key, _multi(w_group))
+        x2 = x8.reshape(-1, x8.shape[-1])
+        out = _scaled_mm(x2, x_inv, w8.t(), w_inv, input.dtype).view(*input.shape[:-1], weight.shape[0])
+        if bias is not None:
+            out = out + bias
+        ctx.save_for_backward(x8, x_inv, w8, w_inv)
+        ctx.recipe, ctx.key, ctx.tp_group, ctx.g_group = recipe, key, tp_group, _multi(g_group)
+        ctx.allreduce_dgrad = allreduce_dgrad and group_size(tp_group) > 1
+        ctx.use_bias, ctx.dtype, ctx.w_dtype = bias is not None, input.dtype, weight.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x8, x_inv, w8, w_inv = ctx.saved_tensors
+        g8, g_inv = ctx.recipe.quantize_fp8(grad_output.contiguous(), "grad_output", ctx.key, ctx.g_group)
+        g2 = g8.reshape(-1, g8.shape[-1])
+        grad_input = _scaled_mm(g2, g_inv, w8, w_inv, ctx.dtype).view(*grad_output.shape[:-1], w8.shape[1])
+        if ctx.allreduce_dgrad:
+            torch.distributed.all_reduce(grad_input, group=ctx.tp_group)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            x2 = x8.reshape(-1, x8.shape[-1])
+            grad_weight = _scaled_mm(g2.t().contiguous(), g_inv, x2, x_inv, torch.float32).to(ctx.w_dtype)
+        grad_bias = (g2.float() * g_inv).sum(dim=0).to(ctx.dtype) if ctx.use_bias else None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 class _QuantizedBiasAdd(torch.autograd.Function):
