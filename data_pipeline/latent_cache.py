@@ -98,14 +98,6 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def dist_env() -> tuple:
-    """(rank, world_size, local_rank) from torchrun / SLURM-style env vars (0, 1, 0 when absent)."""
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
-    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-    return rank, world, local
-
-
 class LatentCacher:
     """Encodes the input shards owned by one rank."""
 
@@ -327,4 +319,4 @@ def parse_buckets(text: str) -> List[BucketSpec]:
     return out
 
 
-__all__ = ["CacheConfig", "LatentCacher", "parse_buckets", "dist_env"]
+__all__ = ["CacheConfig", "LatentCacher", "parse_buckets"]

@@ -6,6 +6,9 @@ import sys
 from typing import List, Optional
 
 from data_pipeline.config import DEFAULT_MAX_FRAME_PIXELS
+from data_pipeline.latent_cache import CacheConfig, LatentCacher, parse_buckets
+from data_pipeline.shardlist import ShardListError
+from osp_megatron.launch import DistEnv
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,10 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from data_pipeline.latent_cache import CacheConfig, LatentCacher, dist_env, parse_buckets
-    from data_pipeline.shardlist import ShardListError
-
-    rank, world, local = dist_env()
+    env = DistEnv.from_environ()
+    rank, world, local = env.rank, env.world_size, env.local_rank
     try:
         cfg = CacheConfig(
             input=args.input, output=args.output, vae=args.vae, text_encoder=args.text_encoder,

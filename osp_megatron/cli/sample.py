@@ -21,7 +21,7 @@ velocity, so all ranks run the same sampler and rank 0 decodes and writes `sampl
 from __future__ import annotations
 
 import argparse
-import datetime
+import contextlib
 import json
 import os
 import sys
@@ -31,15 +31,27 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+import torch.distributed as dist
+import yaml
 
-from osp_megatron.weights import EMA_FORMATS, FORMATS
+from osp_megatron.config import ParallelConfig, PrecisionConfig, updated
+from osp_megatron.config.validate import FLAG_NAMES, layout_errors
+from osp_megatron.diffusion import samplers
+from osp_megatron.encoders import load_text_encoder, load_vae
+from osp_megatron.launch import DistEnv, distributed, pick_device
+from osp_megatron.models import build_model
+from osp_megatron.parallel import ParallelState, initialize_parallel
+from osp_megatron.quant.modules import assign_hif8_keys
+from osp_megatron.quant.recipes import autocast, recipe_from_config
+from osp_megatron.training.samples import sample_latents, write_mp4
+from osp_megatron.weights import EMA_FORMATS, FORMATS, load_into, open_checkpoint
+
 
 MODEL_OVERRIDES = ("schedule", "num_full_blocks", "sparse_ratio", "attention_backend")
 
 
 class SampleError(ValueError):
     """Bad arguments; the message names the argument and the fix."""
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="osp-sample", description=__doc__.split("\n\n")[0],
@@ -96,8 +108,6 @@ def read_prompts(args) -> List[str]:
 
 def check_args(args, world: int) -> Dict[str, Any]:
     """Everything checkable before loading anything; returns the model overrides."""
-    import yaml
-
     if (args.frames - 1) % 4 or args.frames < 1:
         raise SampleError(f"--frames {args.frames}: must be 4k+1 (e.g. 17, 49, 81) for the Wan VAE")
     for name in ("height", "width"):
@@ -139,9 +149,6 @@ SAMPLE_RECIPES = ("hif8_current", "hif8_delayed")  # the recipes our local-spec 
 
 def open_dit(args, overrides: Dict[str, Any]):
     """(Checkpoint, ModelConfig with the overrides, PrecisionConfig to sample with); checks before any build."""
-    from osp_megatron.config import ParallelConfig, PrecisionConfig, updated
-    from osp_megatron.weights import open_checkpoint
-
     ckpt = open_checkpoint(args.checkpoint, args.format)
     if args.ema and ckpt.format not in EMA_FORMATS:
         raise SampleError(f"--ema: {ckpt.format} checkpoints have no EMA weights; drop --ema")
@@ -160,10 +167,6 @@ def open_dit(args, overrides: Dict[str, Any]):
 
 def load_dit(args, ckpt, model_config, precision, parallel, dtype: torch.dtype, device):
     """The model in eval mode, TP/CP-sharded by `parallel`, with the checkpoint's weights."""
-    from osp_megatron.models import build_model
-    from osp_megatron.quant.modules import assign_hif8_keys
-    from osp_megatron.weights import load_into
-
     model = build_model(model_config, parallel, precision=precision, dtype=dtype, device=device)
     if precision.recipe == "hif8_delayed":
         assign_hif8_keys(model)
@@ -173,14 +176,11 @@ def load_dit(args, ckpt, model_config, precision, parallel, dtype: torch.dtype, 
 
 def quantization(precision):
     """The region the DiT runs in: the checkpoint's HiF8 recipe (none: a no-op)."""
-    from osp_megatron.quant.recipes import autocast, recipe_from_config
-
     recipe = recipe_from_config(precision)
     return autocast(enabled=recipe is not None, recipe=recipe)
 
 
 def _layout_problem(model_config, pcfg) -> Optional[str]:
-    from osp_megatron.config.validate import FLAG_NAMES, layout_errors
 
     errors = []
     model_config.check(errors)
@@ -189,52 +189,24 @@ def _layout_problem(model_config, pcfg) -> Optional[str]:
 
 
 # ------------------------------------------------------------------------------------------ run
-def _dist_env():
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return rank, world, local
-
-
-def _device(spec: str, local: int) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda", local % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(spec)
-
-
 def run(args) -> int:
-    from osp_megatron import cpu_shims
-    from osp_megatron.config import ParallelConfig
-    from osp_megatron.diffusion import samplers
-    from osp_megatron.encoders import load_text_encoder, load_vae
-    from osp_megatron.training.samples import sample_latents, write_mp4
 
-    rank, world, local = _dist_env()
+    env = DistEnv.from_environ()
+    rank, world = env.rank, env.world_size
     prompts = read_prompts(args)
     overrides = check_args(args, world)
     ckpt, model_config, precision = open_dit(args, overrides)
-    device = _device(args.device, local)
+    device = pick_device(env, args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype) or (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     out_dir = Path(args.output)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    import torch.distributed as dist
-
-    cpu_shims.apply()
-    if world > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=int(os.environ.get("OSP_DIST_TIMEOUT_MIN", "30"))))
-        from osp_megatron.parallel import initialize_parallel
-
-        parallel = initialize_parallel(ParallelConfig(tensor_parallel=args.tp, ssp=args.ssp, ulysses=args.ulysses))
-    else:
-        from osp_megatron.parallel import ParallelState
-
-        parallel = ParallelState.single()
+    launched = contextlib.ExitStack()
+    launched.enter_context(distributed(env, device=str(device), always=False))
+    parallel = (initialize_parallel(ParallelConfig(tensor_parallel=args.tp, ssp=args.ssp, ulysses=args.ulysses))
+                if world > 1 else ParallelState.single())
     t0 = time.time()
     model = load_dit(args, ckpt, model_config, precision, parallel, dtype, device)
     if rank == 0:
@@ -290,6 +262,7 @@ def run(args) -> int:
         dist.barrier()
     if rank == 0:
         print(f"osp-sample: {len(written)} videos in {out_dir} (load {load_s:.1f} s)")
+    launched.close()
     return 0
 
 
@@ -305,7 +278,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"osp-sample rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr)
         code = 2
     finally:
-        import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

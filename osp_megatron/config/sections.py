@@ -97,6 +97,8 @@ class ParallelConfig:
     sequence_parallel: bool = option(False, "megatron TP sequence parallelism (needs tensor_parallel > 1)")
     distributed_optimizer: bool = option(True, "shard optimizer state over data-parallel ranks (megatron)")
     overlap_grad_reduce: bool = option(False, "overlap DDP gradient reduction with backward")
+    timeout_minutes: float = option(30.0, "torch.distributed timeout: how long a collective waits for a peer before "
+                                    "the job fails", minimum=1.0)
 
     @property
     def context_parallel(self) -> int:
