@@ -61,17 +61,22 @@ def test_duplicate_yaml_sections_and_broken_yaml_are_errors(tmp_path):
 
 def test_layout_invariants_live_in_one_place():
     wan13 = ModelConfig(size="wan_1_3b")
-    # 12 heads: SSP 4 x Ulysses 2 passes the sparse-block rule (TP x Ulysses = 2) but not the full-block one (CP 8)
-    errors = layout_errors(wan13, ParallelConfig(ssp=4, ulysses=2))
-    assert len(errors) == 1 and "x parallel.ulysses=2 = 8 must divide the 12 attention heads" in errors[0]
+    # 12 heads at CP 8 (SSP 4 x Ulysses 2): full blocks run Ulysses over gcd(12, 8) = 4 ranks, as OSP-Next does
+    assert layout_errors(wan13, ParallelConfig(ssp=4, ulysses=2)) == []
+    # ... but not with TP sequence parallelism (6 heads per TP rank over CP 4)
+    sp = ParallelConfig(tensor_parallel=2, sequence_parallel=True, ssp=4)
+    errors = layout_errors(wan13, sp)
+    assert len(errors) == 1 and "gcd(6, 4)" in errors[0] and "sequence_parallel" in errors[0], errors
+    # heads not divisible by TP x Ulysses are refused for the sparse blocks
+    assert any("must divide the 12 attention heads" in e for e in layout_errors(wan13, ParallelConfig(ulysses=8)))
     assert layout_errors(wan13, ParallelConfig(ssp=4)) == []
     assert any("does not divide P^2=4" in e for e in layout_errors(wan13, ParallelConfig(ssp=3)))
     assert any("does not divide model.num_layers=30" in e for e in layout_errors(wan13, ParallelConfig(pipeline_parallel=4)))
     # building a model refuses the same layout, naming the same rule
     from osp_megatron.models.transformer_config import make_osp_config
 
-    with pytest.raises(ConfigError, match="= 8 must divide the 12 attention heads"):
-        make_osp_config(wan13, ParallelConfig(ssp=4, ulysses=2))
+    with pytest.raises(ConfigError, match=r"gcd\(6, 4\)"):
+        make_osp_config(wan13, sp)
 
 
 def test_building_a_model_does_not_validate_the_data_section():

@@ -20,6 +20,7 @@ SPECS = ("local", "te")
 DTYPES = ("auto", "fp32", "bf16")
 RECIPES = ("none", "hif8_current", "hif8_delayed", "fp8_delayed", "fp8_current", "fp8_block")
 ROUNDINGS = ("ta", "hybrid")
+AMAX_SCOPES = ("local", "tp", "tp_cp")  # HiF8 amax scopes (osp_megatron.quant.modules.set_amax_scope)
 FORMATS = ("auto", "megatron", "diffusers", "wan", "osp-next")  # osp_megatron.weights.FORMATS + auto
 
 
@@ -115,25 +116,32 @@ class PrecisionConfig:
 
     dtype: str = option("auto", "parameter/compute dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16", choices=DTYPES)
     recipe: str = option("none", "quantized training: none, hif8_current (OSP-Next), hif8_delayed (TE DelayedScaling "
-                         "semantics), fp8_delayed / fp8_current / fp8_block (TransformerEngine, model.spec=te)",
-                         choices=RECIPES)
+                         "semantics), fp8_current / fp8_delayed (native FP8 GEMMs via torch._scaled_mm with "
+                         "model.spec=local, TransformerEngine's with model.spec=te), fp8_block (TransformerEngine, "
+                         "model.spec=te)", choices=RECIPES)
     scale_max_fwd: float = option(15.0, "HiF8 forward scale target: scale = scale_max_fwd / amax (x and W)")
     scale_max_bwd: float = option(224.0, "HiF8 backward scale target: scale = scale_max_bwd / amax (output grad)")
     amax_history_len: int = option(16, "delayed scaling: amax history length", minimum=1)
     amax_compute_algo: str = option("max", "delayed scaling: scale from the max of the history or the most recent amax",
                                     choices=("max", "most_recent"))
-    margin: int = option(0, "delayed scaling: scale = target / amax / 2^margin", minimum=0)
+    margin: int = option(0, "delayed (and native FP8) scaling: scale = target / amax / 2^margin", minimum=0)
     interval: int = option(1, "delayed scaling: recompute the scale every N steps", minimum=1)
     backward_rounding: str = option("ta", "HiF8 rounding of gradients: ta (ties away) or hybrid (the paper's "
                                     "stochastic rule)", choices=ROUNDINGS)
-    quantize_attention: bool = option(False, "HiF8 on attention Q/K/V (and dQ/dK/dV)")
+    fp8_format: str = option("hybrid", "native FP8 recipes: hybrid (E4M3 forward, E5M2 gradients) or e4m3 (both)",
+                             choices=("hybrid", "e4m3"))
+    quantize_attention: bool = option(False, "HiF8 on the Q/K/V (and dQ/dK/dV) of self- and cross-attention, as "
+                                      "the kernel sees them (after the Ulysses all-to-all)")
+    amax_scope: str = option("local", "ranks a HiF8 amax is reduced over: local (each rank's own tensor, OSP-Next), "
+                             "tp (TP shards: output independent of the TP degree), tp_cp (TP x context parallel: "
+                             "every activation scaled by the whole tensor's amax)", choices=AMAX_SCOPES)
     bf16_first_blocks: int = option(0, "keep the first N blocks out of quantization", minimum=0)
     bf16_last_blocks: int = option(0, "keep the last N blocks out of quantization", minimum=0)
 
     def check(self, errors: List[str], model: ModelConfig) -> None:
-        if self.recipe.startswith("fp8") and model.spec != "te":
-            errors.append(f"precision.recipe={self.recipe} is a TransformerEngine FP8 recipe: set model.spec=te (needs TE "
-                          "on a GPU) or use hif8_current / hif8_delayed")
+        if self.recipe == "fp8_block" and model.spec != "te":
+            errors.append("precision.recipe=fp8_block is a TransformerEngine FP8 recipe: set model.spec=te (needs TE "
+                          "on a GPU) or use fp8_current / fp8_delayed (native FP8) or hif8_current / hif8_delayed")
         if self.recipe.startswith("hif8") and model.spec == "te":
             errors.append(f"precision.recipe={self.recipe} with model.spec=te: the HiF8 linears are built by the local "
                           "spec; set model.spec=local (or use an fp8_* recipe with TE)")
@@ -266,6 +274,6 @@ class EncoderConfig:
 
 
 __all__ = [
-    "ATTENTION_BACKENDS", "DTYPES", "EncoderConfig", "FORMATS", "ModelConfig", "ParallelConfig", "PrecisionConfig",
-    "RECIPES", "ROUNDINGS", "SCHEDULES", "SPECS", "TrackingConfig", "TrainConfig",
+    "AMAX_SCOPES", "ATTENTION_BACKENDS", "DTYPES", "EncoderConfig", "FORMATS", "ModelConfig", "ParallelConfig",
+    "PrecisionConfig", "RECIPES", "ROUNDINGS", "SCHEDULES", "SPECS", "TrackingConfig", "TrainConfig",
 ]

@@ -1,8 +1,8 @@
 """Checks across sections, in one place for every entry point (osp-train, osp-grpo, osp-sample, osp-convert).
 
 `layout_errors(model, parallel, world_size=None)` holds the model x parallel-layout invariants: heads vs
-TP x Ulysses (sparse blocks) and TP x CP (full blocks), SSP | P^2, PP | layers, TP | hidden/FFN widths, and the
-world size. `path_errors(cfg)` checks that the inputs a run reads exist (used by `--dry-run`).
+TP x Ulysses (sparse blocks), full blocks at Ulysses gcd(heads / TP, CP) when the heads do not divide over CP
+(not with sequence parallelism), SSP | P^2, PP | layers, TP | hidden/FFN widths, and the world size. `path_errors(cfg)` checks that the inputs a run reads exist (used by `--dry-run`).
 Nothing here touches torch.distributed, so a bad plan fails before any collective starts.
 """
 from __future__ import annotations
@@ -45,10 +45,10 @@ def layout_errors(model: ModelConfig, parallel: ParallelConfig, world_size: Opti
     if heads % (tp * p.ulysses) != 0:
         errors.append(f"{tp_n}={tp} x {ul_n}={p.ulysses} = {tp * p.ulysses} must divide the {heads} attention heads "
                       f"(sparse blocks split heads over TP x Ulysses); choose degrees among the divisors of {heads}")
-    elif heads % (tp * cp) != 0:
-        errors.append(f"full blocks run Ulysses over the whole context-parallel group: {tp_n}={tp} x {ssp_n}={p.ssp} x "
-                      f"{ul_n}={p.ulysses} = {tp * cp} must divide the {heads} attention heads; lower {ssp_n} / {ul_n} "
-                      f"or {tp_n}")
+    elif heads % (tp * cp) != 0 and p.sequence_parallel:
+        errors.append(f"{heads} attention heads over {tp_n}={tp} x context parallel {p.ssp} x {p.ulysses} = {tp * cp}: "
+                      f"full blocks then run Ulysses over gcd({heads // tp}, {cp}) ranks, which does not combine with "
+                      "parallel.sequence_parallel; disable it or choose degrees among the divisors of the heads")
     if dims.ffn_hidden_size % tp != 0 or dims.hidden_size % tp != 0:
         errors.append(f"{tp_n}={tp} does not divide hidden_size={dims.hidden_size} / "
                       f"ffn_hidden_size={dims.ffn_hidden_size}")

@@ -1,15 +1,17 @@
 """Wan2.1 self- and cross-attention on megatron-core tensor-parallel linears.
 
 Self-attention: q/k/v/o with bias, RMSNorm on q and k across *all* heads (the sum of squares is
-all-reduced over TP, so TP > 1 equals TP = 1), 3D RoPE from the layout's permuted tables, the Q/K/V
-quantizer (identity unless the spec puts HiF8 there), then the Skiparse attention of the block's layout:
+all-reduced over TP, so TP > 1 equals TP = 1), 3D RoPE from the layout's permuted tables, then the Skiparse
+attention of the block's layout:
 
     q, k, v = placement.seq_to_heads(.)          Ulysses all-to-all (parallel/)
+    q, k, v = qkv_quantizer(q, k, v)             the kernel's inputs (identity unless the spec puts HiF8 there)
     o = grouped_attention(q, k, v, problems, core_attention)   per class (sparse) / per sample (full), padding-free
     o = placement.heads_to_seq(o)
 
 Cross-attention: queries from the local tokens, text K/V projected once per sample (never repeated
-over the P^2 classes: the classes of a sample are merged into its query sequence).
+over the P^2 classes: the classes of a sample are merged into its query sequence), the same Q/K/V quantizer
+on the kernel's inputs.
 Shapes: x [S, G*b, C] (SP: [S/TP, G*b, C]), text [L, b, C]. Submodules (linears, core attention kernel,
 Q/K/V quantizer) come from the spec (`models/specs.py`); process groups from the injected `ParallelState`.
 """
@@ -75,11 +77,12 @@ class AttentionSubmodules:
     linear_v: Union[ModuleSpec, type]
     linear_proj: Union[ModuleSpec, type]
     core_attention: Union[ModuleSpec, type] = DenseAttention  # dense kernel [B, S, h, d] -> [B, S, h, d]
+    qkv_quantizer: Union[ModuleSpec, type] = QKVIdentity  # (q, k, v) -> (q, k, v), e.g. quant.modules.HiF8QKV
 
 
 @dataclass
 class SelfAttentionSubmodules(AttentionSubmodules):
-    qkv_quantizer: Union[ModuleSpec, type] = QKVIdentity  # (q, k, v) -> (q, k, v), e.g. quant.modules.HiF8QKV
+    pass
 
 
 class HeadsRMSNorm(torch.nn.Module):
@@ -118,7 +121,8 @@ def _linear(spec, config, in_size, out_size, column: bool, tp_group):
 
 
 class _AttentionBase(MegatronModule):
-    def __init__(self, config, submodules: AttentionSubmodules, parallel: ParallelState, kernel_heads_split: int = 1):
+    def __init__(self, config, submodules: AttentionSubmodules, parallel: ParallelState, kernel_heads_split: int = 1,
+                 quantizer_key: str = "attn"):
         super().__init__(config)
         c = config.hidden_size
         tp_group = parallel.tp_group
@@ -136,6 +140,8 @@ class _AttentionBase(MegatronModule):
         # the kernel sees this rank's heads split once more by the Ulysses all-to-all
         self.core_attention = build_module(submodules.core_attention, config=config,
                                            num_heads=self.heads // kernel_heads_split, head_dim=self.head_dim)
+        # amax group: set on the built model by quant.modules.set_amax_scope
+        self.qkv_quantizer = build_module(submodules.qkv_quantizer, key=quantizer_key)
 
     def _proj(self, linear, x):
         out, bias = linear(x)
@@ -149,12 +155,9 @@ class SelfAttention(_AttentionBase):
                  layout: str, kind: str):
         if kind not in ("full", "sparse"):
             raise ValueError(f"SelfAttention: kind {kind!r}: use full or sparse")
-        split = parallel.cp.ulysses if kind == "sparse" else parallel.cp.size
-        super().__init__(config, submodules, parallel, split)
+        split = parallel.cp.ulysses if kind == "sparse" else parallel.full_ulysses(config.num_attention_heads)
+        super().__init__(config, submodules, parallel, split, quantizer_key=f"attn{layer_number}")
         self.layer_number, self.layout, self.kind = layer_number, layout, kind
-        # amax over the whole tensor: heads are split over TP, tokens over CP
-        self.qkv_quantizer = build_module(submodules.qkv_quantizer, key=f"attn{layer_number}",
-                                          group=parallel.qkv_amax_group)
 
     def forward(self, x: torch.Tensor, seq: SequenceContext) -> torch.Tensor:
         """x [S, G*b, C] in `self.layout` -> [S, G*b, C]."""
@@ -169,16 +172,17 @@ class SelfAttention(_AttentionBase):
         q = apply_rope(q.view(shape5), cos, sin).view(s, gb, self.heads, self.head_dim)
         k = apply_rope(k.view(shape5), cos, sin).view(s, gb, self.heads, self.head_dim)
         v = v.view(s, gb, self.heads, self.head_dim)
+        q = placement.seq_to_heads(q, self.layout, self.kind)
+        k, v = (placement.seq_to_heads(t, self.layout, self.kind, keys=True) for t in (k, v))
         q, k, v = self.qkv_quantizer(q, k, v)
-        q, k, v = (placement.seq_to_heads(t, self.layout, self.kind) for t in (q, k, v))
         o = grouped_attention(q, k, v, seq.problems(self.layout, self.kind), self.core_attention)
         o = placement.heads_to_seq(o, self.layout, self.kind)
         return self._proj(self.linear_proj, o.reshape(s, gb, self.heads * self.head_dim))
 
 
 class CrossAttention(_AttentionBase):
-    def __init__(self, config, submodules: AttentionSubmodules, parallel: ParallelState):
-        super().__init__(config, submodules, parallel)
+    def __init__(self, config, submodules: AttentionSubmodules, parallel: ParallelState, layer_number: int = 0):
+        super().__init__(config, submodules, parallel, quantizer_key=f"xattn{layer_number}")
         # text is replicated over TP ranks, never sequence-parallel: no all-gather on its K/V projections
         for lin in (self.linear_k, self.linear_v):
             if hasattr(lin, "sequence_parallel"):
@@ -193,6 +197,7 @@ class CrossAttention(_AttentionBase):
         q = q.view(s, classes, b, h, d).permute(2, 1, 0, 3, 4).reshape(b, classes * s, h, d)
         k = self.k_norm(self._proj(self.linear_k, text)).view(-1, b, h, d).transpose(0, 1)
         v = self._proj(self.linear_v, text).view(-1, b, h, d).transpose(0, 1)
-        o = self.core_attention(q, k.contiguous(), v.contiguous())
+        q, k, v = self.qkv_quantizer(q, k.contiguous(), v.contiguous())
+        o = self.core_attention(q, k, v)
         o = o.view(b, classes, s, h, d).permute(2, 1, 0, 3, 4).reshape(s, gb, h * d)
         return self._proj(self.linear_proj, o)

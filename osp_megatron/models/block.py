@@ -80,7 +80,8 @@ class OSPNextBlock(MegatronModule):
         c = config.hidden_size
         self.self_attention = build_module(submodules.self_attention, config=config, layer_number=layer_number,
                                            parallel=parallel, layout=step.layout, kind=attention)
-        self.cross_attention = build_module(submodules.cross_attention, config=config, parallel=parallel)
+        self.cross_attention = build_module(submodules.cross_attention, config=config, parallel=parallel,
+                                            layer_number=layer_number)
         self.mlp = build_module(submodules.mlp, config=config, tp_group=parallel.tp_group)
         self.norm2 = torch.nn.LayerNorm(c, eps=config.layernorm_epsilon, elementwise_affine=True, dtype=config.params_dtype)
         self.modulation = torch.nn.Parameter(torch.randn(1, 6, c, dtype=config.params_dtype) / c**0.5)

@@ -34,6 +34,7 @@ from osp_megatron.models.attention import SequenceContext
 from osp_megatron.models.specs import get_layer_specs
 from osp_megatron.parallel import ParallelState, TokenPlacement
 from osp_megatron.parallel.tp_shards import tp_gather, tp_slice
+from osp_megatron.quant.modules import set_amax_scope
 from osp_megatron.skiparse import plan_blocks
 
 
@@ -112,6 +113,7 @@ class OSPNextDiT(MegatronModule):
             for p in self.head.parameters():
                 p.sequence_parallel = config.sequence_parallel
         self._sequences: Dict[Tuple, SequenceContext] = {}
+        set_amax_scope(self, parallel, config.amax_scope)
 
     # ------------------------------------------------------------------ helpers
     def set_input_tensor(self, input_tensor) -> None:
@@ -123,7 +125,8 @@ class OSPNextDiT(MegatronModule):
         """The token placement (+ RoPE tables) of latent grid (T, H, W) after patchify, cached per grid."""
         key = (tuple(grid), str(device))
         if key not in self._sequences:
-            placement = TokenPlacement(grid, self.config.sparse_ratio, self.schedule, self.parallel, device)
+            placement = TokenPlacement(grid, self.config.sparse_ratio, self.schedule, self.parallel, device,
+                                       full_ulysses=self.parallel.full_ulysses(self.config.num_attention_heads))
             self._sequences[key] = SequenceContext(placement, self.config.head_dim, self.config.rope_theta)
         return self._sequences[key]
 

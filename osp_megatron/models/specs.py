@@ -2,9 +2,9 @@
 
 Every per-block choice is in its spec, built once from the config by `get_layer_specs(config)`:
 - attention kind (`params["kind"]`): full | token | group, from the block schedule;
-- linears: `local` (megatron tensor-parallel linears, pure torch, runs on CPU), the same with HiF8 quantized
-  GEMMs (`precision.recipe=hif8_*`, except the bf16 first/last blocks), or `te` (TransformerEngine, GPU only);
-- Q/K/V quantizer: HiF8 (`precision.quantize_attention`) or none;
+- linears: `local` (megatron tensor-parallel linears, pure torch, runs on CPU), the same with quantized
+  GEMMs (`precision.recipe=hif8_*` or the native `fp8_current` / `fp8_delayed`, except the bf16 first/last blocks), or `te` (TransformerEngine, GPU only);
+- Q/K/V quantizer of self- and cross-attention: HiF8 (`precision.quantize_attention`) or none;
 - core attention kernel: `model.attention_backend` (sdpa | flash | math | te).
 """
 from __future__ import annotations
@@ -47,20 +47,22 @@ def _linears(spec_name: str, quantized: bool) -> Tuple[type, type]:
 def get_block_spec(spec_name: str = "local", kind: str = "full", quantized: bool = False, quantize_qkv: bool = False,
                    attention_backend: str = "sdpa") -> ModuleSpec:
     """One block's spec. `quantized`: HiF8 linears (x, W forward; grad_output backward) in the local spec;
-    `quantize_qkv`: HiF8 Q/K/V (and dQ/dK/dV) in self-attention."""
+    `quantize_qkv`: HiF8 Q/K/V (and dQ/dK/dV) in self- and cross-attention."""
     if kind not in ("full", "token", "group"):
         raise ValueError(f"block kind {kind!r}: use full, token or group")
     column, row = _linears(spec_name, quantized)
     kernel = kernel_spec(attention_backend)
+    quantizer = HiF8QKV if quantize_qkv else QKVIdentity
     return ModuleSpec(
         module=OSPNextBlock,
         params={"kind": kind},
         submodules=BlockSubmodules(
             self_attention=ModuleSpec(module=SelfAttention, submodules=SelfAttentionSubmodules(
                 linear_q=column, linear_k=column, linear_v=column, linear_proj=row, core_attention=kernel,
-                qkv_quantizer=HiF8QKV if quantize_qkv else QKVIdentity)),
+                qkv_quantizer=quantizer)),
             cross_attention=ModuleSpec(module=CrossAttention, submodules=AttentionSubmodules(
-                linear_q=column, linear_k=column, linear_v=column, linear_proj=row, core_attention=kernel)),
+                linear_q=column, linear_k=column, linear_v=column, linear_proj=row, core_attention=kernel,
+                qkv_quantizer=quantizer)),
             mlp=ModuleSpec(module=FeedForward, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
         ),
     )
@@ -70,7 +72,8 @@ def get_layer_specs(config) -> List[ModuleSpec]:
     """Per-layer block specs (global layer order) from an `OSPNextConfig`: schedule, num_full_blocks,
     spec_name, attention_backend, quant_recipe, quantize_attention, bf16_first_blocks, bf16_last_blocks."""
     kinds = block_schedule(config.num_layers, config.schedule, config.num_full_blocks)
-    hif8 = config.quant_recipe.startswith("hif8")
+    # quantized linears: HiF8 recipes, and the native FP8 ones with the local spec (TE owns FP8 in the te spec)
+    hif8 = config.quant_recipe.startswith("hif8") or config.quant_recipe in ("fp8_current", "fp8_delayed")
     first, last = config.bf16_first_blocks, config.bf16_last_blocks
     return [
         get_block_spec(config.spec_name, kind, quantized=hif8 and not (i < first or i >= config.num_layers - last),

@@ -30,6 +30,7 @@ class OSPNextConfig(TransformerConfig):
     spec_name: str = "local"
     quant_recipe: str = "none"
     quantize_attention: bool = False
+    amax_scope: str = "local"  # local | tp | tp_cp (quant.modules.set_amax_scope)
     bf16_first_blocks: int = 0
     bf16_last_blocks: int = 0
 
@@ -73,6 +74,7 @@ def make_osp_config(model_cfg, parallel_cfg=None, precision_cfg=None, dtype=None
         spec_name=model_cfg.spec,
         quant_recipe=precision_cfg.recipe,
         quantize_attention=precision_cfg.quantize_attention,
+        amax_scope=precision_cfg.amax_scope,
         bf16_first_blocks=precision_cfg.bf16_first_blocks,
         bf16_last_blocks=precision_cfg.bf16_last_blocks,
         tensor_model_parallel_size=parallel_cfg.tensor_parallel,

@@ -7,11 +7,15 @@ validated for this world size, so no impossible plan reaches a collective) or, f
 tests, single-GPU sampling), from `ParallelState.single()`.
 Inside each context-parallel group (ranks ordered by CP rank), Ulysses groups are contiguous runs of
 `ulysses` ranks and SSP groups take every `ulysses`-th rank: cp_rank = ssp_rank * ulysses + ulysses_rank.
+Full blocks run Ulysses over the whole CP group, or, when the heads of a TP rank are not divisible by the CP
+size, over U = gcd(heads / TP, CP) ranks (`ParallelState.full_ulysses`): contiguous runs of U CP ranks, with
+keys and values gathered over the ranks at the same position of the other runs (`ContextParallel.full_groups`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -31,6 +35,9 @@ class ContextParallel:
     ssp_group: Optional[object] = None  # ranks with the same ulysses_rank
     ulysses_group: Optional[object] = None  # ranks with the same ssp_rank
     cp_group: Optional[object] = None  # the whole CP group, ordered by cp rank
+    # U -> (Ulysses group: cp ranks [j*U, (j+1)*U) holding this rank, key/value group: cp ranks = this one mod U),
+    # for every divisor U < size of the CP size (full blocks at gcd(heads, CP) < CP)
+    full_groups: Dict[int, Tuple[Optional[object], Optional[object]]] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -58,7 +65,7 @@ class ParallelState:
     pp_group: Optional[object] = None
     dp_group: Optional[object] = None
     dp_cp_group: Optional[object] = None
-    tp_cp_group: Optional[object] = None  # tensors sharded over heads (TP) and tokens (CP): per-tensor amax
+    tp_cp_group: Optional[object] = None  # tensors sharded over heads (TP) and tokens (CP), e.g. HiF8 amax
 
     @classmethod
     def single(cls) -> "ParallelState":
@@ -81,10 +88,9 @@ class ParallelState:
         """Whether a sample's tokens are split over ranks (context parallelism or TP sequence parallelism)."""
         return self.cp.size > 1 or self.sp_size > 1
 
-    @property
-    def qkv_amax_group(self) -> Optional[object]:
-        """The group attention's q/k/v are sharded over (heads over TP, tokens over CP), None when unsharded."""
-        return self.tp_cp_group if (self.tp > 1 or self.cp.size > 1) else None
+    def full_ulysses(self, num_heads: int) -> int:
+        """Ulysses degree of full blocks: the CP size, or gcd(heads / TP, CP) when the heads do not divide."""
+        return math.gcd(num_heads // self.tp, self.cp.size)
 
     @property
     def is_first_stage(self) -> bool:
@@ -134,6 +140,8 @@ def _initialize(tp: int, pp: int, ssp: int, ulysses: int, sequence_parallel: boo
     cp_groups = sorted({tuple(r) for r in all_cp})
     ssp_group = ul_group = None
     me = dist.get_rank()
+    divisors = [d for d in range(1, cp) if cp % d == 0]
+    full_groups: Dict[int, list] = {d: [None, None] for d in divisors}
     for ranks in cp_groups:  # every rank creates every group, in the same order
         for s in range(ssp):
             g = dist.new_group(list(ranks[s * ul : (s + 1) * ul]))
@@ -143,6 +151,16 @@ def _initialize(tp: int, pp: int, ssp: int, ulysses: int, sequence_parallel: boo
             g = dist.new_group(list(ranks[u::ul]))
             if me in ranks[u::ul]:
                 ssp_group = g
+        for d in divisors:  # full blocks at Ulysses d < CP: runs of d ranks, keys/values over the other runs
+            for j in range(cp // d):
+                run = list(ranks[j * d : (j + 1) * d])
+                g = dist.new_group(run) if d > 1 else None
+                if me in run:
+                    full_groups[d][0] = g
+            for i in range(d):
+                g = dist.new_group(list(ranks[i::d]))
+                if me in ranks[i::d]:
+                    full_groups[d][1] = g
     if torch.cuda.is_available():
         from megatron.core import tensor_parallel
 
@@ -151,6 +169,7 @@ def _initialize(tp: int, pp: int, ssp: int, ulysses: int, sequence_parallel: boo
     ctx = ContextParallel(
         ssp=ssp, ulysses=ul, ssp_rank=cp_rank // ul, ulysses_rank=cp_rank % ul,
         ssp_group=ssp_group, ulysses_group=ul_group, cp_group=mps.get_context_parallel_group(),
+        full_groups={d: (inner, outer) for d, (inner, outer) in full_groups.items()},
     )
     return ParallelState(
         tp=tp, pp=pp, dp=mps.get_data_parallel_world_size(), cp=ctx,

@@ -7,9 +7,12 @@
   no communication (+ its TP sequence-parallel chunk);
 - `switch(x, src, dst)`: token <-> group before a sparse block (`ssp.token_group_switch`: one all-to-all over
   the SSP group when SSP > 1); raster <-> token/group only on one device (a local pad+permute / permute+crop);
-- `seq_to_heads(t, layout, kind)` / `heads_to_seq(o, layout, kind)`: the Ulysses all-to-alls around attention
-  (sparse: inside the SSP rank's classes; full: over the whole CP group, sending only valid rows), and
-  `attention_positions(layout, kind)`: the positions of the sequence the kernel sees in between;
+- `seq_to_heads(t, layout, kind, keys=False)` / `heads_to_seq(o, layout, kind)`: the Ulysses all-to-alls around
+  attention (sparse: inside the SSP rank's classes; full: over the whole CP group, sending only valid rows), and
+  `attention_positions(layout, kind)`: the positions of the key sequence the kernel sees in between. Full
+  blocks whose heads do not divide over CP run Ulysses over `full_ulysses` = U < CP ranks (runs of U CP ranks,
+  each run's tokens as queries) and gather keys and values (`keys=True`) over the CP/U runs, so every query
+  still sees every token;
 - `exit(y)`: one gather at the end (sampling), or `shard_target(tokens)` / `target_valid()` / `reduce_loss(loss)`:
   the loss on the rank's own tokens of the final layout (training).
 
@@ -24,7 +27,7 @@ ulysses_rank.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from megatron.core import tensor_parallel
@@ -34,6 +37,7 @@ from osp_megatron.parallel.collectives import all_gather_shards, sum_value_keep_
 from osp_megatron.parallel.groups import ParallelState
 from osp_megatron.parallel.ssp import token_group_switch
 from osp_megatron.parallel.ulysses import (
+    gather_rows_uneven,
     head_gather_seq_scatter,
     head_gather_seq_scatter_uneven,
     seq_gather_head_scatter,
@@ -46,9 +50,15 @@ class TokenPlacement:
     """Where the tokens of one latent grid live under one parallel layout, and how they move between ranks."""
 
     def __init__(self, grid: Sequence[int], ratio: int, schedule: Sequence[str], parallel: ParallelState = None,
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = torch.device("cpu"), full_ulysses: Optional[int] = None):
         self.parallel = parallel or ParallelState()
         self.cp = self.parallel.cp
+        self.full_ulysses = self.cp.size if full_ulysses is None else full_ulysses
+        if self.cp.size % self.full_ulysses:
+            raise ValueError(f"full_ulysses={self.full_ulysses} must divide the context-parallel size {self.cp.size}")
+        if self.full_ulysses < self.cp.size and self.parallel.sp_size > 1:
+            raise ValueError("full blocks at Ulysses < CP (heads not divisible by the CP size) do not run with "
+                             "parallel.sequence_parallel; disable it or choose CP among the divisors of the heads")
         self.sp_size = self.parallel.sp_size
         self.device = device
         self.layout_native = self.parallel.splits_sequence
@@ -63,6 +73,7 @@ class TokenPlacement:
         self._pos: Dict[str, torch.Tensor] = {}
         self._switches: Dict[Tuple[str, str], Callable] = {}
         self._compaction: Dict[str, Tuple[List[int], torch.Tensor]] = {}
+        self._run_counts: Dict[str, List[int]] = {}
 
     def _check_sp(self) -> None:
         if self.sp_size == 1:
@@ -155,6 +166,8 @@ class TokenPlacement:
     def _ulysses(self, kind: str):
         if kind == "sparse":
             return self.cp.ulysses_group, self.cp.ulysses
+        if self.full_ulysses < self.cp.size:
+            return self.cp.full_groups[self.full_ulysses][0], self.full_ulysses
         return self.cp.cp_group, self.cp.size
 
     def _compacted(self, kind: str) -> bool:
@@ -169,11 +182,22 @@ class TokenPlacement:
         return [self.geometry.positions(layout, r // u, r % u) for r in range(self.cp.size)]
 
     def _rows(self, layout: str) -> Tuple[List[int], torch.Tensor]:
+        """Valid-row counts of the ranks of this rank's full-block Ulysses group, and this rank's valid rows."""
         if layout not in self._compaction:
             counts = [int((p >= 0).sum()) for p in self._rank_positions(layout, "full")]
+            u = self.full_ulysses
+            run = self.cp.rank // u
             rows = self.valid(layout).reshape(-1).nonzero().squeeze(1)
-            self._compaction[layout] = (counts, rows.to(self.device))
+            self._compaction[layout] = (counts[run * u : (run + 1) * u], rows.to(self.device))
+            self._run_counts[layout] = [sum(counts[j * u : (j + 1) * u]) for j in range(self.cp.size // u)]
         return self._compaction[layout]
+
+    def _gather_keys(self, t: torch.Tensor, layout: str) -> torch.Tensor:
+        """Full blocks at Ulysses < CP: this run's key/value rows [n_run, B, h/U, d] -> every run's, in CP rank
+        order [n_valid, B, h/U, d] (all-gather over the ranks at this Ulysses position)."""
+        self._rows(layout)
+        group = self.cp.full_groups[self.full_ulysses][1]
+        return gather_rows_uneven(t, self._run_counts[layout], group)
 
     def attention_positions(self, layout: str, kind: str) -> torch.Tensor:
         """Positions long [S', G'] (CPU) of the sequence `seq_to_heads` hands to the kernel (kind: full | sparse)."""
@@ -182,31 +206,40 @@ class TokenPlacement:
             return torch.cat([p.reshape(-1)[p.reshape(-1) >= 0] for p in pos])[:, None]
         return torch.cat(pos, dim=0)
 
-    def seq_to_heads(self, t: torch.Tensor, layout: str, kind: str) -> torch.Tensor:
+    def seq_to_heads(self, t: torch.Tensor, layout: str, kind: str, keys: bool = False) -> torch.Tensor:
         """q, k or v [S_loc, G*b, h, d] -> the attention sequence of its heads [S', G'*b, h/U, d]: the Ulysses
-        ranks' shards stacked in rank order (full blocks under CP: their valid rows, G' = 1)."""
+        ranks' shards stacked in rank order (full blocks under CP: their valid rows, G' = 1). keys: k or v, which
+        full blocks at Ulysses < CP gather from every run of Ulysses ranks (queries stay the run's own)."""
+        if self._compacted(kind):
+            counts, rows = self._rows(layout)
+            _, size = self._ulysses(kind)
+            with comm_stats.scope(kind):
+                s, gb, h, d = t.shape
+                b = gb // self.classes_per_rank(layout)
+                t = row_gather(t.reshape(-1, b * h * d), rows).view(-1, b, h, d)
+                if size > 1:
+                    t = seq_gather_head_scatter_uneven(t, counts, self._ulysses(kind)[0])
+                if keys and size < self.cp.size:
+                    t = self._gather_keys(t, layout)
+                return t
         group, size = self._ulysses(kind)
         if size == 1:
             return t
         with comm_stats.scope(kind):
-            if self._compacted(kind):
-                counts, rows = self._rows(layout)
-                s, gb, h, d = t.shape
-                b = gb // self.classes_per_rank(layout)
-                return seq_gather_head_scatter_uneven(row_gather(t.reshape(-1, b * h * d), rows).view(-1, b, h, d),
-                                                      counts, group)
             return seq_gather_head_scatter(t, group, size)
 
     def heads_to_seq(self, o: torch.Tensor, layout: str, kind: str) -> torch.Tensor:
         """Inverse of `seq_to_heads`: [S', G'*b, h/U, d] -> [S_loc, G*b, h, d] (padding slots zero)."""
         group, size = self._ulysses(kind)
-        if size == 1:
-            return o
-        with comm_stats.scope(kind):
-            if self._compacted(kind):
-                counts, rows = self._rows(layout)
-                o = head_gather_seq_scatter_uneven(o.contiguous(), counts, self.cp.rank, group)  # [n_me, b, h, d]
+        if self._compacted(kind):
+            counts, rows = self._rows(layout)
+            with comm_stats.scope(kind):
+                if size > 1:  # [n_me, b, h, d]
+                    o = head_gather_seq_scatter_uneven(o.contiguous(), counts, self.cp.rank % size, group)
                 s, g = self.local_len(layout), self.classes_per_rank(layout)
                 _, b, h, d = o.shape
                 return row_scatter(o.reshape(-1, b * h * d), rows, s * g).view(s, g * b, h, d)
+        if size == 1:
+            return o
+        with comm_stats.scope(kind):
             return head_gather_seq_scatter(o, group, size)

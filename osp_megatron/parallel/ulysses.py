@@ -1,6 +1,7 @@
 """Ulysses sequence parallelism: all-to-all between sequence-sharded and head-sharded attention inputs.
 
-Used by full blocks over the whole context-parallel group, and inside a Skiparse class by the Ulysses part of
+Used by full blocks over the whole context-parallel group (or over gcd(heads, CP) ranks, keys and values then
+gathered from the other runs: `gather_rows_uneven`), and inside a Skiparse class by the Ulysses part of
 SSP x Ulysses. Each call is one all-to-all of a [S_loc, B, h, d] tensor (4 per attention: q, k, v, out).
 """
 from __future__ import annotations
@@ -47,3 +48,13 @@ def head_gather_seq_scatter_uneven(x: torch.Tensor, counts, rank: int, group) ->
     _, bsz, hs, d = recv.shape
     return recv.reshape(size, n, bsz, hs, d).permute(1, 2, 0, 3, 4).reshape(n, bsz, size * hs, d)
 
+
+
+def gather_rows_uneven(x: torch.Tensor, counts, group) -> torch.Tensor:
+    """[counts[me], B, h, d] -> [sum(counts), B, h, d], every rank's rows in group-rank order (counts known to all).
+
+    Autograd: the gradient of this rank's rows is the sum of the gradients every rank computed for them."""
+    size = len(counts)
+    if size == 1:
+        return x
+    return all_to_all_uneven(torch.cat([x] * size), [x.shape[0]] * size, list(counts), group)

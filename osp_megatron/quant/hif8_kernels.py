@@ -7,7 +7,8 @@ Semantics (OSP-Next current scaling; the delayed recipe passes its own scale):
     y     = hif8_round(fp32(x) * scale) / scale            (fp32 ops, round-to-nearest), cast to out_dtype
 
 x: any shape, fp32 / bf16 / fp16, contiguous or not (made contiguous); y: same shape, `out_dtype` (default
-x.dtype). `rounding="hybrid"` uses the seeded stochastic rule of `hif8.hif8_round` with the element's flat index.
+x.dtype). fp64 (reference runs, e.g. comparing parallel layouts without fp32 summation noise flipping HiF8
+codes) takes the torch path: x is rounded to fp32 first, so the codes are those of fp32(x). `rounding="hybrid"` uses the seeded stochastic rule of `hif8.hif8_round` with the element's flat index.
 
 GPU path: kernel 1 reduces |x| to one fp32 amax (a max over the IEEE bits, one int32 atomic max per
 persistent program); kernel 2 reads the amax, forms the scale on the device (no host sync) and writes y. A true single pass is not
@@ -44,7 +45,7 @@ except ImportError:  # pragma: no cover - depends on the install
     HAVE_TRITON = False
 
 FP32_MAX = torch.finfo(torch.float32).max
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -340,6 +341,10 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
         raise ValueError(f"backend={backend!r}: use auto, torch or triton")
     if backend == "torch":
         return False
+    if x.dtype == torch.float64:
+        if backend == "triton":
+            raise RuntimeError("backend='triton' takes fp32/bf16/fp16 tensors; fp64 runs on the torch path")
+        return False
     if backend == "triton":
         if not HAVE_TRITON:
             raise RuntimeError("backend='triton' needs the `triton` package (it ships with CUDA builds of torch)")
@@ -351,10 +356,10 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
 
 def _check(x: torch.Tensor, out_dtype: Optional[torch.dtype], rounding: str) -> torch.dtype:
     if not torch.is_tensor(x) or x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x must be a fp32/bf16/fp16 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        raise TypeError(f"x must be a fp32/bf16/fp16/fp64 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     out_dtype = out_dtype or x.dtype
     if out_dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"out_dtype={out_dtype}: use torch.float32, torch.bfloat16 or torch.float16")
+        raise TypeError(f"out_dtype={out_dtype}: use torch.float32, torch.bfloat16, torch.float16 or torch.float64")
     if rounding not in ("ta", "hybrid"):
         raise ValueError(f"rounding={rounding!r}: use 'ta' or 'hybrid'")
     return out_dtype

@@ -17,6 +17,12 @@ backward roles ("grad_output", "grad_qkv") use `scale_max_bwd` and the recipe's 
   every `interval`-th update (history still rolls). TE's literal target is the format max (32768 for HiF8);
   the default targets here are OSP-Next's 15 / 224, because amax at 32768 leaves one mantissa bit. Values
   beyond the representable range saturate to +-32768 (as TE's FP8 casts do), since a stale scale can overflow.
+* `FP8CurrentScaling` / `FP8DelayedScaling` (native FP8, no TransformerEngine): the same roles with FP8 casts
+  (E4M3 forward; E5M2 gradients with fp8_format="hybrid", E4M3 with "e4m3"), scale = fp8_max / amax / 2^margin
+  per call (current) or from the amax history (delayed, the slots above). `quantize` fake-quantizes (CPU and
+  the reference: torch.float8_e4m3fn / float8_e5m2 casts, round to nearest even, saturating);
+  `quantize_fp8` gives the fp8 codes and inverse scale that the quantized linears hand to `torch._scaled_mm`
+  on CUDA (`modules.py`).
 * `autocast(enabled=True, recipe=None, amax_reduction_group=None)`: makes `recipe` (default
   `HiF8CurrentScaling()`) the active one for HiF8 modules; `active_recipe()` returns it (None outside or when
   disabled). Delayed scaling all-reduces (MAX) each recorded amax over `amax_reduction_group` (e.g. the
@@ -35,7 +41,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
-from osp_megatron.quant.hif8_kernels import FP32_MAX, qdq_current, qdq_with_scale
+from osp_megatron.quant.hif8_kernels import FP32_MAX, qdq_current, qdq_with_scale, scale_from_amax
 
 FORWARD_ROLES = ("input", "weight", "qkv")
 BACKWARD_ROLES = ("grad_output", "grad_qkv")
@@ -52,6 +58,30 @@ def _check_role(role: str) -> bool:
     return role in BACKWARD_ROLES
 
 
+_REUSED_ROLES = ("input", "grad_output")
+
+
+class _ReuseLast:
+    """Reuse the last quantization of an "input" or "grad_output" tensor handed in again unchanged (same object
+    and version, same module key and group): the shared input of the Q, K and V linears, and the dy a
+    row-parallel linear's bias add and its GEMM both quantize."""
+
+    def _reset_reuse(self) -> None:
+        self._last: Dict[str, Tuple[Any, ...]] = {}
+
+    def _reused(self, x: torch.Tensor, role: str, key: Any, group: Any) -> Optional[torch.Tensor]:
+        hit = self._last.get(role)
+        if hit is not None and hit[0]() is x and hit[1] == x._version and hit[2] is group and (
+            role == "input" or hit[3] == key
+        ):
+            return hit[4]
+        return None
+
+    def _remember(self, x: torch.Tensor, role: str, key: Any, group: Any, y: torch.Tensor) -> None:
+        if role in _REUSED_ROLES:
+            self._last[role] = (weakref.ref(x), x._version, group, key, y)
+
+
 def _mix_seed(*parts: int) -> int:
     h = 0x811C9DC5
     for p in parts:
@@ -60,7 +90,7 @@ def _mix_seed(*parts: int) -> int:
 
 
 @dataclasses.dataclass
-class HiF8CurrentScaling:
+class HiF8CurrentScaling(_ReuseLast):
     """OSP-Next current scaling: scale = scale_max / amax of this call, per tensor."""
 
     scale_max_fwd: float = 15.0
@@ -74,7 +104,7 @@ class HiF8CurrentScaling:
         if self.backward_rounding not in ("ta", "hybrid"):
             raise ValueError(f"backward_rounding={self.backward_rounding!r}: use ta or hybrid")
         self._calls = 0
-        self._last_input: Optional[Tuple[Any, ...]] = None
+        self._reset_reuse()
 
     def quantize(
         self,
@@ -85,27 +115,22 @@ class HiF8CurrentScaling:
     ) -> torch.Tensor:
         """Fake-quantize x (any shape, fp32/bf16/fp16) -> same shape and dtype. `key` is unused here.
 
-        tp_group: when x is one shard of a tensor-parallel tensor, the amax is all-reduced (MAX) over it so
-        every shard uses the scale of the whole tensor. An "input" quantized again unchanged (same tensor
-        object and version, e.g. the shared input of the Q, K and V linears) reuses the previous result.
+        tp_group: the group the amax is all-reduced (MAX) over (e.g. the TP shards of one tensor, so every
+        shard uses the scale of the whole tensor); None: this tensor's own amax. An "input" or "grad_output"
+        quantized again unchanged (same tensor object and version) reuses the previous result.
         """
         backward = _check_role(role)
         scale_max = self.scale_max_bwd if backward else self.scale_max_fwd
         rounding = self.backward_rounding if backward else "ta"
-        if role == "input":
-            hit = self._last_input
-            if (
-                hit is not None and hit[0]() is x and hit[1] == x._version and hit[2] is tp_group
-                and hit[3] == scale_max
-            ):
-                return hit[4]
+        hit = self._reused(x, role, key, tp_group)
+        if hit is not None:
+            return hit
         seed = 0
         if rounding == "hybrid":
             self._calls += 1
             seed = _mix_seed(self.seed, self._calls)
         y, _ = qdq_current(x, scale_max, rounding=rounding, seed=seed, group=tp_group)
-        if role == "input":
-            self._last_input = (weakref.ref(x), x._version, tp_group, scale_max, y)
+        self._remember(x, role, key, tp_group, y)
         return y
 
 
@@ -118,7 +143,7 @@ class _DelayedSlot:
 
 
 @dataclasses.dataclass
-class HiF8DelayedScaling:
+class HiF8DelayedScaling(_ReuseLast):
     """TE DelayedScaling semantics with HiF8 rounding (see the module docstring)."""
 
     amax_history_len: int = 16
@@ -145,6 +170,7 @@ class HiF8DelayedScaling:
         self.amax_reduction_group: Optional[torch.distributed.ProcessGroup] = None
         self._slots: Dict[Tuple[Any, str], _DelayedSlot] = {}
         self._calls = 0
+        self._reset_reuse()
 
     # -------------------------------------------------------------------------------------------
     def begin_step(self) -> None:
@@ -232,6 +258,9 @@ class HiF8DelayedScaling:
         if key is None:
             raise ValueError("HiF8DelayedScaling.quantize needs key= (one per module) to keep its amax history")
         scale_max = self.scale_max_bwd if backward else self.scale_max_fwd
+        hit = self._reused(x, role, key, tp_group)
+        if hit is not None and role == "grad_output":  # the same dy again within one backward
+            return hit
         s = self._get_slot(key, role, x.device)
         if 0 <= s.recorded_step < self.step:
             self._update(s, scale_max)
@@ -247,10 +276,112 @@ class HiF8DelayedScaling:
                 torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX, group=group)
         s.history[0] = torch.maximum(s.history[0], amax)
         s.recorded_step = self.step
+        self._remember(x, role, key, tp_group, y)
         return y
 
 
+# ------------------------------------------------------------------------------------------------
+# native FP8 (no TransformerEngine): E4M3 forward, E5M2 (hybrid) or E4M3 backward
+# ------------------------------------------------------------------------------------------------
+FP8_FORMATS = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2, 57344.0)}
+FP8_MODES = ("hybrid", "e4m3")  # hybrid: E4M3 forward tensors, E5M2 gradients (TE's Format.HYBRID)
+
+
+def fp8_cast(x: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
+    """x (any float dtype) -> fp8 codes of fp32(x) * scale, saturated to +-max, round to nearest even."""
+    dtype, fmax = FP8_FORMATS[fmt]
+    return (x.detach().float() * scale).clamp(-fmax, fmax).to(dtype)
+
+
+def fp8_qdq(x: torch.Tensor, scale: torch.Tensor, fmt: str, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Fake quantization: fp8_cast(x, scale) / scale in fp32, cast to out_dtype (default x.dtype)."""
+    return (fp8_cast(x, scale, fmt).float() / scale).to(out_dtype or x.dtype)
+
+
+class _FP8Recipe(_ReuseLast):
+    """Shared by the FP8 recipes: `quantize` (fake quantization, the CPU path and the reference) and
+    `quantize_fp8` (fp8 codes + fp32 inverse scale for `torch._scaled_mm`) from one `_scale(x, role, key, group)`."""
+
+    fp8_format: str = "hybrid"
+    margin: int = 0
+
+    def _format(self, role: str) -> str:
+        return "e5m2" if (_check_role(role) and self.fp8_format == "hybrid") else "e4m3"
+
+    def _target(self, role: str) -> float:
+        """fp8 max / 2^margin: scale = target / amax (TE's default scaling)."""
+        return FP8_FORMATS[self._format(role)][1] / (2.0 ** self.margin)
+
+    def quantize(self, x, role, key=None, tp_group=None):
+        """Fake-quantize x (same shape and dtype) for `role` (see `recipes` roles); tp_group: amax group."""
+        hit = self._reused(x, role, key, tp_group)
+        if hit is not None and (role == "input" and isinstance(self, FP8CurrentScaling) or role == "grad_output"):
+            return hit
+        y = fp8_qdq(x, self._scale(x, role, key, tp_group), self._format(role))
+        self._remember(x, role, key, tp_group, y)
+        return y
+
+    def quantize_fp8(self, x, role, key=None, tp_group=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(fp8 codes of x, fp32 0-dim inverse scale): dequantized = codes * inverse scale."""
+        scale = self._scale(x, role, key, tp_group)
+        return fp8_cast(x, scale, self._format(role)), scale.reciprocal()
+
+
+def _reduce_max(amax: torch.Tensor, *groups) -> torch.Tensor:
+    for group in groups:
+        if group is not None and torch.distributed.get_world_size(group) > 1:
+            amax = amax.clone()
+            torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX, group=group)
+    return amax
+
+
+@dataclasses.dataclass
+class FP8CurrentScaling(_FP8Recipe):
+    """TE `Float8CurrentScaling` semantics: scale = fp8_max / amax(x) / 2^margin of this call, per tensor (1 when
+    amax is 0 / Inf / NaN). fp8_format: hybrid (E4M3 forward, E5M2 gradients) or e4m3."""
+
+    fp8_format: str = "hybrid"
+    margin: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fp8_format not in FP8_MODES:
+            raise ValueError(f"fp8_format={self.fp8_format!r}: use one of {FP8_MODES}")
+        self._reset_reuse()
+
+    def _scale(self, x, role, key, tp_group) -> torch.Tensor:
+        amax = _reduce_max(x.detach().abs().amax().float() if x.numel() else torch.zeros((), device=x.device),
+                           tp_group)
+        return scale_from_amax(amax, self._target(role))
+
+
+@dataclasses.dataclass
+class FP8DelayedScaling(_FP8Recipe, HiF8DelayedScaling):
+    """TE `DelayedScaling` semantics with FP8 casts: per (module key, role) an amax history; the amax recorded at
+    step t sets the scale of step t+1 (`HiF8DelayedScaling` explains the slots and the update); scale =
+    fp8_max / amax / 2^margin."""
+
+    fp8_format: str = "hybrid"
+
+    def __post_init__(self) -> None:
+        if self.fp8_format not in FP8_MODES:
+            raise ValueError(f"fp8_format={self.fp8_format!r}: use one of {FP8_MODES}")
+        HiF8DelayedScaling.__post_init__(self)
+
+    def _scale(self, x, role, key, tp_group) -> torch.Tensor:
+        if key is None:
+            raise ValueError("FP8DelayedScaling.quantize needs key= (one per module) to keep its amax history")
+        s = self._get_slot(key, role, x.device)
+        if 0 <= s.recorded_step < self.step:
+            self._update(s, FP8_FORMATS[self._format(role)][1])
+        amax = _reduce_max(x.detach().abs().amax().float(), tp_group, self.amax_reduction_group)
+        s.history[0] = torch.maximum(s.history[0], amax)
+        s.recorded_step = self.step
+        return s.scale
+
+
 HiF8Recipe = Union[HiF8CurrentScaling, HiF8DelayedScaling]
+QuantRecipe = Union[HiF8CurrentScaling, HiF8DelayedScaling, "FP8CurrentScaling", "FP8DelayedScaling"]
+NATIVE_FP8_RECIPES = ("fp8_current", "fp8_delayed")  # with model.spec=local; every fp8_* with model.spec=te
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,11 +399,11 @@ def autocast(
     """Run HiF8 modules quantized inside the region (like `te.autocast(recipe=...)`); nests."""
     if enabled:
         recipe = recipe if recipe is not None else HiF8CurrentScaling()
-        if not isinstance(recipe, (HiF8CurrentScaling, HiF8DelayedScaling)):
+        if not isinstance(recipe, (HiF8CurrentScaling, HiF8DelayedScaling, FP8CurrentScaling)):
             raise TypeError(
                 f"autocast(recipe={type(recipe).__name__}): HiF8 modules take HiF8CurrentScaling or "
-                "HiF8DelayedScaling; TransformerEngine FP8 recipes (te_fp8_recipe) run under "
-                "transformer_engine.pytorch.autocast with model.spec=te"
+                "HiF8DelayedScaling (or the native FP8CurrentScaling / FP8DelayedScaling); TransformerEngine FP8 "
+                "recipes (te_fp8_recipe) run under transformer_engine.pytorch.autocast with model.spec=te"
             )
         outermost = all(r is not recipe for r, _ in _STACK)
         if isinstance(recipe, HiF8DelayedScaling):
@@ -292,11 +423,19 @@ def active_recipe() -> Optional[HiF8Recipe]:
     return _STACK[-1][0] if _STACK else None
 
 
-def recipe_from_config(precision: Any) -> Optional[Any]:
-    """`PrecisionConfig` -> recipe: None ("none"), a HiF8 recipe, or a TE FP8 recipe ("fp8_*", needs TE)."""
+def recipe_from_config(precision: Any, spec: str = "local") -> Optional[Any]:
+    """`PrecisionConfig` (+ model.spec) -> recipe: None ("none"), a HiF8 recipe, the native FP8 recipes
+    (fp8_current / fp8_delayed with the local spec), or a TE FP8 recipe (fp8_* with model.spec=te, needs TE)."""
     name = precision.recipe
     if name == "none":
         return None
+    if spec == "local" and name == "fp8_current":
+        return FP8CurrentScaling(fp8_format=precision.fp8_format, margin=precision.margin)
+    if spec == "local" and name == "fp8_delayed":
+        return FP8DelayedScaling(
+            amax_history_len=precision.amax_history_len, amax_compute_algo=precision.amax_compute_algo,
+            margin=precision.margin, interval=precision.interval, fp8_format=precision.fp8_format,
+        )
     if name == "hif8_current":
         return HiF8CurrentScaling(
             scale_max_fwd=precision.scale_max_fwd,
@@ -399,6 +538,10 @@ def te_custom_recipe(recipe: Optional[HiF8CurrentScaling] = None) -> Any:
 __all__ = [
     "BACKWARD_ROLES",
     "FORWARD_ROLES",
+    "FP8CurrentScaling",
+    "FP8DelayedScaling",
+    "fp8_cast",
+    "fp8_qdq",
     "HiF8CurrentScaling",
     "HiF8DelayedScaling",
     "active_recipe",

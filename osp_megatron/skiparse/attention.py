@@ -105,16 +105,19 @@ class AttentionProblems:
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, problems: AttentionProblems,
                       kernel: Kernel) -> torch.Tensor:
-    """q/k/v [S, G*b, h, d] (G = problems.classes, class-major batch) -> [S, G*b, h, d]; padding slots zero."""
+    """q/k/v [S, G*b, h, d] (G = problems.classes, class-major batch) -> [S, G*b, h, d]; padding slots zero.
+
+    With one problem per sample over all slots (`problems.groups` None), k and v may hold more rows than q
+    ([S_kv, G*b, h, d]: keys gathered from more ranks than the queries)."""
     g = problems.classes
     s_tot, gb, h, d = q.shape
     b = gb // g
-    q5, k5, v5 = (t.view(s_tot, g, b, h, d) for t in (q, k, v))
     if problems.groups is None:  # every slot valid, one problem per sample: a reshape, no gather
-        qs, ks, vs = (t5.reshape(s_tot * g, b, h, d).transpose(0, 1) for t5 in (q5, k5, v5))
+        qs, ks, vs = (t.reshape(-1, b, h, d).transpose(0, 1) for t in (q, k, v))
         if b > 1:
             qs, ks, vs = qs.contiguous(), ks.contiguous(), vs.contiguous()
         return kernel(qs, ks, vs).transpose(0, 1).reshape(s_tot, gb, h, d)
+    q5, k5, v5 = (t.view(s_tot, g, b, h, d) for t in (q, k, v))
     rows_total = s_tot * g * b
     flat = [t.reshape(rows_total, h * d) for t in (q5, k5, v5)]
     outs, idxs = [], []

@@ -113,24 +113,24 @@ class DiffusionTrainer(Trainer):
         from osp_megatron.quant.modules import assign_hif8_keys
         from osp_megatron.quant.recipes import HiF8DelayedScaling, recipe_from_config
 
-        self.recipe = recipe_from_config(self.cfg.precision)
+        self.recipe = recipe_from_config(self.cfg.precision, self.cfg.model.spec)
         if isinstance(self.recipe, HiF8DelayedScaling):
             assign_hif8_keys(model)  # delayed scaling keeps one amax history per quantized tensor
         if self.recipe is not None:
             self.info(f"[osp-train] quantized training: precision.recipe={self.cfg.precision.recipe}")
 
     def _quantization_context(self):
-        """HiF8 recipes: our autocast (amax of delayed scaling reduced over DP x CP so replicas share scales);
+        """HiF8 and native FP8 recipes: our autocast (amax of delayed scaling reduced over DP x CP so replicas share scales);
         TransformerEngine FP8 recipes: TE's autocast around the TE-spec model."""
         import contextlib
 
         from megatron.core import parallel_state
 
-        from osp_megatron.quant.recipes import HiF8CurrentScaling, HiF8DelayedScaling, autocast
+        from osp_megatron.quant.recipes import FP8CurrentScaling, HiF8CurrentScaling, HiF8DelayedScaling, autocast
 
         if self.recipe is None:
             return contextlib.nullcontext()
-        if isinstance(self.recipe, (HiF8CurrentScaling, HiF8DelayedScaling)):
+        if isinstance(self.recipe, (HiF8CurrentScaling, HiF8DelayedScaling, FP8CurrentScaling)):
             return autocast(enabled=True, recipe=self.recipe,
                             amax_reduction_group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         import transformer_engine.pytorch as te  # fp8_* recipes are only accepted with model.spec=te

@@ -19,13 +19,13 @@ TOL = 1e-5
 MODEL = ModelConfig(size="tiny", schedule="dual_end", num_full_blocks=4, num_attention_heads=8, sparse_ratio=2)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def write_reference(model_config, path):
+    """One process: the fp32 velocity, loss and gradients of the tiny DiT `model_config` on a padded grid."""
     from osp_megatron.models import build_model
     from osp_megatron.parallel import ParallelState
 
     torch.manual_seed(0)
-    model = build_model(MODEL, ParallelState.single(), dtype=torch.float32)
+    model = build_model(model_config, ParallelState.single(), dtype=torch.float32)
     torch.manual_seed(1)
     # grid (2, 9, 6): H and W not multiples of 4 -> padded token/group layouts
     x = torch.randn(2, 16, 2, 18, 12)
@@ -37,13 +37,17 @@ def reference(tmp_path_factory):
     loss = model(x, t, text, target=target)
     loss.backward()
     ref = {
-        "model_config": MODEL, "state_dict": model.full_state_dict(), "x": x, "t": t, "text": text,
+        "model_config": model_config, "state_dict": model.full_state_dict(), "x": x, "t": t, "text": text,
         "target": target, "velocity": velocity, "loss": loss.detach(),
         "grads": {model.global_name(n): p.grad.clone() for n, p in model.named_parameters()},
     }
-    path = tmp_path_factory.mktemp("equiv") / "ref.pt"
     torch.save(ref, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return write_reference(MODEL, tmp_path_factory.mktemp("equiv") / "ref.pt")
 
 
 def _run(reference, nproc, plans, tmp_path, timeout=600):

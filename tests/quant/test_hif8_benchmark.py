@@ -19,7 +19,8 @@ def test_cpu_smoke_writes_results(tmp_path):
     keys = {"name", "value", "unit", "baseline", "baseline_value", "ratio", "goal"}
     assert data["results"] and all(keys <= set(r) for r in data["results"])
     names = " ".join(r["name"] for r in data["results"])
-    for needle in ("qdq one-pass", "qdq current scaling", "HiF8 linear fwd+bwd", "SNR", "flushed-to-zero"):
+    for needle in ("qdq one-pass", "qdq current scaling", "HiF8 linear fwd+bwd", "SNR", "flushed-to-zero",
+                   "FP8 native fp8_current", "FP8 native fp8_delayed"):
         assert needle in names
     snr = [r for r in data["results"] if r["name"].startswith("SNR") and "E4M3" in r["baseline"]]
     assert all(20 < r["value"] < 40 for r in snr)  # HiF8 keeps 3 or 2 mantissa bits: ~25-32 dB

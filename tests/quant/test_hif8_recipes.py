@@ -165,9 +165,9 @@ def test_recipe_from_config():
 
 @pytest.mark.skipif(te_version() is not None, reason="TransformerEngine is installed")
 def test_te_recipes_say_what_is_missing():
-    for name in ("fp8_delayed", "fp8_current", "fp8_block"):
+    for name in ("fp8_delayed", "fp8_current", "fp8_block"):  # TE's FP8 recipes: the te spec
         with pytest.raises(RuntimeError, match="TransformerEngine >= 2.*not importable"):
-            recipe_from_config(PrecisionConfig(recipe=name))
+            recipe_from_config(PrecisionConfig(recipe=name), spec="te")
     with pytest.raises(RuntimeError, match="TransformerEngine >= 2.9"):
         te_custom_recipe(HiF8CurrentScaling())
     with pytest.raises(ValueError, match="fp8_delayed"):

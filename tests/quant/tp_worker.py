@@ -1,9 +1,11 @@
 """One rank of the HiF8 TP2-vs-TP1 check (launched by test_hif8_tp.py): python tp_worker.py RANK WORLD PORT.
 
-Each HiF8 megatron layer runs with TP=2 (with and without sequence parallelism) and is compared with the
-single-process HiF8 linear on the gathered full weights: outputs and gradients within fp32 summation-order
-noise, and the quantized operands of every TP shard bit-identical to the slices of the TP=1 quantized tensor.
-Exits non-zero with a message naming the mismatch.
+Each HiF8 megatron layer runs with TP=2 (with and without sequence parallelism). With amax_scope=tp it is compared
+with the single-process HiF8 linear on the gathered full weights: outputs and gradients within fp32
+summation-order noise, and the quantized operands of every TP shard bit-identical to the slices of the TP=1
+quantized tensor. With amax_scope=local (OSP-Next) it equals a single-process computation that quantizes each
+rank's own shards with their own amax. Bias gradients are sums of the quantized dy in both. Exits non-zero with
+a message naming the mismatch.
 """
 import os
 import sys
@@ -27,6 +29,56 @@ def check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float = 1e-5) -
         raise AssertionError(f"{name}: relative error {err:.3e} > {tol}")
 
 
+def check_local_scope(col, row, sp, gather, recipe, qdq, x_full, x_row_full, dy_col_full, dy_row_full, rank, world):
+    """amax_scope=local: each rank quantizes its own shards (x, W, dy) with their own amax; the single-process
+    reference below does the same per shard and combines the shards' GEMMs as TP does."""
+    from osp_megatron.quant.recipes import autocast
+
+    col.amax_scope = row.amax_scope = "local"
+    for m in (col, row):
+        for prm in m.parameters():
+            prm.grad = None
+    chunks = lambda t, dim: t.chunk(world, dim)  # noqa: E731
+    # column-parallel: y_r = Q(x_r) Q(W_r)^T + b_r, dy_r quantized per rank; x_r is the SP chunk (or all of x)
+    w1 = gather(col.weight.detach(), 0)
+    b1 = gather(col.bias.detach(), 0)
+    x_in = (chunks(x_full, 0)[rank] if sp else x_full).clone().requires_grad_(True)
+    with autocast(recipe=recipe):
+        y, _ = col(x_in)
+    y.backward(chunks(dy_col_full, 2)[rank])
+    x_parts = chunks(x_full, 0) if sp else [x_full]
+    xq = torch.cat([qdq(p, 15.0) for p in x_parts], 0)
+    wq, bq = chunks(w1, 0), chunks(b1, 0)
+    wq = [qdq(w, 15.0) for w in wq]
+    gq = [qdq(g, 224.0) for g in chunks(dy_col_full, 2)]
+    y_ref = torch.cat([torch.matmul(xq, w.t()) + b for w, b in zip(wq, bq)], 2)
+    tag = f"local column sp={sp}"
+    check(f"{tag} output", gather(y.detach(), 2), y_ref)
+    dgrad = sum(g.matmul(w) for g, w in zip(gq, wq))
+    check(f"{tag} dgrad", gather(x_in.grad, 0) if sp else x_in.grad, dgrad)
+    check(f"{tag} wgrad", col.weight.grad, gq[rank].reshape(-1, gq[rank].shape[-1]).t() @ xq.reshape(-1, xq.shape[-1]))
+    check(f"{tag} bias grad", col.bias.grad, gq[rank].reshape(-1, gq[rank].shape[-1]).sum(0))
+    # row-parallel: y = sum_r Q(x_r) Q(W_r)^T + b; dy replicated (SP: the bias sees this rank's chunk of it)
+    w2 = gather(row.weight.detach(), 1)
+    x_in = chunks(x_row_full, 2)[rank].clone().requires_grad_(True)
+    with autocast(recipe=recipe):
+        y, _ = row(x_in)
+    y.backward(chunks(dy_row_full, 0)[rank] if sp else dy_row_full)
+    xq = [qdq(p, 15.0) for p in chunks(x_row_full, 2)]
+    wq = [qdq(w, 15.0) for w in chunks(w2, 1)]
+    y_ref = sum(torch.matmul(a, w.t()) for a, w in zip(xq, wq)) + row.bias.detach()
+    tag = f"local row sp={sp}"
+    check(f"{tag} output", gather(y.detach(), 0) if sp else y.detach(), y_ref)
+    gq = qdq(dy_row_full, 224.0)
+    check(f"{tag} dgrad", x_in.grad, gq.matmul(wq[rank]))
+    check(f"{tag} wgrad", row.weight.grad, gq.reshape(-1, gq.shape[-1]).t() @ xq[rank].reshape(-1, xq[rank].shape[-1]))
+    g_bias = qdq(chunks(dy_row_full, 0)[rank], 224.0) if sp else gq
+    check(f"{tag} bias grad", row.bias.grad, g_bias.reshape(-1, g_bias.shape[-1]).sum(0))
+    # the local scope is really local: rank 0's weight shard (the small rows) quantizes differently
+    if rank == 0 and torch.equal(qdq(w1, 15.0).chunk(world, 0)[0], qdq(w1.chunk(world, 0)[0], 15.0)):
+        raise AssertionError("test data too weak: a shard's local amax equals the global one")
+
+
 def main() -> None:
     rank, world, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -36,6 +88,7 @@ def main() -> None:
     from megatron.core import parallel_state
     from megatron.core.model_parallel_config import ModelParallelConfig
 
+    from osp_megatron.quant.hif8 import hif8_qdq_reference as qdq
     from osp_megatron.quant.modules import HiF8ColumnParallelLinear, HiF8RowParallelLinear, hif8_linear
     from osp_megatron.quant.recipes import HiF8CurrentScaling, autocast
 
@@ -76,6 +129,9 @@ def main() -> None:
         with torch.no_grad():
             col.bias.copy_(torch.linspace(-1, 1, n).chunk(world)[rank])
             row.bias.copy_(torch.linspace(1, -1, k))
+            col.weight.mul_(torch.linspace(0.2, 2.0, n).chunk(world)[rank][:, None])  # shards: different amax
+            row.weight.mul_(torch.linspace(2.0, 0.2, n).chunk(world)[rank][None, :])
+        col.amax_scope = row.amax_scope = "tp"  # every TP shard scaled like the whole tensor
 
         def gather(t: torch.Tensor, dim: int) -> torch.Tensor:
             parts = [torch.empty_like(t) for _ in range(world)]
@@ -108,8 +164,8 @@ def main() -> None:
         w2 = gather(row.weight.detach(), 1).requires_grad_(True)
         b2 = row.bias.detach().clone().requires_grad_(True)
         x_ref = x_row_full.clone().requires_grad_(True)
-        with autocast(recipe=recipe):  # megatron adds the row-parallel bias after the TP reduction
-            y_ref = hif8_linear(x_ref, w2) + b2
+        with autocast(recipe=recipe):  # the bias grad is the sum of the quantized dy in both
+            y_ref = hif8_linear(x_ref, w2, b2)
         y_ref.backward(dy_row_full)
         tag = f"row sp={sp}"
         check(f"{tag} output", gather(y.detach(), 0) if sp else y.detach(), y_ref.detach())
@@ -119,6 +175,8 @@ def main() -> None:
         if sp:  # megatron leaves the SP bias grad partial per rank (its DDP all-reduces sequence_parallel params)
             torch.distributed.all_reduce(bias_grad, group=tp)
         check(f"{tag} bias grad", bias_grad, b2.grad)
+
+        check_local_scope(col, row, sp, gather, recipe, qdq, x_full, x_row_full, dy_col_full, dy_row_full, rank, world)
 
     # without a recipe the subclasses are megatron's layers
     y_plain, _ = col(x_full.chunk(world, 0)[rank])
