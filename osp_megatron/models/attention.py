@@ -24,7 +24,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 
 from osp_megatron.models.core_attention import DenseAttention
-from osp_megatron.models.fused import rms_scale, sum_of_squares
+from osp_megatron.models.fused import rms_norm, rms_scale, sum_of_squares
 from osp_megatron.models.rope import apply_rope, rope_tables
 from osp_megatron.parallel import ParallelState, TokenPlacement
 from osp_megatron.parallel.collectives import all_reduce_sum
@@ -102,6 +102,8 @@ class HeadsRMSNorm(torch.nn.Module):
             self.weight, key, 0, prepend_offsets=sharded_offsets, tp_group=self.tp_group, dp_cp_group=dp_cp)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_group is None or self.tp_group.size() == 1:
+            return rms_norm(x, self.weight, self.eps)  # one fused pass
         ss = sum_of_squares(x)
         if self.tp_group is not None and self.tp_group.size() > 1:
             ss = all_reduce_sum(ss, self.tp_group)
