@@ -192,9 +192,10 @@ class CrossAttention(_AttentionBase):
         s, gb = q.shape[0], q.shape[1]
         b = gb // classes
         h, d = self.heads, self.head_dim
-        q = q.view(s, classes, b, h, d).permute(2, 1, 0, 3, 4).reshape(b, classes * s, h, d)
+        # queries attend independently, so their order is free: (token, class) keeps this a view when b == 1
+        q = q.view(s, classes, b, h, d).permute(2, 0, 1, 3, 4).reshape(b, s * classes, h, d)
         k = self.k_norm(self._proj(self.linear_k, text)).view(-1, b, h, d).transpose(0, 1)
         v = self._proj(self.linear_v, text).view(-1, b, h, d).transpose(0, 1)
         o = self.core_attention(q, k.contiguous(), v.contiguous())
-        o = o.view(b, classes, s, h, d).permute(2, 1, 0, 3, 4).reshape(s, gb, h * d)
+        o = o.view(b, s, classes, h, d).permute(1, 2, 0, 3, 4).reshape(s, gb, h * d)
         return self._proj(self.linear_proj, o)

@@ -13,7 +13,6 @@ are never run twice.
 """
 from __future__ import annotations
 
-import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -53,8 +52,9 @@ class _View:
 
 class _Registry:
     def __init__(self):
-        # storage data_ptr -> (weakref to the output, recipe, dtype, storage bytes)
-        self.entries: Dict[int, Tuple[weakref.ref, _Recipe, torch.dtype, int]] = {}
+        # storage data_ptr -> (the output, recipe, dtype, storage bytes); the outputs are held until the context
+        # exits (the end of one block's forward), so no other tensor can take their memory meanwhile
+        self.entries: Dict[int, Tuple[torch.Tensor, _Recipe, torch.dtype, int]] = {}
 
     def lookup(self, t: torch.Tensor) -> Optional[_Recipe]:
         if t.numel() == 0:
@@ -63,8 +63,8 @@ class _Registry:
         entry = self.entries.get(storage.data_ptr())
         if entry is None:
             return None
-        ref, recipe, dtype, nbytes = entry
-        if ref() is None or t.dtype != dtype or storage.nbytes() != nbytes:
+        _, recipe, dtype, nbytes = entry
+        if t.dtype != dtype or storage.nbytes() != nbytes:
             return None
         return recipe
 
@@ -78,7 +78,7 @@ class _Registry:
         for a in args:
             inner = self.lookup(a) if isinstance(a, torch.Tensor) else None
             lazy.append(_View(inner, a) if inner is not None else a)
-        self.entries[storage.data_ptr()] = (weakref.ref(out), _Recipe(fn, tuple(lazy)), out.dtype, storage.nbytes())
+        self.entries[storage.data_ptr()] = (out, _Recipe(fn, tuple(lazy)), out.dtype, storage.nbytes())
 
     def pack(self, t: torch.Tensor):
         recipe = self.lookup(t)
@@ -106,6 +106,7 @@ def selective_recompute(enabled: bool = True):
             yield
     finally:
         _ACTIVE = outer
+        registry.entries.clear()
 
 
 def recomputable(out: torch.Tensor, fn: Callable, *args) -> torch.Tensor:
