@@ -48,8 +48,10 @@ def _maybe_compiled(static_tail: int = 1):
                     import torch._dynamo
 
                     cfg = torch._dynamo.config
-                    cfg.recompile_limit = max(cfg.recompile_limit, 64)
-                    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 1024)
+                    for key, floor in (("recompile_limit", 64), ("cache_size_limit", 64),
+                                       ("accumulated_recompile_limit", 1024)):
+                        if hasattr(cfg, key):
+                            setattr(cfg, key, max(getattr(cfg, key), floor))
                     compiled = torch.compile(fn, dynamic=None)
                 for a in args:
                     if isinstance(a, torch.Tensor):
