@@ -34,6 +34,12 @@ def compile_enabled() -> bool:
     return _ENABLED
 
 
+def _dynamo():
+    import torch._dynamo as dynamo
+
+    return dynamo
+
+
 def _maybe_compiled(static_tail: int = 1):
     """Compile fn on CUDA; the dims of tensor arguments before their last `static_tail` are marked dynamic."""
 
@@ -45,9 +51,7 @@ def _maybe_compiled(static_tail: int = 1):
             nonlocal compiled
             if _ENABLED and args[0].is_cuda:
                 if compiled is None:
-                    import torch._dynamo
-
-                    cfg = torch._dynamo.config
+                    cfg = _dynamo().config
                     for key, floor in (("recompile_limit", 64), ("cache_size_limit", 64),
                                        ("accumulated_recompile_limit", 1024)):
                         if hasattr(cfg, key):
@@ -57,7 +61,7 @@ def _maybe_compiled(static_tail: int = 1):
                     if isinstance(a, torch.Tensor):
                         for d in range(a.dim() - static_tail):
                             if a.shape[d] > 1:
-                                torch._dynamo.maybe_mark_dynamic(a, d)
+                                _dynamo().maybe_mark_dynamic(a, d)
                 return compiled(*args)
             return fn(*args)
 
