@@ -3,7 +3,7 @@
     python benchmarks/train_step.py [--steps 10] [--warmup 3] [--res 480p,720p] [--recompute none,selective,full]
                                     [--ablate-compile]
 
-Each model is built by the real trainer (`osp_megatron.training.trainer.Trainer`: megatron DDP, distributed
+Each model is built by the real trainer (`osp_megatron.training.trainer.DiffusionTrainer`: megatron DDP, distributed
 AdamW, bf16, the no-pipelining schedule) from configs/osp_1_3b_480p.yaml with synthetic latents
 (81x480x832 -> [16,21,60,104]; 720p -> [16,21,90,160], full recompute only), once per `--recompute` mode
 (`model.recompute`: none, selective = elementwise outputs recomputed in backward, full = each block's forward
@@ -41,7 +41,7 @@ def bench_model(name: str, schedule: str, latent: List[int], recompute: str, ste
 
     from osp_megatron.config import load_config
     from osp_megatron.models import fused
-    from osp_megatron.training.trainer import Trainer
+    from osp_megatron.training.trainer import DiffusionTrainer
 
     compile_default = fused.compile_enabled()
 
@@ -55,13 +55,13 @@ def bench_model(name: str, schedule: str, latent: List[int], recompute: str, ste
             "parallel.overlap_grad_reduce=false", *extra,
         ])
         cfg.validate(world_size=1)
-        trainer = Trainer(cfg, device, log=lambda s: None)
+        trainer = DiffusionTrainer(cfg, device, log=lambda s: None)
         fused.set_compile(compiled)
         try:
             trainer.setup()
             micro = trainer.next_microbatches(1)
             per_step = []
-            dt = time_fn(lambda: per_step.append(trainer.train_step(micro)), warmup, steps,
+            dt = time_fn(lambda: per_step.append(trainer.run_step(micro)), warmup, steps,
                          cuda=device.type == "cuda") / 1e3
             flops_exec, flops_model, tokens, samples = trainer._work(micro)
             out = {
