@@ -64,7 +64,7 @@ def model_config(variant: str, size: str, recompute: bool = False, dtype: torch.
     """Our Config for a variant (OSP-Next: dual_end, P=2, 8 full blocks; dense: schedule full)."""
     from osp_megatron.config import load_config
 
-    overrides = [f"model.size={SIZES[size]}", f"model.recompute={str(recompute).lower()}", "data.kind=synthetic",
+    overrides = [f"model.size={SIZES[size]}", f"model.recompute={'full' if recompute else 'none'}", "data.kind=synthetic",
                  f"precision.dtype={'bf16' if dtype == torch.bfloat16 else 'fp32'}"]
     if variant == "OSP-Next":
         overrides += ["model.schedule=dual_end", "model.sparse_ratio=2",

@@ -67,7 +67,8 @@ def run_method(name: str, over: Dict, size: str, spec: Dict, args, device) -> Di
     cfg.data.kind = "synthetic"
     cfg.model.size = size
     cfg.model.schedule = args.schedule
-    cfg.model.recompute = args.recompute == "on" or (args.recompute == "auto" and size != "tiny")
+    full = args.recompute == "on" or (args.recompute == "auto" and size != "tiny")
+    cfg.model.recompute = "full" if full else "none"
     cfg.precision.dtype = spec["dtype"]
     cfg.train.run_dir = str(Path(args.run_dir) / name)
     cfg.tracking.backend = "none"

@@ -79,7 +79,7 @@ def main(argv=None):
     free_memory(dev)
     for name, pcfg, schedule in plans:
         ps = initialize_parallel(pcfg)
-        mc = ModelConfig(size=size, schedule=schedule, recompute=True)
+        mc = ModelConfig(size=size, schedule=schedule, recompute="full")
         if args.layers:  # a slice with the released pattern: full blocks at both ends, token/group between
             mc.num_layers = args.layers
             mc.num_full_blocks = args.num_full or (4 if args.layers <= 16 else 8)

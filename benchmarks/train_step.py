@@ -1,11 +1,14 @@
 """Training-step throughput: OSP-Next-1.3B (dual_end, P=2) vs dense Wan-1.3B, one GPU, same run.
 
-    python benchmarks/train_step.py [--steps 10] [--warmup 3] [--res 480p,720p]
+    python benchmarks/train_step.py [--steps 10] [--warmup 3] [--res 480p,720p] [--recompute none,selective,full]
+                                    [--ablate-compile]
 
 Each model is built by the real trainer (`osp_megatron.training.trainer.DiffusionTrainer`: megatron DDP, distributed
 AdamW, bf16, the no-pipelining schedule) from configs/osp_1_3b_480p.yaml with synthetic latents
-(81x480x832 -> [16,21,60,104], without recompute, falling back to full activation recompute for both
-models if either runs out of memory; 720p -> [16,21,90,160] with recompute). One fixed micro-batch is
+(81x480x832 -> [16,21,60,104]; 720p -> [16,21,90,160], full recompute only), once per `--recompute` mode
+(`model.recompute`: none, selective = elementwise outputs recomputed in backward, full = each block's forward
+again; a mode that runs out of memory is reported as such). `--ablate-compile` also runs each model without
+the compiled elementwise pieces (fused.set_compile(False): op-by-op eager) at the first mode. One fixed micro-batch is
 reused so data generation stays out of the timing; step time is the median of the timed steps (CUDA events).
 Reports samples/s and the OSP-Next speedup, executed TFLOP/s (explicit formula in
 osp_megatron/training/flops.py, sparse attention counted as executed incl. padding, recompute included), MFU
@@ -32,17 +35,20 @@ RESOLUTIONS = {"480p": ([16, 21, 60, 104], False), "720p": ([16, 21, 90, 160], T
 MODELS = {"osp_next_1_3b": "dual_end", "wan_dense_1_3b": "full"}
 
 
-def bench_model(name: str, schedule: str, latent: List[int], recompute: bool, steps: int, warmup: int,
-                device, extra=()) -> Dict[str, float]:
+def bench_model(name: str, schedule: str, latent: List[int], recompute: str, steps: int, warmup: int,
+                device, extra=(), compiled: bool = True) -> Dict[str, float]:
     from megatron.core import parallel_state
 
     from osp_megatron.config import load_config
+    from osp_megatron.models import fused
     from osp_megatron.training.trainer import DiffusionTrainer
+
+    compile_default = fused.compile_enabled()
 
     free_memory(device)
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config(REPO / "configs" / "osp_1_3b_480p.yaml", [
-            f"model.schedule={schedule}", f"model.recompute={str(recompute).lower()}",
+            f"model.schedule={schedule}", f"model.recompute={recompute}",
             "data.kind=synthetic", f"data.synthetic_latent_shape={latent}", "data.num_workers=0",
             "data.micro_batch_size=1", "train.global_batch_size=1", "train.ema_decay=0", "train.sample_interval=0",
             "train.init_from=''", "train.resume=false", f"train.run_dir={run_dir}", "tracking.backend=none",
@@ -50,6 +56,7 @@ def bench_model(name: str, schedule: str, latent: List[int], recompute: bool, st
         ])
         cfg.validate(world_size=1)
         trainer = DiffusionTrainer(cfg, device, log=lambda s: None)
+        fused.set_compile(compiled)
         try:
             trainer.setup()
             micro = trainer.next_microbatches(1)
@@ -67,6 +74,7 @@ def bench_model(name: str, schedule: str, latent: List[int], recompute: bool, st
                 "max_mem_gib": peak_memory_gib(device),
             }
         finally:
+            fused.set_compile(compile_default)
             trainer.close()
             del trainer
             parallel_state.destroy_model_parallel()
@@ -77,26 +85,31 @@ def bench_model(name: str, schedule: str, latent: List[int], recompute: bool, st
     return out
 
 
-def result_rows(got: Dict[str, Optional[Dict[str, float]]], tag: str, peak: float) -> List[Dict[str, object]]:
+def result_rows(got: Dict[str, Optional[Dict[str, float]]], tag: str, peak: float,
+                base: Optional[Dict[str, Optional[Dict[str, float]]]] = None, base_tag: str = "") -> List[Dict[str, object]]:
+    """Rows of one (resolution, recompute mode, compile) run of both models; `base`: the same models without
+    recompute (speed kept by the mode, `ratio` = base step time / this step time)."""
     rows = []
-    osp, dense = got["osp_next_1_3b"], got["wan_dense_1_3b"]
+    osp, dense = got.get("osp_next_1_3b"), got.get("wan_dense_1_3b")
     if osp and dense:
         rows.append(row(f"osp_next_1_3b {tag} samples/s", osp["samples_per_s"], "samples/s",
-                        f"wan_dense_1_3b {tag}", dense["samples_per_s"],
-                        "speedup close to the block benchmark's composed figure"))
+                        f"wan_dense_1_3b {tag}", dense["samples_per_s"], ">= 1.65 (480p)"))
     for name, r in got.items():
         if r is None:
             rows.append(row(f"{name} {tag}", None, "out of memory"))
             continue
         rows.append(row(f"{name} {tag} executed TFLOP/s", r["tflops_exec"], "TFLOP/s", "measured matmul peak (same run)",
-                        peak, ">= 440 TFLOP/s on H100 and >= 0.57 of the measured peak"))
-        rows.append(row(f"{name} {tag} model TFLOP/s", r["tflops_model"], "TFLOP/s", "measured matmul peak (same run)",
-                        peak, "ratio = MFU"))
+                        peak))
         rows.append(row(f"{name} {tag} MFU", r["tflops_model"] / peak, "fraction", goal=">= 0.57 (of the measured peak)"))
         rows.append(row(f"{name} {tag} step time", r["step_time_s"], "s"))
         rows.append(row(f"{name} {tag} tokens/s", r["tokens_per_s"], "tokens/s"))
         rows.append(row(f"{name} {tag} peak memory", r["max_mem_gib"], "GiB", goal="<= 70 (micro-batch 1)",
                         higher_is_better=False))
+        b = (base or {}).get(name)
+        if b and b is not r:
+            rows.append(row(f"{name} {tag} step time vs {base_tag}", r["step_time_s"], "s", f"{name} {base_tag}",
+                            b["step_time_s"], ">= 0.95 with <= 70 GiB", higher_is_better=False,
+                            memory_gib=r["max_mem_gib"], baseline_memory_gib=b["max_mem_gib"]))
     return rows
 
 
@@ -104,11 +117,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=10, help="timed steps per model")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per model")
-    ap.add_argument("--res", default="480p,720p", help="comma list of 480p, 720p (720p uses recompute)")
+    ap.add_argument("--res", default="480p,720p", help="comma list of 480p, 720p (720p: full recompute only)")
+    ap.add_argument("--recompute", default="none,selective,full", help="comma list of model.recompute modes")
+    ap.add_argument("--ablate-compile", action="store_true",
+                    help="also run each model without the compiled elementwise pieces (first mode only)")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma list of " + ", ".join(MODELS))
     add_out_dir(ap)
     ap.add_argument("--smoke", action="store_true",
                     help="logic check on any device: tiny model, tiny latents, fp32 (numbers are meaningless)")
     args = ap.parse_args(argv)
+    modes = [m.strip() for m in args.recompute.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("none", "selective", "full")]
+    models = {m.strip(): MODELS[m.strip()] for m in args.models.split(",") if m.strip() in MODELS}
+    if bad or not modes or not models:
+        ap.error("--recompute: a comma list of none, selective, full; --models: of " + ", ".join(MODELS))
     if not torch.cuda.is_available() and not args.smoke:
         print("train_step.py needs a CUDA GPU (use --smoke for a CPU logic check)", file=sys.stderr)
         return 2
@@ -135,28 +157,39 @@ def main(argv: Optional[List[str]] = None) -> int:
     peak = matmul_peak_tflops(device)
     print(f"matmul peak (measured): {peak:.2f} TFLOP/s", flush=True)
     results: List[Dict[str, object]] = [peak_row(peak, device)]
+    raw: Dict[str, Dict] = {}
+
+    def run(res, latent, mode, compiled):
+        tag = f"{res}+{mode}" + ("" if compiled else "+eager")
+        print(f"{tag} latents {latent}:", flush=True)
+        got: Dict[str, Optional[Dict[str, float]]] = {}
+        for name, schedule in models.items():
+            try:
+                got[name] = bench_model(name, schedule, latent, mode, args.steps, args.warmup, device, extra,
+                                        compiled=compiled)
+            except torch.cuda.OutOfMemoryError as exc:
+                print(f"  {name}: out of memory ({str(exc).splitlines()[0]})", flush=True)
+                got[name] = None
+            free_memory(device)
+        raw[tag] = got
+        return tag, got
+
     for res in [r.strip() for r in args.res.split(",") if r.strip()]:
-        latent, needs_recompute = resolutions[res]
-        # without recompute first (unless the resolution needs it); if either model runs out of memory, both
-        # models are measured again with full activation recompute so the pair stays comparable
-        for recompute in ([True] if needs_recompute else [False, True]):
-            print(f"{res} latents {latent}{' (recompute)' if recompute else ''}:", flush=True)
-            got: Dict[str, Optional[Dict[str, float]]] = {}
-            for name, schedule in MODELS.items():
-                try:
-                    got[name] = bench_model(name, schedule, latent, recompute, args.steps, args.warmup, device,
-                                            extra)
-                except torch.cuda.OutOfMemoryError as exc:
-                    print(f"  {name}: out of memory ({str(exc).splitlines()[0]})", flush=True)
-                    got[name] = None
-                free_memory(device)
-            results.extend(result_rows(got, f"{res}{'+recompute' if recompute else ''}", peak))
-            if all(v is not None for v in got.values()):
-                break
-    shapes = {res: {"latents": resolutions[res][0], "recompute_only": resolutions[res][1]} for res in resolutions}
+        latent, full_only = resolutions[res]
+        res_modes = ["full"] if full_only else modes
+        base_tag, base = None, None
+        for i, mode in enumerate(res_modes):
+            tag, got = run(res, latent, mode, True)
+            if mode == "none":
+                base_tag, base = tag, got
+            results.extend(result_rows(got, tag, peak, base, base_tag or ""))
+            if args.ablate_compile and i == 0:
+                tag, got = run(res, latent, mode, False)
+                results.extend(result_rows(got, tag, peak, raw[f"{res}+{mode}"], f"{res}+{mode}"))
+    shapes = {res: {"latents": resolutions[res][0], "full_recompute_only": resolutions[res][1]} for res in resolutions}
     shapes.update(micro_batch=1, text_len=8 if args.smoke else 512)
     path = write_results("train_step-smoke" if args.smoke else "train_step", results,
-                         {"config": "configs/osp_1_3b_480p.yaml", "models": MODELS}, shapes=shapes,
+                         {"config": "configs/osp_1_3b_480p.yaml", "models": models, "raw": raw}, shapes=shapes,
                          out_dir=args.out_dir, device=device, argv=argv)
     print(f"\nwrote {path}\n")
     print_table(results)

@@ -63,12 +63,13 @@ def parallel_plan(cfg, world_size: int) -> str:
         shape = [dims.in_channels, (b.frames - 1) // 4 + 1, b.height // 8, b.width // 8]
     padded = cp > 1 or (p.sequence_parallel and tp > 1)  # layout-native plans run sparse blocks padded
     f = forward_flops(cfg.model, shape, cfg.data.text_len, padded)
+    full_recompute = cfg.model.recompute == "full"
     lines.append(
         f"per sample (latents {shape}): {int(f['tokens'])} tokens"
         + (f" ({int(f['tokens_padded'])} in the padded Skiparse layout)" if padded and cfg.model.schedule != "full" else "")
         + ", "
-        f"forward {f['total'] / 1e12:.3f} TFLOP, training {(4 if cfg.model.recompute else 3) * f['total'] / 1e12:.3f} "
-        f"TFLOP executed{' (with recompute)' if cfg.model.recompute else ''}"
+        f"forward {f['total'] / 1e12:.3f} TFLOP, training {(4 if full_recompute else 3) * f['total'] / 1e12:.3f} "
+        f"TFLOP executed{' (with full recompute)' if full_recompute else ''}"
     )
     return "\n".join(lines)
 

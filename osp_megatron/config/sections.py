@@ -41,7 +41,10 @@ class ModelConfig:
                                     choices=ATTENTION_BACKENDS)
     spec: str = option("local", "block spec: local (megatron TP linears, pure torch, runs on CPU) or te "
                        "(TransformerEngine linears, GPU)", choices=SPECS)
-    recompute: bool = option(False, "full activation recompute per block (saves memory, +1 forward)")
+    recompute: str = option("none", "activation recompute: none, selective (the elementwise outputs of every block -- "
+                            "norms, modulation, RMSNorm + RoPE, GELU -- are recomputed in backward; no GEMM or "
+                            "attention runs twice), full (each block's forward again, +1 forward)",
+                            choices=("none", "selective", "full"))
     hidden_size: Optional[int] = option(None, "override the size's hidden width", minimum=1)
     ffn_hidden_size: Optional[int] = option(None, "override the size's FFN width", minimum=1)
     num_attention_heads: Optional[int] = option(None, "override the size's attention heads", minimum=1)

@@ -26,7 +26,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 
 from osp_megatron.models.core_attention import DenseAttention
-from osp_megatron.models.fused import rms_scale, sum_of_squares
+from osp_megatron.models.fused import rms_norm, rms_scale, sum_of_squares
 from osp_megatron.models.rope import apply_rope, rope_tables
 from osp_megatron.parallel import ParallelState, TokenPlacement
 from osp_megatron.parallel.collectives import all_reduce_sum
@@ -105,6 +105,8 @@ class HeadsRMSNorm(torch.nn.Module):
             self.weight, key, 0, prepend_offsets=sharded_offsets, tp_group=self.tp_group, dp_cp_group=dp_cp)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_group is None or self.tp_group.size() == 1:
+            return rms_norm(x, self.weight, self.eps)  # one fused pass
         ss = sum_of_squares(x)
         if self.tp_group is not None and self.tp_group.size() > 1:
             ss = all_reduce_sum(ss, self.tp_group)
@@ -194,10 +196,11 @@ class CrossAttention(_AttentionBase):
         s, gb = q.shape[0], q.shape[1]
         b = gb // classes
         h, d = self.heads, self.head_dim
-        q = q.view(s, classes, b, h, d).permute(2, 1, 0, 3, 4).reshape(b, classes * s, h, d)
+        # queries attend independently, so their order is free: (token, class) keeps this a view when b == 1
+        q = q.view(s, classes, b, h, d).permute(2, 0, 1, 3, 4).reshape(b, s * classes, h, d)
         k = self.k_norm(self._proj(self.linear_k, text)).view(-1, b, h, d).transpose(0, 1)
         v = self._proj(self.linear_v, text).view(-1, b, h, d).transpose(0, 1)
         q, k, v = self.qkv_quantizer(q, k.contiguous(), v.contiguous())
         o = self.core_attention(q, k, v)
-        o = o.view(b, classes, s, h, d).permute(2, 1, 0, 3, 4).reshape(s, gb, h * d)
+        o = o.view(b, s, classes, h, d).permute(1, 2, 0, 3, 4).reshape(s, gb, h * d)
         return self._proj(self.linear_proj, o)

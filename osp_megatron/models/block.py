@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from typing import Union
 
 import torch
-import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from osp_megatron.models.fused import affine_layernorm, gated_residual, modulated_layernorm
+from osp_megatron.models.fused import affine_layernorm, bias_gelu, gated_residual, modulated_layernorm
 from osp_megatron.parallel import ParallelState, comm_stats
 from osp_megatron.skiparse import BlockStep
 
@@ -40,14 +39,14 @@ class BlockSubmodules:
 
 
 class FeedForward(MegatronModule):
-    """fc1 (column-parallel) -> GELU(tanh) -> fc2 (row-parallel)."""
+    """fc1 (column-parallel, bias added by the fused GELU) -> GELU(tanh) -> fc2 (row-parallel)."""
 
     def __init__(self, config, submodules: MLPSubmodules, tp_group=None):
         super().__init__(config)
         c, f = config.hidden_size, config.ffn_hidden_size
         self.linear_fc1 = build_module(
             submodules.linear_fc1, c, f, config=config, init_method=config.init_method, bias=True,
-            gather_output=False, tp_group=tp_group,
+            gather_output=False, skip_bias_add=True, tp_group=tp_group,
         )
         self.linear_fc2 = build_module(
             submodules.linear_fc2, f, c, config=config, init_method=config.init_method, bias=True,
@@ -56,7 +55,7 @@ class FeedForward(MegatronModule):
 
     def forward(self, x):
         h, b = self.linear_fc1(x)
-        h = F.gelu(h if b is None else h + b, approximate="tanh")
+        h = bias_gelu(h, b)
         out, b = self.linear_fc2(h)
         return out if b is None else out + b
 

@@ -31,6 +31,7 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 
 from osp_megatron.models.adapters.common import StateDictMismatch, our_keys
 from osp_megatron.models.attention import SequenceContext
+from osp_megatron.models.recompute import selective_recompute
 from osp_megatron.models.specs import get_layer_specs
 from osp_megatron.parallel import ParallelState, TokenPlacement
 from osp_megatron.parallel.tp_shards import tp_gather, tp_slice
@@ -183,11 +184,13 @@ class OSPNextDiT(MegatronModule):
             x, e, temb, txt = self.embed(hidden_states, timestep, encoder_hidden_states, placement)
         else:
             x, e, temb, txt = self._unpack(self.input_tensor, b, encoder_hidden_states.shape[1])
+        granularity = self.config.recompute_granularity if self.training else None
         for blk in self.blocks:
-            if self.config.recompute_granularity == "full" and self.training:
+            if granularity == "full":
                 x = tensor_parallel.checkpoint(lambda x_, e_, t_, blk=blk: blk(x_, e_, t_, seq), False, x, e, txt)
             else:
-                x = blk(x, e, txt, seq)
+                with selective_recompute(granularity == "selective"):
+                    x = blk(x, e, txt, seq)
         if not self.post_process:
             return self._pack(x, e, temb, txt)
         g = placement.classes_per_rank(placement.final_layout)

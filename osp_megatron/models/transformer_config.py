@@ -97,9 +97,10 @@ def make_osp_config(model_cfg, parallel_cfg=None, precision_cfg=None, dtype=None
         pipeline_dtype=dtype,
         variable_seq_lengths=True,
         moe_token_dispatcher_type="alltoall",  # unused (no MoE); megatron rejects variable_seq_lengths with allgather
-        recompute_granularity="full" if model_cfg.recompute else None,
-        recompute_method="uniform" if model_cfg.recompute else None,
-        recompute_num_layers=1 if model_cfg.recompute else None,
+        recompute_granularity=None if model_cfg.recompute == "none" else model_cfg.recompute,
+        recompute_method="uniform" if model_cfg.recompute == "full" else None,
+        recompute_num_layers=1 if model_cfg.recompute == "full" else None,
+        recompute_modules=["layernorm"] if model_cfg.recompute == "selective" else None,
         init_method=torch.nn.init.xavier_uniform_,
         output_layer_init_method=torch.nn.init.xavier_uniform_,
     )

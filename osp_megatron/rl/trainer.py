@@ -270,12 +270,12 @@ class GRPOTrainer:
         """Activation recompute (megatron's reentrant checkpoint) only propagates gradients when a block input
         requires grad; with a frozen base nothing does, so the LoRA grads would be lost. Mark the patch-embedding
         output as requiring grad in training forwards (PEFT's `enable_input_require_grads`)."""
-        if getattr(getattr(model, "config", None), "recompute_granularity", None) is None:
+        if getattr(getattr(model, "config", None), "recompute_granularity", None) != "full":
             return
         emb = getattr(model, "patch_embedding", None)
         if emb is None:
-            raise ValueError("model.recompute=true with LoRA needs the model's patch_embedding to mark block inputs "
-                             "as requiring grad; set model.recompute=false")
+            raise ValueError("model.recompute=full with LoRA needs the model's patch_embedding to mark block inputs "
+                             "as requiring grad; set model.recompute=selective or none")
 
         def hook(module, args, out):
             if torch.is_grad_enabled() and not out.requires_grad:

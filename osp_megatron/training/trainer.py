@@ -201,7 +201,7 @@ class DiffusionTrainer(Trainer):
         for mb in micro:
             shape = tuple(mb["x_t"].shape[1:])
             b, text_len = mb["x_t"].shape[0], mb["text"].shape[1]
-            flops_exec += b * train_flops_per_sample(cfg.model, shape, text_len, cfg.model.recompute, self.padded)
+            flops_exec += b * train_flops_per_sample(cfg.model, shape, text_len, cfg.model.recompute == "full", self.padded)
             flops_model += b * model_flops_per_sample(cfg.model, shape, text_len, self.padded)
             tokens += b * (shape[1] // pt) * (shape[2] // ph) * (shape[3] // pw)
             samples += b

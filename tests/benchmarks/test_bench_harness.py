@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import _common as C  # noqa: E402
 
-BENCHMARKS = ("attention", "blocks", "comm_volume", "e2e", "grpo", "hif8", "loader", "parallel", "train_step")
+BENCHMARKS = ("attention", "attention_kernels", "blocks", "comm_volume", "e2e", "grpo", "hif8", "loader", "parallel", "train_step")
 
 
 @pytest.mark.parametrize("name,slug", [

@@ -93,7 +93,8 @@ def tiny_trainer(tmp_path, recompute=False, recipe="none", **over):
     cfg = Config()
     cfg.data.kind = "synthetic"
     cfg.precision.recipe = recipe
-    cfg.model.num_layers, cfg.model.schedule, cfg.model.recompute = 2, "full", recompute
+    cfg.model.num_layers, cfg.model.schedule = 2, "full"
+    cfg.model.recompute = "full" if recompute else "none"
     cfg.train.run_dir = str(tmp_path / "run")
     cfg.tracking.backend = "none"
     g = dict(iterations=2, steps=6, window=dict(strategy="fixed", start=1, size=3), group_size=3,
