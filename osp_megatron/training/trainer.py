@@ -31,7 +31,7 @@ from osp_megatron.training.batches import BatchPreparer, EndlessLoader
 from osp_megatron.training.checkpoint import CheckpointError, Checkpointer, shutdown_writer_manager
 from osp_megatron.training.ema import EMA, unwrap
 from osp_megatron.training.flops import model_flops_per_sample, train_flops_per_sample
-from osp_megatron.training.tracking import Tracker, format_progress
+from osp_megatron.training.tracking import Tracker, estimate_eta, format_progress
 
 OPT_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
 
@@ -565,6 +565,7 @@ class Trainer:
         t = self.cfg.train
         self.stop.install()
         start_step = self.step
+        t_start = time.perf_counter()
         status, code = "FINISHED", signals.EXIT_OK
         try:
             while self.step < t.steps:
@@ -573,7 +574,8 @@ class Trainer:
                 if self.step % t.log_interval == 0 or metrics["skipped_step"] or self.step == t.steps:
                     metrics.update(self._data_metrics())
                     self.tracker.log_metrics(metrics, self.step)
-                    self.info(format_progress(self.step, t.steps, metrics))
+                    eta = estimate_eta(time.perf_counter() - t_start, self.step - start_step, t.steps - self.step)
+                    self.info(format_progress(self.step, t.steps, metrics, eta_s=eta))
                 if metrics["skipped_step"]:
                     self.info(f"[osp-train] step {self.step}: non-finite loss {metrics['loss']} / grad norm "
                               f"{metrics['grad_norm']}: update skipped ({self.nonfinite_in_row} in a row)")
