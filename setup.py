@@ -11,6 +11,7 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "osp_megatron" / "__init
 DATA = ['decord==0.6.0; platform_machine == "x86_64"', "webdataset==1.0.2", "imageio-ffmpeg", "av"]
 TRACK = ["mlflow>=3.1"]
 ENCODERS = ["diffusers>=0.35", "transformers>=4.50", "sentencepiece", "accelerate>=1.0"]  # accelerate: diffusers export
+RL = ["peft>=0.13", *ENCODERS]  # loading the exported GRPO adapters in diffusers / PEFT; the VideoAlign scorer
 
 setup(
     name="osp-megatron",
@@ -41,13 +42,14 @@ setup(
         "data": DATA,
         "track": TRACK,
         "encoders": ENCODERS,
+        "rl": RL,
         "te": ["transformer-engine[pytorch]>=2.9"],
         "flash": ["flash-attn>=2.6"],
-        "all": DATA + TRACK + ENCODERS,
+        "all": DATA + TRACK + RL,
         "dev": [
             "pytest", "pytest-timeout", "en-dtypes==0.0.4",
             "triton==3.6.0",  # CPU CI runs the HiF8 Triton kernels in the interpreter (TRITON_INTERPRET=1)
-            *DATA, *TRACK, *ENCODERS,
+            *DATA, *TRACK, *RL,
         ],
     },
     entry_points={

@@ -77,7 +77,7 @@ def run_method(name: str, over: Dict, size: str, spec: Dict, args, device) -> Di
              prompts=["a red fox running through snow", "a city street at night"], eval_interval=0, save_interval=0,
              lora=dict(rank=32, alpha=64), rewards=[dict(name="brightness")])
     g.update(over)
-    from osp_megatron.training.trainer import seed_everything
+    from osp_megatron.training.rng import seed_everything
 
     seed_everything(0)
     trainer = GRPOTrainer(cfg, parse_section(GRPOConfig, g), device=device)

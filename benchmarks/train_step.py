@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--steps 10] [--warmup 3] [--res 480p,720p]
 
-Each model is built by the real trainer (`osp_megatron.training.trainer.Trainer`: megatron DDP, distributed
+Each model is built by the real trainer (`osp_megatron.training.trainer.DiffusionTrainer`: megatron DDP, distributed
 AdamW, bf16, the no-pipelining schedule) from configs/osp_1_3b_480p.yaml with synthetic latents
 (81x480x832 -> [16,21,60,104], without recompute, falling back to full activation recompute for both
 models if either runs out of memory; 720p -> [16,21,90,160] with recompute). One fixed micro-batch is
@@ -37,7 +37,7 @@ def bench_model(name: str, schedule: str, latent: List[int], recompute: bool, st
     from megatron.core import parallel_state
 
     from osp_megatron.config import load_config
-    from osp_megatron.training.trainer import Trainer
+    from osp_megatron.training.trainer import DiffusionTrainer
 
     free_memory(device)
     with tempfile.TemporaryDirectory() as run_dir:
@@ -49,12 +49,12 @@ def bench_model(name: str, schedule: str, latent: List[int], recompute: bool, st
             "parallel.overlap_grad_reduce=false", *extra,
         ])
         cfg.validate(world_size=1)
-        trainer = Trainer(cfg, device, log=lambda s: None)
+        trainer = DiffusionTrainer(cfg, device, log=lambda s: None)
         try:
             trainer.setup()
             micro = trainer.next_microbatches(1)
             per_step = []
-            dt = time_fn(lambda: per_step.append(trainer.train_step(micro)), warmup, steps,
+            dt = time_fn(lambda: per_step.append(trainer.run_step(micro)), warmup, steps,
                          cuda=device.type == "cuda") / 1e3
             flops_exec, flops_model, tokens, samples = trainer._work(micro)
             out = {

@@ -18,6 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from data_pipeline.inputs import list_inputs
+from data_pipeline.sharding import reject_entry
+from data_pipeline.shardlist import resolve_shards
+
 SUMMED_KEYS = ("num_samples", "num_shards", "total_duration_s", "total_bytes", "num_rejected", "rejected")
 
 
@@ -53,9 +57,6 @@ def list_items(kind: str, source: str) -> Tuple[List[Dict[str, Any]], List[Dict[
     videos: records `path`, `caption`, extra columns, listed once over the whole input (so duplicates across parts
     are found); shards: shard files (`path`)."""
     if kind == "videos":
-        from data_pipeline.inputs import list_inputs
-        from data_pipeline.sharding import reject_entry
-
         rows, rejects = [], []
         for r in list_inputs(source):
             if r.get("reject"):
@@ -68,8 +69,6 @@ def list_items(kind: str, source: str) -> Tuple[List[Dict[str, Any]], List[Dict[
             rows.append(row)
         return rows, rejects
     if kind == "shards":
-        from data_pipeline.shardlist import resolve_shards
-
         return [{"path": os.path.abspath(u)} for u in resolve_shards(source)], []
     raise PartsError(f"--kind {kind!r}: use videos or shards")
 

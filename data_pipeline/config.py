@@ -75,6 +75,8 @@ class DataConfig:
     shard_shuffle: bool = doc(True, "shuffle the shard order every epoch")
     seed: int = doc(1234, "seed of the data order")
     text_len: int = doc(512, "text tokens per caption (Wan: 512)")
+    caption_dropout: float = doc(0.0, "probability that a sample trains on the empty caption (for CFG; OSP-Next: "
+                                 "0.1), drawn from (seed, sample key, step): the same under resume")
     synthetic_latent_shape: List[int] = doc(help="synthetic kind: latent [C, T, H, W]",
                                             factory=lambda: [16, 5, 16, 16])
     synthetic_num_samples: int = doc(64, "synthetic kind: samples per epoch")
@@ -104,6 +106,8 @@ class DataConfig:
                 errors.append(f"{prefix}.decoder={self.decoder}: {problem}")
         if not is_finite_number(self.fps) or self.fps <= 0:
             errors.append(f"{prefix}.fps={self.fps!r}: must be a finite number > 0 (e.g. 16)")
+        if not is_finite_number(self.caption_dropout) or not 0.0 <= self.caption_dropout <= 1.0:
+            errors.append(f"{prefix}.caption_dropout={self.caption_dropout!r}: must be a probability in [0, 1]")
         if not self.buckets:
             errors.append(f"{prefix}.buckets is empty: give at least one {{frames, height, width}}")
         at_least("max_frame_pixels", 1, " (width x height of the largest stream to decode)")

@@ -39,8 +39,8 @@ class CacheConfig:
 
     input: str
     output: str
-    vae: str = "tiny"
-    text_encoder: str = "tiny"
+    vae: str = ""  # a Wan VAE folder / pipeline folder, or "tiny" (the random demo stand-in); required
+    text_encoder: str = ""  # a umT5 folder / pipeline folder, or "tiny"; required
     tokenizer: Optional[str] = None
     buckets: List[BucketSpec] = field(default_factory=lambda: [BucketSpec()])
     fps: float = 16.0
@@ -84,6 +84,11 @@ class CacheConfig:
             errors.append(f"{prefix} --decoder={self.decoder}: {decoder_unavailable(self.decoder)}")
         if self.workers < 0:
             errors.append(f"{prefix} --workers={self.workers}: must be >= 0 (0 = decode in the main process)")
+        for name, flag in (("vae", "--vae"), ("text_encoder", "--text-encoder")):
+            if not getattr(self, name):
+                errors.append(f"{prefix} {flag} is required: give the encoder the model trains with (a Wan2.1 "
+                              f"diffusers pipeline folder, or --pipeline for both), or {flag} tiny for the random "
+                              "demo stand-in")
         if self.text_dim is not None and self.text_encoder != "tiny":
             errors.append(f"{prefix} --text-dim is only for --text-encoder tiny (a real encoder has its own width)")
 
@@ -96,14 +101,6 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     torch.save(t.detach().cpu().contiguous().clone(), buf)  # clone: never save a view's whole storage
     return buf.getvalue()
-
-
-def dist_env() -> tuple:
-    """(rank, world_size, local_rank) from torchrun / SLURM-style env vars (0, 1, 0 when absent)."""
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
-    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-    return rank, world, local
 
 
 class LatentCacher:
@@ -214,7 +211,7 @@ class LatentCacher:
             writer.close()
         os.replace(tmp, self.out / name)
         stats = {"name": name, "source": url, "num_samples": count, "bytes": (self.out / name).stat().st_size,
-                 "rejects": rejects, "rank": self.rank}
+                 "rejects": rejects, "rank": self.rank, "latent_channels": self.vae.z_dim, "text_dim": self.text.dim}
         atomic_write_text(self.state / f"{name}.json", json.dumps(stats))
         return stats
 
@@ -242,6 +239,9 @@ class LatentCacher:
             "vae": self.cfg.vae,
             "text_encoder": self.cfg.text_encoder,
             "text_len": self.cfg.text_len,
+            # the widths the model must take (None: shards from before these fields)
+            "latent_channels": next((s["latent_channels"] for s in stats if "latent_channels" in s), None),
+            "text_dim": next((s["text_dim"] for s in stats if "text_dim" in s), None),
             "save_dtype": self.cfg.save_dtype,
             "buckets": [dataclasses.asdict(b) for b in self.cfg.buckets],
             "fps": self.cfg.fps,
@@ -327,4 +327,4 @@ def parse_buckets(text: str) -> List[BucketSpec]:
     return out
 
 
-__all__ = ["CacheConfig", "LatentCacher", "parse_buckets", "dist_env"]
+__all__ = ["CacheConfig", "LatentCacher", "parse_buckets"]

@@ -45,7 +45,8 @@ def _check(cfg: DataConfig) -> None:
 class ShardLoader:
     """Iterable of batches over raw or latent shards (see module docstring)."""
 
-    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, epochs: Optional[int] = None):
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, epochs: Optional[int] = None,
+                 text_dim: Optional[int] = None, latent_channels: Optional[int] = None):
         if not 0 <= rank < world_size:
             raise LoaderConfigError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
         self.cfg, self.rank, self.world_size, self.epochs = cfg, rank, world_size, epochs
@@ -58,6 +59,8 @@ class ShardLoader:
             if kind != cfg.kind:
                 raise LoaderConfigError(
                     f"data.kind={cfg.kind!r} but {cfg.shards} holds {kind} shards; set data.kind={kind}")
+            if cfg.kind == "latent":
+                _check_widths(manifest, cfg.shards, text_dim, latent_channels)
             if cfg.kind == "raw" and manifest.get("num_samples", 0) > 0 and "max_span_s" in manifest:
                 msg = bucket_frames_message(cfg.buckets, cfg.fps, float(manifest["max_span_s"]), cfg.shards)
                 if msg:
@@ -175,16 +178,37 @@ def _norm(v: Any) -> Any:
     return v
 
 
-def build_loader(data_config: DataConfig, rank: int = 0, world_size: int = 1, text_dim: int = 4096,
-                 epochs: Optional[int] = None):
+def _check_widths(manifest: Dict[str, Any], shards: str, text_dim: Optional[int],
+                  latent_channels: Optional[int]) -> None:
+    """Latent shards must have been cached with the model's VAE channels and text width."""
+    problems = []
+    have_text, have_z = manifest.get("text_dim"), manifest.get("latent_channels")
+    enc, vae = manifest.get("text_encoder", "?"), manifest.get("vae", "?")
+    if text_dim is not None and have_text is not None and int(have_text) != int(text_dim):
+        problems.append(f"text embeddings are {have_text} wide (osp-cache --text-encoder {enc}) but the model takes "
+                        f"model.text_dim={text_dim}: re-cache with the model's umT5 (osp-cache --text-encoder / "
+                        f"--pipeline), or set model.text_dim={have_text} to train on this cache")
+    if latent_channels is not None and have_z is not None and int(have_z) != int(latent_channels):
+        problems.append(f"latents have {have_z} channels (osp-cache --vae {vae}) but the model takes "
+                        f"model.in_channels={latent_channels}: re-cache with the model's VAE, or set "
+                        f"model.in_channels/out_channels={have_z}")
+    if problems:
+        raise LoaderConfigError(f"data.shards={shards}: " + "; ".join(problems))
+
+
+def build_loader(data_config: DataConfig, rank: int = 0, world_size: int = 1, text_dim: Optional[int] = None,
+                 epochs: Optional[int] = None, latent_channels: Optional[int] = None):
     """The loader for `data_config.kind` (raw | latent | synthetic); see the module docstring.
 
-    `text_dim` is the text-embedding width of synthetic batches; `epochs=None` loops forever.
+    `text_dim` is the text-embedding width of synthetic batches (default 4096) and, with `latent_channels`, what
+    latent shards must have been cached with (checked against their manifest when given); `epochs=None` loops
+    forever.
     """
     _check(data_config)
     if data_config.kind == "synthetic":
-        return SyntheticLoader(data_config, rank, world_size, text_dim=text_dim, epochs=epochs)
-    return ShardLoader(data_config, rank, world_size, epochs=epochs)
+        return SyntheticLoader(data_config, rank, world_size, text_dim=text_dim or 4096, epochs=epochs)
+    return ShardLoader(data_config, rank, world_size, epochs=epochs, text_dim=text_dim,
+                       latent_channels=latent_channels)
 
 
 __all__ = ["build_loader", "ShardLoader", "LoaderConfigError"]

@@ -6,6 +6,9 @@ import sys
 from typing import List, Optional
 
 from data_pipeline.config import DEFAULT_MAX_FRAME_PIXELS
+from data_pipeline.latent_cache import CacheConfig, LatentCacher, parse_buckets
+from data_pipeline.shardlist import ShardListError
+from osp_megatron.launch import DistEnv
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,14 +19,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "<key>.json, <key>.txt. Run under torchrun to spread shards over ranks; reruns skip "
                     "finished shards.",
         epilog="example: torchrun --nproc-per-node 8 -m osp_megatron.cli.cache --input shards/ --output latents/ "
-               "--vae /models/Wan2.1-T2V-1.3B-Diffusers --text-encoder /models/Wan2.1-T2V-1.3B-Diffusers "
+               "--pipeline /models/Wan2.1-T2V-1.3B-Diffusers "
                "--buckets 81x480x832,81x832x480",
     )
     p.add_argument("--input", required=True, help="raw shard folder, brace pattern or glob")
     p.add_argument("--output", required=True, help="output folder for latent shards + manifest.json")
-    p.add_argument("--vae", default="tiny", help="local AutoencoderKLWan folder (or Wan diffusers folder) or 'tiny'")
-    p.add_argument("--text-encoder", default="tiny", help="local UMT5 encoder folder (or Wan diffusers folder) or "
-                                                          "'tiny'")
+    p.add_argument("--pipeline", help="a Wan2.1 diffusers pipeline folder: its vae/, text_encoder/ and tokenizer/ "
+                                      "(instead of --vae and --text-encoder)")
+    p.add_argument("--vae", help="local AutoencoderKLWan folder (or Wan diffusers folder), or 'tiny' (the random "
+                                 "demo stand-in); required unless --pipeline")
+    p.add_argument("--text-encoder", help="local UMT5 encoder folder (or Wan diffusers folder), or 'tiny' (the random "
+                                          "demo stand-in); required unless --pipeline")
     p.add_argument("--tokenizer", help="tokenizer folder (default: next to the text encoder)")
     p.add_argument("--buckets", default="81x480x832",
                    help="FRAMESxHEIGHTxWIDTH list, comma separated (frames 4k+1, sizes multiples of 16)")
@@ -48,13 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from data_pipeline.latent_cache import CacheConfig, LatentCacher, dist_env, parse_buckets
-    from data_pipeline.shardlist import ShardListError
-
-    rank, world, local = dist_env()
+    env = DistEnv.from_environ()
+    rank, world, local = env.rank, env.world_size, env.local_rank
     try:
         cfg = CacheConfig(
-            input=args.input, output=args.output, vae=args.vae, text_encoder=args.text_encoder,
+            input=args.input, output=args.output, vae=args.vae or args.pipeline or "",
+            text_encoder=args.text_encoder or args.pipeline or "",
             tokenizer=args.tokenizer, buckets=parse_buckets(args.buckets), fps=args.fps,
             sample_window=args.sample_window, seed=args.seed, text_len=args.text_len, text_dim=args.text_dim,
             device=args.device, dtype=args.dtype, save_dtype=args.save_dtype, workers=args.workers,

@@ -20,7 +20,8 @@ so round trips are bitwise. The layout schedule always travels: OSP-Next's own f
 diffusers/wan config.json (diffusers ignores `_` keys; every reader here applies it), the megatron checkpoint's
 config; `--model KEY=VALUE` changes it. HiF8 training settings travel between OSP-Next (`quant`, `quant_attn`,
 `scale_max_*`) and megatron (`precision.*`). `--ema` takes EMA weights (megatron, osp-next); `--lora` folds
-adapters in (W += alpha/r * B @ A); `--dtype` casts (default: keep). `--check` runs the source and the written
+adapters in (W += alpha/r * B @ A; from a GRPO run the LoRA EMA when it kept one, `--lora-weights live` for the
+live adapters); `--dtype` casts (default: keep). `--check` runs the source and the written
 model on one random input and fails (exit 1) when they differ by more than `--check-tol`.
 """
 from __future__ import annotations
@@ -65,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=int, default=1, help=f"megatron output: {name.upper()} degree of the ranks "
                                                                "that write the checkpoint (default 1)")
     p.add_argument("--ema", action="store_true", help="megatron / osp-next input: take the EMA weights")
-    p.add_argument("--lora", help="LoRA adapters to merge: GRPO run/iter dir, or a .pt/.safetensors file")
+    p.add_argument("--lora", help="LoRA adapters to merge: a PEFT adapter folder, a GRPO run/iter dir, or a "
+                                  ".pt/.safetensors file")
+    p.add_argument("--lora-weights", choices=["auto", "ema", "live"], default="auto",
+                   help="GRPO checkpoint adapters: auto = the LoRA EMA when the run kept one (default), ema, live")
     p.add_argument("--dtype", choices=["keep", "fp32", "bf16"], default="keep", help="output dtype (default keep)")
     p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
                    help=f"set a model field in the output: {', '.join(MODEL_OVERRIDES)} (repeatable)")
@@ -146,7 +150,7 @@ def convert(args) -> Dict[str, Any]:
         from osp_megatron.rl.lora import merge_lora
         from osp_megatron.weights.lora import read_lora
 
-        adapters = read_lora(args.lora, sd)
+        adapters = read_lora(args.lora, sd, ema={"auto": None, "ema": True, "live": False}[args.lora_weights])
         unknown = sorted({k.rsplit(".", 1)[0] + ".weight" for k in adapters} - set(sd))
         if unknown:
             raise ConvertError(f"--lora {args.lora}: adapters for weights the model lacks, e.g. {unknown[:3]}")

@@ -12,13 +12,22 @@ Exit codes: 0 done, 1 error, 2 invalid config/arguments, 3 stopped by SIGTERM/SI
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import sys
-import traceback
+from dataclasses import asdict
 from typing import List, Optional, Sequence
 
-EXIT_BAD_CONFIG = 2
+import torch.distributed as dist
+import yaml
+
+from osp_megatron.config import GRPO_SECTIONS, ConfigError, load_config
+from osp_megatron.launch import EXIT_BAD_CONFIG, EXIT_OK, EXIT_REQUEUE, DistEnv, distributed, run_ranks
+from osp_megatron.models import build_model
+from osp_megatron.parallel.groups import initialize_parallel
+from osp_megatron.rl.rollout import make_plan
+from osp_megatron.rl.trainer import GRPOTrainer
+from osp_megatron.rl.windows import WindowSchedule, count_nfe, group_prefix_runs
+from osp_megatron.training.rng import seed_everything
+from osp_megatron.weights import load_into
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,8 +43,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def resolve(config: str, overrides: Sequence[str], world_size: int = 1, check_paths: bool = False):
     """-> (Config, GRPOConfig), validated (GRPO reads prompts, not a dataset: the data section is not checked)."""
-    from osp_megatron.config import GRPO_SECTIONS, ConfigError, load_config
-
     cfg = load_config(config, overrides)
     cfg.validate(world_size, check_paths=check_paths, sections=GRPO_SECTIONS)
     problems = []
@@ -54,8 +61,6 @@ def resolve(config: str, overrides: Sequence[str], world_size: int = 1, check_pa
 
 def plan_text(cfg, gcfg, world_size: int) -> str:
     """Window schedule, rollout plan and NFE per iteration, as printed by --dry-run."""
-    from osp_megatron.rl.rollout import make_plan
-    from osp_megatron.rl.windows import WindowSchedule, count_nfe, group_prefix_runs
 
     sched = WindowSchedule.from_config(gcfg)
     p = cfg.parallel
@@ -71,100 +76,64 @@ def plan_text(cfg, gcfg, world_size: int) -> str:
             continue
         w = sched.window(it)
         plan = make_plan(gcfg.steps, gcfg.shift, w, sched.trained_steps(it), gcfg.noise_level, gcfg.eta,
-                         gcfg.flash.enabled, gcfg.flash.compression, gcfg.flash.order)
+                         gcfg.flash.enabled, gcfg.flash.compression, gcfg.flash.order,
+                         gcfg.flash.min_points)
         shared = gcfg.init_same_noise and gcfg.share_prefix and w.start > 0 and n % dp == 0
         nfe = count_nfe(gcfg.steps, w, len(plan.trained), plan.count("dpm") if gcfg.flash.enabled else None,
                         gcfg.cfg_scale, gcfg.kl_beta > 0, n, group_prefix_runs(n, gcfg.group_size, dp) if shared else -1)
         kinds = "".join({"ode": "o", "sde": "S", "dpm": "d"}[k] for k in plan.kinds)
-        lines.append(f"iteration {it}: window {w.steps[0]}..{w.steps[-1]} trained {list(plan.trained)} "
+        lines.append(f"iteration {it}: window {f'{w.steps[0]}..{w.steps[-1]}' if w.steps else 'empty'} trained {list(plan.trained)} "
                      f"steps [{kinds}] NFE/sample {nfe.per_sample} NFE/iteration {nfe.per_iteration}")
     return "\n".join(lines)
 
 
 def init_base_weights(model, cfg, log=print) -> None:
     """Load `train.init_from` (any format of `osp_megatron.weights`) into the model before LoRA."""
-    from osp_megatron.weights import load_into
-
     ckpt = load_into(model, cfg.train.init_from, cfg.train.init_format, model_config=cfg.model)
     log(f"[osp-grpo] base weights from {cfg.train.init_from} ({ckpt.format})")
     for note in ckpt.differences(cfg.model, cfg.precision):
         log(f"[osp-grpo] train.init_from: {note} (this run's config wins)")
 
 
-def run(cfg, gcfg, env) -> int:
-    import torch
-    import torch.distributed as dist
-
-    from osp_megatron import cpu_shims
-    from osp_megatron.models import build_model
-    from osp_megatron.parallel.groups import initialize_parallel
-    from osp_megatron.rl.trainer import GRPOTrainer
-    from osp_megatron.training.trainer import seed_everything
-
-    cpu_shims.apply()
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(env["local_rank"])
-    if not dist.is_initialized():
-        if env.get("master_port") is None:
-            if env["world_size"] > 1:
-                raise ValueError("MASTER_PORT is not set for a multi-process launch: use torchrun, "
-                                 "slurm/launcher.sh, or export MASTER_ADDR and MASTER_PORT")
-            import socket
-
-            with socket.socket() as sock:  # single process: any free port
-                sock.bind(("127.0.0.1", 0))
-                env = dict(env, master_port=sock.getsockname()[1])
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{env['master_addr']}:{env['master_port']}",
-                                rank=env["rank"], world_size=env["world_size"], timeout=datetime.timedelta(minutes=30))
-    parallel = initialize_parallel(cfg.parallel)
-    seed_everything(cfg.train.seed)
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    model = build_model(cfg.model, parallel, precision=cfg.precision, device=device)
-    log = print if env["rank"] == 0 else (lambda *_: None)
-    if cfg.train.init_from:
-        init_base_weights(model, cfg, log)
-    trainer = GRPOTrainer(cfg, gcfg, model=model, parallel=parallel, device=device)
-    log(f"[osp-grpo] {parallel.describe()} | LoRA r={gcfg.lora.rank} on {len(trainer.lora_names)} linears, "
-        f"{sum(p.numel() for p in trainer.params)} trainable params | run_dir {cfg.train.run_dir}")
-    trainer.fit(resume=cfg.train.resume)
-    dist.barrier()
-    dist.destroy_process_group()
-    from osp_megatron.training.signals import EXIT_OK, EXIT_REQUEUE
-
+def run(cfg, gcfg, env: DistEnv) -> int:
+    """Set up this rank's process groups and model, run the GRPO iterations. Returns the exit code."""
+    with distributed(env, timeout_minutes=cfg.parallel.timeout_minutes) as device:
+        parallel = initialize_parallel(cfg.parallel)
+        seed_everything(cfg.train.seed)
+        model = build_model(cfg.model, parallel, precision=cfg.precision, device=device)
+        log = print if env.is_main else (lambda *_: None)
+        if cfg.train.init_from:
+            init_base_weights(model, cfg, log)
+        trainer = GRPOTrainer(cfg, gcfg, model=model, parallel=parallel, device=device)
+        log(f"[osp-grpo] {parallel.describe()} | LoRA r={gcfg.lora.rank} on {len(trainer.lora_names)} linears, "
+            f"{sum(p.numel() for p in trainer.params)} trainable params | run_dir {cfg.train.run_dir}")
+        trainer.fit(resume=cfg.train.resume)
+        dist.barrier()
     return EXIT_REQUEUE if trainer.stopped else EXIT_OK
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from osp_megatron.cli.train import dist_env
-    from osp_megatron.config import ConfigError
-
     args = _parser().parse_args(argv)
     try:
-        env = dist_env()
+        env = DistEnv.from_environ()
         if args.world_size is not None:
             if not args.dry_run:
                 raise ValueError("--world-size is only for --dry-run; launch N processes with torchrun/srun instead")
-            env["world_size"] = args.world_size
-        cfg, gcfg = resolve(args.config, args.overrides, env["world_size"], check_paths=args.dry_run)
+            env = env.planned(args.world_size)
+        cfg, gcfg = resolve(args.config, args.overrides, env.world_size, check_paths=args.dry_run)
+        if not args.dry_run:
+            env = env.with_port()
     except (ConfigError, ValueError) as exc:
         print(f"osp-grpo: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     if args.dry_run:
-        import yaml
-        from dataclasses import asdict
-
         out = {k: v for k, v in cfg.to_dict().items() if k in ("model", "parallel", "precision", "train", "tracking",
                                                               "encoders")}
         out["grpo"] = asdict(gcfg)
         print(yaml.safe_dump(out, sort_keys=False))
-        print(plan_text(cfg, gcfg, env["world_size"]))
+        print(plan_text(cfg, gcfg, env.world_size))
         return 0
-    try:
-        return run(cfg, gcfg, env)
-    except Exception:  # every rank reports its own failure with its id
-        print(f"[osp-grpo rank {os.environ.get('RANK', 0)}] failed:\n{traceback.format_exc()}", file=sys.stderr)
-        return 1
+    return run_ranks("osp-grpo", env, lambda: run(cfg, gcfg, env))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,11 @@ import os
 import sys
 from typing import List, Optional
 
-from data_pipeline.sharding import DEFAULT_SHARD_SIZE
+from data_pipeline.decode import DecoderUnavailable, resolve_decoder
+from data_pipeline.filters import FilterConfigError, load_filter_config
+from data_pipeline.inputs import InputError, list_inputs
+from data_pipeline.sharding import DEFAULT_SHARD_SIZE, ShardOutputError, build_shards, prepare_output
+from data_pipeline.synthetic import make_synthetic_dataset
 
 
 def _size(text: str) -> int:
@@ -51,10 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from data_pipeline.decode import DecoderUnavailable, resolve_decoder
-    from data_pipeline.filters import FilterConfigError, load_filter_config
-    from data_pipeline.inputs import InputError, list_inputs
-    from data_pipeline.sharding import ShardOutputError, build_shards, prepare_output
 
     if args.workers < 1:
         print(f"osp-shards: --workers {args.workers}: must be >= 1", file=sys.stderr)
@@ -67,8 +67,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         resolve_decoder(args.decoder)
         source, claimed = args.input, False
         if args.synthetic is not None:
-            from data_pipeline.synthetic import make_synthetic_dataset
-
             if not args.input:  # the clips go inside --output: claim it first
                 prepare_output(args.output, args.overwrite)
                 claimed = True

@@ -11,52 +11,20 @@ Exit codes: 0 done, 1 error, 2 invalid config/arguments, 3 stopped by SIGTERM/SI
 from __future__ import annotations
 
 import argparse
-import datetime
-import faulthandler
-import os
-import socket
 import sys
-import traceback
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
-EXIT_BAD_CONFIG = 2
-
-
-def dist_env(environ=None) -> Dict[str, object]:
-    """rank, world_size, local_rank, master_addr, master_port from torchrun or SLURM variables."""
-    env = os.environ if environ is None else environ
-    if "RANK" in env or "WORLD_SIZE" in env:
-        rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
-        local = int(env.get("LOCAL_RANK", rank))
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-        local = int(env.get("SLURM_LOCALID", 0))
-    else:
-        rank, world, local = 0, 1, 0
-    addr = env.get("MASTER_ADDR", "127.0.0.1")
-    port = env.get("MASTER_PORT")
-    return {"rank": rank, "world_size": world, "local_rank": local, "master_addr": addr,
-            "master_port": None if port is None else int(port)}
-
-
-def _resolve_port(env: Dict[str, object]) -> int:
-    if env["master_port"] is not None:
-        return int(env["master_port"])
-    if int(env["world_size"]) > 1:
-        raise ValueError(
-            "MASTER_PORT is not set for a multi-process launch: use torchrun, slurm/launcher.sh, "
-            "or export MASTER_ADDR and MASTER_PORT"
-        )
-    with socket.socket() as s:  # single process: any free port
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from osp_megatron.config import ConfigError, load_config
+from osp_megatron.config.reference import config_reference
+from osp_megatron.diffusion.flow_matching import FlowMatching
+from osp_megatron.launch import EXIT_BAD_CONFIG, DistEnv, distributed, run_ranks
+from osp_megatron.skiparse import block_schedule
+from osp_megatron.training.flops import forward_flops
+from osp_megatron.training.trainer import DiffusionTrainer
 
 
 def parallel_plan(cfg, world_size: int) -> str:
     """Human-readable parallel plan: group sizes, micro-batching, pipeline split, per-block layouts."""
-    from osp_megatron.skiparse import block_schedule
-    from osp_megatron.training.flops import forward_flops
-
     p = cfg.parallel
     dims = cfg.model.resolve()
     tp, pp, ssp, uly = p.tensor_parallel, p.pipeline_parallel, p.ssp, p.ulysses
@@ -101,6 +69,23 @@ def parallel_plan(cfg, world_size: int) -> str:
     return "\n".join(lines)
 
 
+def shift_plan(cfg) -> str:
+    """The training timestep shift each bucket resolves to (dynamic shift: per bucket; static: one value)."""
+    t, dims = cfg.train, cfg.model.resolve()
+    flow = FlowMatching.from_train_config(t, dims.patch_size)
+    rule = (f"dynamic, {t.shift_rule} tokens: {t.base_seq_len} -> {t.base_shift}, {t.max_seq_len} -> {t.max_shift}"
+            if t.dynamic_shift else "static")
+    lines = [f"timestep shift ({rule}):"]
+    if cfg.data.kind == "synthetic":
+        shapes = [("synthetic", list(cfg.data.synthetic_latent_shape))]
+    else:
+        shapes = [(f"{b.frames}x{b.height}x{b.width}", [dims.in_channels, (b.frames - 1) // 4 + 1, b.height // 8,
+                                                        b.width // 8]) for b in cfg.data.buckets]
+    for name, shape in shapes:
+        lines.append(f"  {name} (latents {shape}): shift {flow.shift_for(shape):.4f}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="osp-train",
@@ -121,95 +106,47 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    from osp_megatron.config import ConfigError, load_config
-    from osp_megatron.config.reference import config_reference
-
     if args.help_config:
         print(config_reference())
         return 0
     if args.config is None:
         ap.error("the config argument is required (a YAML file or a preset name)")
     try:
-        env = dist_env()
+        env = DistEnv.from_environ()
         if args.world_size is not None:
             if not args.dry_run:
                 raise ValueError("--world-size is only for --dry-run; launch N processes with torchrun/srun instead")
-            if args.world_size < 1:
-                raise ValueError(f"--world-size {args.world_size}: must be >= 1")
-            env["world_size"] = args.world_size
+            env = env.planned(args.world_size)
         cfg = load_config(args.config, args.overrides)
-        cfg.validate(world_size=env["world_size"], check_paths=args.dry_run)
-    except (ConfigError, ValueError) as exc:
+        cfg.validate(world_size=env.world_size, check_paths=args.dry_run)
+        if not args.dry_run:
+            env = env.with_port()
+    except (ConfigError, ValueError) as exc:  # LaunchError is a ValueError
         print(f"osp-train: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     if args.dry_run:
-        if env["rank"] == 0:
+        if env.is_main:
             print("# resolved config")
             print(cfg.to_yaml())
             print("# parallel plan")
-            print(parallel_plan(cfg, env["world_size"]))
+            print(parallel_plan(cfg, env.world_size))
+            print(shift_plan(cfg))
         return 0
-    try:
-        env["master_port"] = _resolve_port(env)
-    except ValueError as exc:
-        print(f"osp-train: {exc}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
     return run(cfg, env)
 
 
-def run(cfg, env: Dict[str, object]) -> int:
+def run(cfg, env: DistEnv) -> int:
     """Initialise torch.distributed, train, tear down. Returns the exit code."""
-    import torch
-    import torch.distributed as dist
-
-    faulthandler.enable()
-    import warnings
-
-    # megatron's start-up notices (TE/Apex fallbacks, deprecations) repeat on every rank; keep the console readable
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\..*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\..*")
-    rank = env["rank"]
-    os.environ.setdefault("MASTER_ADDR", str(env["master_addr"]))
-    os.environ.setdefault("MASTER_PORT", str(env["master_port"]))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env["local_rank"] % torch.cuda.device_count())
-        device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(
-        backend, rank=rank, world_size=env["world_size"],
-        init_method=f"tcp://{env['master_addr']}:{env['master_port']}",
-        timeout=datetime.timedelta(minutes=int(os.environ.get("OSP_DIST_TIMEOUT_MIN", "30"))),
-    )
-    from osp_megatron.training.trainer import Trainer
-
-    trainer = None
-    code = 1
-    try:
-        trainer = Trainer(cfg, device)
-        trainer.setup()
-        code = trainer.train()
-    except Exception as exc:  # noqa: BLE001 - surface every rank's error with its id
-        print(f"[rank {rank}] osp-train failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        traceback.print_exc()
-        code = 1
-    finally:
-        if trainer is not None:
+    def body() -> int:
+        with distributed(env, timeout_minutes=cfg.parallel.timeout_minutes) as device:
+            trainer = DiffusionTrainer(cfg, device)
             try:
+                trainer.setup()
+                return trainer.train()
+            finally:
                 trainer.close()
-            except Exception:  # noqa: BLE001
-                traceback.print_exc()
-        if code == 1:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            # a failed rank cannot rely on peers for a clean collective shutdown
-            os._exit(1)
-        try:
-            dist.destroy_process_group()
-        except Exception:  # noqa: BLE001
-            pass
-    return code
+
+    return run_ranks("osp-train", env, body)
 
 
 if __name__ == "__main__":  # guard: megatron's checkpoint writer spawns processes that re-import __main__

@@ -8,6 +8,7 @@ import json
 import typing
 from typing import List
 
+from osp_megatron.config import Config
 from osp_megatron.config.schema import fields_reference
 
 
@@ -21,8 +22,6 @@ def _default(value) -> str:
 
 def config_reference() -> str:
     """Markdown: one table per top-level section, one row per key (type, default, allowed values, meaning)."""
-    from osp_megatron.config import Config
-
     hints = typing.get_type_hints(Config)
     lines: List[str] = [
         "# Configuration reference",
@@ -45,8 +44,6 @@ def config_reference() -> str:
 
 def undocumented() -> List[str]:
     """Keys without a description (a test keeps this empty)."""
-    from osp_megatron.config import Config
-
     return [f.key for f in fields_reference(Config) if not f.help.strip()]
 
 

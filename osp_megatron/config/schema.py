@@ -163,6 +163,9 @@ def build(cls: Any, data: Dict[str, Any], path: str, errors: List[str], deferred
     """Dataclass `cls` from `data`, appending every problem to `errors` (unusable values keep their defaults) or,
     for out-of-range values, to `deferred` (default: `errors`)."""
     deferred = errors if deferred is None else deferred
+    preset = getattr(cls, "expand_preset", None)  # a section with presets (grpo.recipe) fills them in under `data`
+    if preset is not None and isinstance(data, dict):
+        data = preset(data)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [str(k) for k in data if k not in fields]

@@ -11,6 +11,7 @@ from typing import List, Optional
 
 from osp_megatron.config.schema import option
 from osp_megatron.config.sizes import DIM_FIELDS, SIZES, ModelDims, default_num_full
+from osp_megatron.diffusion.presets import SAMPLE_PRESETS
 from osp_megatron.skiparse import block_schedule
 
 SCHEDULES = ("full", "dual_end", "uniform")
@@ -96,6 +97,8 @@ class ParallelConfig:
     sequence_parallel: bool = option(False, "megatron TP sequence parallelism (needs tensor_parallel > 1)")
     distributed_optimizer: bool = option(True, "shard optimizer state over data-parallel ranks (megatron)")
     overlap_grad_reduce: bool = option(False, "overlap DDP gradient reduction with backward")
+    timeout_minutes: float = option(30.0, "torch.distributed timeout: how long a collective waits for a peer before "
+                                    "the job fails", minimum=1.0)
 
     @property
     def context_parallel(self) -> int:
@@ -154,7 +157,11 @@ class TrainConfig:
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
     adam_eps: float = option(1e-8, "AdamW epsilon")
-    clip_grad: float = option(1.0, "clip the global gradient norm to this (0: off)", minimum=0)
+    clip_grad: float = option(1.0, "clip the global gradient norm to this (0: off); adaptive: the initial bound",
+                              minimum=0)
+    clip_mode: str = option("norm", "gradient clipping: norm (fixed clip_grad) or adaptive (OSP-Next: EMA of accepted "
+                            "norms + 3 sigma, starting at min(clip_grad, 3 x first norm))", choices=("norm", "adaptive"))
+    clip_ema_decay: float = option(0.99, "adaptive clipping: EMA decay of the norm mean and variance")
     ema_decay: float = option(0.0, "EMA of the weights (0: off; e.g. 0.999)")
     ema_interval: int = option(1, "update the EMA every N optimizer steps", minimum=1)
     ema_device: str = option("auto", "where the fp32 EMA twin lives: auto (next to the model) or cpu (host memory)",
@@ -164,6 +171,9 @@ class TrainConfig:
     logit_std: float = option(1.0, "logit-normal standard deviation")
     shift: float = option(1.0, "static sigma shift of the training timesteps (1: none)")
     dynamic_shift: bool = option(False, "resolution-dependent shift (overrides `shift`)")
+    shift_rule: str = option("per_sample", "dynamic shift token count: per_sample (T*h*w/4) or per_frame (h*w/4 of "
+                             "one latent frame, OSP-Next's rule with base 256 -> 0.5, max 4096 -> 1.15)",
+                             choices=("per_sample", "per_frame"))
     base_shift: float = option(0.5, "dynamic shift: log-shift at base_seq_len tokens")
     max_shift: float = option(1.15, "dynamic shift: log-shift at max_seq_len tokens")
     base_seq_len: int = option(256, "dynamic shift: token count of base_shift", minimum=1)
@@ -188,6 +198,9 @@ class TrainConfig:
     sample_shift: float = option(5.0, "sigma shift of the sample videos")
     sample_solver: str = option("unipc", "ODE solver of the sample videos", choices=("euler", "unipc"))
     sample_seed: int = option(42, "fixed noise seed, so samples are comparable across steps")
+    sample_preset: str = option("", "named sampling settings for the sample videos, replacing sample_solver/steps/"
+                                "shift/guidance/seed (osp-next: OSP-Next's released inference; empty: none)",
+                                choices=("",) + tuple(SAMPLE_PRESETS))
     max_nonfinite_steps: int = option(5, "stop (exit 4) after this many non-finite steps in a row", minimum=1)
     exit_after_steps: int = option(0, "stop with a checkpoint (exit 3) after N steps in this process (0: never)",
                                    minimum=0)
@@ -204,6 +217,10 @@ class TrainConfig:
             errors.append(f"train.ema_decay={self.ema_decay}: must be in [0, 1)")
         if self.shift <= 0:
             errors.append(f"train.shift={self.shift}: must be > 0")
+        if self.clip_mode == "adaptive" and self.clip_grad <= 0:
+            errors.append("train.clip_mode=adaptive needs train.clip_grad > 0 (its initial bound; OSP-Next: 1.0)")
+        if not 0.0 < self.clip_ema_decay < 1.0:
+            errors.append(f"train.clip_ema_decay={self.clip_ema_decay}: must be in (0, 1) (OSP-Next: 0.99)")
         if self.sample_shift <= 0:
             errors.append(f"train.sample_shift={self.sample_shift}: must be > 0")
         if self.logit_std <= 0:

@@ -6,8 +6,10 @@ Convention (sigma in (0, 1), 0 = clean data, 1 = pure noise):
 
 Timesteps: `uniform` U(0, 1) or `logit_normal` sigmoid(N(mean, std)) (SD3). Shift:
 static `shift` s maps sigma -> s*sigma / (1 + (s-1)*sigma); the dynamic (resolution-dependent) shift
-uses s = exp(mu) with mu linear in the token count between (base_seq_len, base_shift) and
-(max_seq_len, max_shift), as in Flux / SD3 (`time_shift(mu, 1, sigma)`).
+uses s = exp(mu) with mu linear in a token count between (base_seq_len, base_shift) and
+(max_seq_len, max_shift), as in Flux / SD3 (`time_shift(mu, 1, sigma)`). `shift_rule` picks the count:
+`per_frame` = tokens of one latent frame, h*w/4 (OSP-Next's `FlowMatchingScheduler.q_sample`, with FLUX's
+256 -> 0.5, 4096 -> 1.15), `per_sample` = tokens of the whole latent, T*h*w/4.
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ import math
 from dataclasses import dataclass
 from typing import Sequence, Tuple
 
-import numpy as np
 import torch
+
+from osp_megatron.training.rng import derive_seed
 
 
 def sample_sigmas(
@@ -59,6 +62,15 @@ def tokens_per_sample(latent_shape: Sequence[int], patch_size: Sequence[int] = (
     return (t // pt) * (h // ph) * (w // pw)
 
 
+def tokens_per_frame(latent_shape: Sequence[int], patch_size: Sequence[int] = (1, 2, 2)) -> int:
+    """Tokens of one latent frame [C, T, H, W] after the spatial patchify: H*W / (ph*pw) (OSP-Next: h*w // 4)."""
+    _, _, h, w = latent_shape
+    return (h * w) // (patch_size[1] * patch_size[2])
+
+
+SHIFT_RULES = ("per_sample", "per_frame")
+
+
 def make_training_pair(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """x0, noise [b, C, T, H, W], sigma [b] -> (x_t, velocity target), both like x0."""
     s = sigma.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
@@ -67,9 +79,8 @@ def make_training_pair(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tenso
 
 
 def step_seed(seed: int, dp_rank: int, step: int, micro: int = 0) -> int:
-    """A 63-bit seed from (seed, data-parallel rank, step, micro-batch); CP/TP/PP ranks of one DP rank agree."""
-    state = np.random.SeedSequence([seed, dp_rank, step, micro]).generate_state(1, dtype=np.uint64)[0]
-    return int(state) & ((1 << 63) - 1)
+    """`derive_seed(seed, dp_rank, step, micro)`: CP/TP/PP ranks of one DP rank agree."""
+    return derive_seed(seed, dp_rank, step, micro)
 
 
 @dataclass
@@ -85,6 +96,7 @@ class FlowMatching:
     max_shift: float = 1.15
     base_seq_len: int = 256
     max_seq_len: int = 4096
+    shift_rule: str = "per_sample"
     patch_size: Tuple[int, int, int] = (1, 2, 2)
 
     @classmethod
@@ -93,14 +105,17 @@ class FlowMatching:
             sampling=train_cfg.timestep_sampling, logit_mean=train_cfg.logit_mean, logit_std=train_cfg.logit_std,
             shift=train_cfg.shift, use_dynamic_shift=train_cfg.dynamic_shift, base_shift=train_cfg.base_shift,
             max_shift=train_cfg.max_shift, base_seq_len=train_cfg.base_seq_len, max_seq_len=train_cfg.max_seq_len,
-            patch_size=tuple(patch_size),
+            shift_rule=train_cfg.shift_rule, patch_size=tuple(patch_size),
         )
 
     def shift_for(self, latent_shape: Sequence[int]) -> float:
         """The shift used for latents of shape [C, T, H, W] (dynamic: depends on the token count)."""
         if not self.use_dynamic_shift:
             return self.shift
-        n = tokens_per_sample(latent_shape, self.patch_size)
+        if self.shift_rule not in SHIFT_RULES:
+            raise ValueError(f"train.shift_rule={self.shift_rule!r}: use one of {', '.join(SHIFT_RULES)}")
+        count = tokens_per_frame if self.shift_rule == "per_frame" else tokens_per_sample
+        n = count(latent_shape, self.patch_size)
         return dynamic_shift(n, self.base_seq_len, self.max_seq_len, self.base_shift, self.max_shift)
 
     def sigmas(self, n: int, latent_shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Conventions (whole stack): `x_σ = (1-σ)·x0 + σ·ε`, σ runs from 1 (noise) to 0 (data), the model predicts the
 velocity `v ≈ ε - x0`. Everything here works with any `velocity_fn(x [b,...], sigma [b]) -> v [b,...]`; use
-`model_velocity_fn` to call a DiT `model(latents, timestep=1000·σ, text)`.
+`model_velocity_fn` to call a DiT `model(latents, timestep, text)` with timestep 1000·σ (float, as OSP-Next)
+or ⌊1000·σ⌋ (int, as diffusers' UniPC): `model_timesteps`.
 
 Implied quantities: `x̂0 = x - σ·v`, `ε̂ = x + (1-σ)·v`. Grids are 1-D float64 tensors `[steps+1]` ending at 0;
 step `i` goes from `sigmas[i]` to `sigmas[i+1]`.
@@ -55,12 +56,30 @@ def unipc_flow_sigmas(steps: int, shift: float = 1.0, num_train_timesteps: int =
 # --------------------------------------------------------------------------------------------
 # model adapters and guidance
 # --------------------------------------------------------------------------------------------
-def model_velocity_fn(model: Callable, text: Tensor) -> VelocityFn:
-    """Wrap `model(latents, timestep, text)` as `velocity_fn(x, sigma[b])` with `timestep = 1000·σ`."""
+TIMESTEPS = ("float", "int")
+
+
+def model_timesteps(sigma: Tensor, timesteps: str = "float") -> Tensor:
+    """The DiT's timestep for σ [b]: `float` 1000·σ (OSP-Next's Euler loop, training), `int` ⌊1000·σ⌋ (diffusers'
+    UniPC / Wan, which hand the model int64 timesteps; computed from float64 σ so the floor matches numpy's).
+    Returns float32 [b] on σ's device."""
+    if timesteps == "int":
+        return torch.floor(sigma.to(torch.float64) * 1000.0).to(torch.float32)
+    if timesteps != "float":
+        raise ValueError(f"timesteps={timesteps!r}: use one of {', '.join(TIMESTEPS)}")
+    return sigma.to(torch.float32) * 1000.0
+
+
+def solver_timesteps(solver: str) -> str:
+    """The timestep kind the reference of `solver` feeds: unipc (diffusers WanPipeline) int, euler (OSP-Next) float."""
+    return "int" if solver == "unipc" else "float"
+
+
+def model_velocity_fn(model: Callable, text: Tensor, timesteps: str = "float") -> VelocityFn:
+    """Wrap `model(latents, timestep, text)` as `velocity_fn(x, sigma[b])` (timestep: `model_timesteps`)."""
 
     def fn(x: Tensor, sigma: Tensor) -> Tensor:
-        timestep = (sigma.to(torch.float32) * 1000.0).to(x.device)
-        return model(x, timestep, text)
+        return model(x, model_timesteps(sigma, timesteps).to(x.device), text)
 
     return fn
 
@@ -70,18 +89,32 @@ def cfg_combine(v_cond: Tensor, v_uncond: Tensor, scale: float) -> Tensor:
     return v_uncond + scale * (v_cond - v_uncond)
 
 
-def cfg_velocity_fn(model: Callable, text: Tensor, null_text: Optional[Tensor], scale: float) -> VelocityFn:
-    """CFG velocity: one batched call on `[cond; uncond]` (2b samples). `scale == 1` or no null text: one pass."""
+def cfg_velocity_fn(model: Callable, text: Tensor, null_text: Optional[Tensor], scale: float,
+                    timesteps: str = "float", detach_uncond: bool = False) -> VelocityFn:
+    """CFG velocity: one batched call on `[cond; uncond]` (2b samples). `scale == 1` or no null text: one pass.
+
+    `detach_uncond`: two calls, the unconditional one under no_grad, combined as `lerp(v_u.detach(), v_c, s)`, so
+    a backward through the result carries `s·dv_c` only (OSP-Next's training forward)."""
     if null_text is None or scale == 1.0:
-        return model_velocity_fn(model, text)
+        return model_velocity_fn(model, text, timesteps)
     if null_text.shape[0] == 1 and text.shape[0] > 1:
         null_text = null_text.expand(text.shape[0], *null_text.shape[1:])
     if null_text.shape != text.shape:
         raise ValueError(f"null_text shape {tuple(null_text.shape)} must match text {tuple(text.shape)} (or batch 1)")
+    if detach_uncond:
+        cond_fn, uncond_fn = model_velocity_fn(model, text, timesteps), model_velocity_fn(model, null_text, timesteps)
+
+        def detached(x: Tensor, sigma: Tensor) -> Tensor:
+            v_cond = cond_fn(x, sigma)
+            with torch.no_grad():
+                v_uncond = uncond_fn(x, sigma)
+            return torch.lerp(v_uncond.detach().to(v_cond.dtype), v_cond, float(scale))
+
+        return detached
     both = torch.cat([text, null_text], dim=0)
 
     def fn(x: Tensor, sigma: Tensor) -> Tensor:
-        timestep = (sigma.to(torch.float32) * 1000.0).to(x.device)
+        timestep = model_timesteps(sigma, timesteps).to(x.device)
         v = model(torch.cat([x, x]), torch.cat([timestep, timestep]), both)
         v_cond, v_uncond = v.chunk(2)
         return cfg_combine(v_cond, v_uncond, scale)
@@ -89,8 +122,8 @@ def cfg_velocity_fn(model: Callable, text: Tensor, null_text: Optional[Tensor], 
     return fn
 
 
-def _sigma_batch(x: Tensor, sigma: float) -> Tensor:
-    return torch.full((x.shape[0],), float(sigma), dtype=torch.float32, device=x.device)
+def _sigma_batch(x: Tensor, sigma: float, dtype: torch.dtype = torch.float32) -> Tensor:
+    return torch.full((x.shape[0],), float(sigma), dtype=dtype, device=x.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,12 +375,15 @@ def sample(
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     device="cpu",
+    latent_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """ODE sampling from `noise` [b,...] (σ=1) to data (σ=0). Returns latents like `noise`.
 
     Without `noise`, it is drawn with `shape` from `generator` (on its device) or from `seed` (`seeded_noise`,
     CPU values, moved to `device`). solver `euler` uses `flow_sigmas(steps, shift)`, `unipc` the diffusers/Wan UniPC
     grid; pass `sigmas` to override. CFG: build `velocity_fn` with `cfg_velocity_fn`. NFE = steps (x2 with CFG).
+    `latent_dtype` (e.g. bf16, as OSP-Next's pipeline): the latents are rounded to it at the start and after every
+    step (each update itself is computed in fp32). `velocity_fn` gets σ as a float64 [b] tensor.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r}: use one of {', '.join(SOLVERS)}")
@@ -362,15 +398,20 @@ def sample(
             raise ValueError("sample: without `noise`, pass `seed` or `generator` (reproducible sampling)")
     if sigmas is None:
         sigmas = flow_sigmas(steps, shift) if solver == "euler" else unipc_flow_sigmas(steps, shift)
-    x = noise
+    out_dtype = noise.dtype
+    x = noise if latent_dtype is None else noise.to(latent_dtype)
     unipc = UniPCSolver(sigmas, order=order) if solver == "unipc" else None
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        v = velocity_fn(x, _sigma_batch(x, s))
+        v = velocity_fn(x, _sigma_batch(x, s, torch.float64))
+        if latent_dtype is not None:
+            x, v = x.float(), v.float()
         x = euler_step(x, v, s, s_next) if unipc is None else unipc.step(x, v, i)
+        if latent_dtype is not None:
+            x = x.to(latent_dtype)
         if callback is not None:
             callback(i, x)
-    return x
+    return x.to(out_dtype)
 
 
 def seeded_noise(shape: Sequence[int], seed: int, dtype=torch.float32, device="cpu") -> Tensor:

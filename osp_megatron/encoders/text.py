@@ -3,16 +3,32 @@
 `spec` is a local path (a UMT5 encoder folder, or a Wan diffusers pipeline folder with `text_encoder/` and
 `tokenizer/`) or `"tiny"`: a random-initialised small UMT5 (fixed seed, width `text_dim`) with the byte-level
 tokenizer of `tokenizer.py`. Like Wan, each prompt's hidden states are cut at its token count (eos included)
-and the rest of the `text_len` rows are zeros.
+and the rest of the `text_len` rows are zeros. Prompts are cleaned first (`clean_prompt`: ftfy if installed,
+HTML unescape, whitespace), as Wan's and OSP-Next's pipelines do.
 """
 from __future__ import annotations
 
+import html
 import os
+import re
 from typing import List, Optional, Tuple
 
 import torch
 
 TINY_SEED = 20241
+
+
+def clean_prompt(text: str) -> str:
+    """Wan's prompt cleaning before the tokenizer (as OSP-Next's pipeline and Wan2.1 do): ftfy's `fix_text` when
+    ftfy is installed, HTML entities unescaped twice, whitespace runs collapsed to one space, ends stripped."""
+    try:
+        import ftfy
+    except ImportError:
+        ftfy = None
+    if ftfy is not None:
+        text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
 
 
 class TextEncoder:
@@ -36,7 +52,7 @@ class TextEncoder:
         """list of b prompts -> [b, text_len, D] in the encoder dtype (and lengths int64 [b] if asked)."""
         if isinstance(texts, str):
             raise TypeError("TextEncoder.encode expects a list of prompts, got a single string")
-        ids, mask = self.tokenize(list(texts))
+        ids, mask = self.tokenize([clean_prompt(t) for t in texts])
         ids, mask = ids.to(self.device), mask.to(self.device)
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         lengths = mask.sum(dim=1)
@@ -96,4 +112,4 @@ def load_text_encoder(spec: str, device="cpu", dtype: torch.dtype = torch.float3
     return TextEncoder(model, tok, spec, device, dtype, text_len)
 
 
-__all__ = ["TextEncoder", "load_text_encoder", "tiny_text_model"]
+__all__ = ["TextEncoder", "clean_prompt", "load_text_encoder", "tiny_text_model"]

@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from osp_megatron.config import ConfigError, ParallelConfig, PrecisionConfig, layout_errors, resolved_dtype
+from osp_megatron.models.core_attention import resolve_backend
+
 
 @dataclass
 class OSPNextConfig(TransformerConfig):
@@ -40,9 +43,6 @@ def make_osp_config(model_cfg, parallel_cfg=None, precision_cfg=None, dtype=None
 
     Raises ConfigError (naming the field and the fix) when the model or its parallel layout is invalid: the same
     checks as `Config.validate`, so every way of building a model refuses the same plans."""
-    from osp_megatron.config import ConfigError, ParallelConfig, PrecisionConfig, layout_errors, resolved_dtype
-    from osp_megatron.models.core_attention import resolve_backend
-
     parallel_cfg = parallel_cfg or ParallelConfig()
     precision_cfg = precision_cfg or PrecisionConfig()
     errors = []

@@ -10,12 +10,14 @@ Inside each context-parallel group (ranks ordered by CP rank), Ulysses groups ar
 """
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from osp_megatron import cpu_shims
+from osp_megatron.launch import free_port
 
 
 @dataclass
@@ -64,7 +66,7 @@ class ParallelState:
         parallel_state at TP = PP = CP = 1. Refuses to run inside a multi-process job."""
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
         if dist.get_world_size() > 1:
             raise RuntimeError("ParallelState.single() called inside a multi-process job: use initialize_parallel(...)")
         return _initialize(tp=1, pp=1, ssp=1, ulysses=1, sequence_parallel=False)
@@ -113,7 +115,6 @@ def initialize_parallel(parallel_cfg, seed: int = 1234) -> ParallelState:
 def _initialize(tp: int, pp: int, ssp: int, ulysses: int, sequence_parallel: bool, seed: int = 1234) -> ParallelState:
     from megatron.core import parallel_state as mps
 
-    from osp_megatron import cpu_shims
 
     cpu_shims.apply()  # megatron-core assumes CUDA; on CPU its few CUDA calls are shimmed, once per process
 
@@ -162,7 +163,3 @@ def _initialize(tp: int, pp: int, ssp: int, ulysses: int, sequence_parallel: boo
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

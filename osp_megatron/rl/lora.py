@@ -61,14 +61,20 @@ def _tp(module: nn.Module):
     return group, group.size(), group.rank()
 
 
-def _init_a(rank: int, in_features: int, seed: int) -> Tensor:
-    """Kaiming-uniform(a=sqrt(5)) like nn.Linear / PEFT, from a seeded CPU generator (same on every rank)."""
+def _init_a(rank: int, in_features: int, seed: int, init: str = "kaiming") -> Tensor:
+    """A `[r, in]` from a seeded CPU generator (same on every rank): `kaiming` = Kaiming-uniform(a=sqrt(5)) like
+    nn.Linear / PEFT's default, `gaussian` = N(0, 1/r) like PEFT's `init_lora_weights="gaussian"`."""
     gen = torch.Generator().manual_seed(seed)
+    if init == "gaussian":
+        return torch.randn(rank, in_features, generator=gen, dtype=torch.float32) / rank
+    if init != "kaiming":
+        raise ValueError(f"LoRA init {init!r}: use kaiming or gaussian (grpo.lora.init)")
     bound = 1.0 / math.sqrt(in_features)
     return (torch.rand(rank, in_features, generator=gen, dtype=torch.float32) * 2 - 1) * bound
 
 
-def _add_adapter(module: nn.Module, kind: str, rank: int, alpha: float, seed: int, dropout: float) -> None:
+def _add_adapter(module: nn.Module, kind: str, rank: int, alpha: float, seed: int, dropout: float,
+                 init: str = "kaiming") -> None:
     weight = module.weight
     group, tp, tp_rank = _tp(module) if kind != "linear" else (None, 1, 0)
     out_local, in_local = weight.shape
@@ -78,16 +84,16 @@ def _add_adapter(module: nn.Module, kind: str, rank: int, alpha: float, seed: in
                                       "set parallel.sequence_parallel=false for GRPO")
         if tp > 1 and getattr(module, "gather_output", False):
             raise NotImplementedError("LoRA on ColumnParallelLinear(gather_output=True) with TP > 1 is not supported")
-        a = _init_a(rank, in_local, seed)
+        a = _init_a(rank, in_local, seed, init)
         b = torch.zeros(out_local, rank)
     elif kind == "row":
         if tp > 1 and (getattr(module, "sequence_parallel", False) or not getattr(module, "input_is_parallel", True)):
             raise NotImplementedError("LoRA on RowParallelLinear needs input_is_parallel=True and no sequence "
                                       "parallel when TP > 1: set parallel.sequence_parallel=false for GRPO")
-        a = _init_a(rank, in_local * tp, seed)[:, tp_rank * in_local:(tp_rank + 1) * in_local].contiguous()
+        a = _init_a(rank, in_local * tp, seed, init)[:, tp_rank * in_local:(tp_rank + 1) * in_local].contiguous()
         b = torch.zeros(out_local, rank)
     else:
-        a = _init_a(rank, in_local, seed)
+        a = _init_a(rank, in_local, seed, init)
         b = torch.zeros(out_local, rank)
     device = weight.device
     module.lora_A = nn.Parameter(a.to(device))
@@ -133,7 +139,7 @@ def _lora_hook(module: nn.Module, args, kwargs, output):
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str], seed: int = 0,
-               dropout: float = 0.0) -> List[str]:
+               dropout: float = 0.0, init: str = "kaiming") -> List[str]:
     """Add adapters to every linear whose qualified name matches one of the `targets` regexes (re.search).
 
     Freezes all other parameters. Returns the adapted module names; raises if none matched or a matching
@@ -155,7 +161,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str]
             continue
         if hasattr(module, "lora_A"):
             continue
-        _add_adapter(module, kind, rank, alpha, seed + len(names), dropout)
+        _add_adapter(module, kind, rank, alpha, seed + len(names), dropout, init)
         names.append(name)
     if not names:
         linears = [n for n, m in model.named_modules() if _kind(m) is not None][:12]
@@ -227,4 +233,29 @@ def merge_lora(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
         if (b.shape[0], a.shape[1]) != tuple(w.shape):
             raise ValueError(f"merge_lora: {prefix}: B@A is {(b.shape[0], a.shape[1])} but weight is {tuple(w.shape)}")
         out[wkey] = (w.float() + scaling * (b @ a)).to(w.dtype)
+    return out
+
+
+def full_adapters(model: nn.Module, tensors: Optional[Dict[str, Tensor]] = None) -> Dict[str, Tensor]:
+    """The adapters (or `tensors`, e.g. their EMA, keyed like `<module>.lora_A`) with TP shards joined into the
+    full shapes: column-parallel B gathered on dim 0, row-parallel A on dim 1 (a collective over each module's TP
+    group: every TP rank calls it). CPU float32 copies, plus `<module>.lora_scaling`."""
+    import torch.distributed as dist
+
+    own = dict(model.named_parameters())
+    out: Dict[str, Tensor] = {}
+    for name, module in model.named_modules():
+        if not hasattr(module, "_lora_kind"):
+            continue
+        group, tp, _ = _tp(module) if module._lora_kind != "linear" else (None, 1, 0)
+        for part in ("lora_A", "lora_B"):
+            key = f"{name}.{part}"
+            t = (tensors[key] if tensors is not None else own[key]).detach().float()
+            split = getattr(own[key], "lora_tp_split", "none")
+            if tp > 1 and split != "none":
+                pieces = [torch.empty_like(t) for _ in range(tp)]
+                dist.all_gather(pieces, t.contiguous(), group=group)
+                t = torch.cat(pieces, 0 if split == "out" else 1)
+            out[key] = t.cpu().clone()
+        out[f"{name}.lora_scaling"] = module.lora_scaling.detach().float().cpu().clone()
     return out

@@ -93,7 +93,8 @@ class RolloutPlan:
 
 
 def make_plan(steps: int, shift: float, window: Window, trained: Sequence[int], noise_level: str = "flow_grpo",
-              eta: float = 0.7, flash: bool = False, compression: float = 0.4, dpm_order: int = 2) -> RolloutPlan:
+              eta: float = 0.7, flash: bool = False, compression: float = 0.4, dpm_order: int = 2,
+              flash_min_points: int = 2) -> RolloutPlan:
     """Plan for one iteration: Euler before `window`, SDE inside, Euler (or Flash DPM-Solver++) after."""
     if window.end > steps:
         raise ValueError(f"window {window.steps} does not fit in {steps} steps")
@@ -101,7 +102,7 @@ def make_plan(steps: int, shift: float, window: Window, trained: Sequence[int], 
     if bad:
         raise ValueError(f"trained steps {bad} lie outside the SDE window {window.steps}")
     if flash:
-        sigmas, dpm_from = flash_sigmas(steps, shift, window, compression)
+        sigmas, dpm_from = flash_sigmas(steps, shift, window, compression, flash_min_points)
     else:
         sigmas, dpm_from = flow_sigmas(steps, shift), None
     n = len(sigmas) - 1

@@ -14,6 +14,7 @@ samples and draws the same noise):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,7 +33,14 @@ from osp_megatron.diffusion.samplers import cfg_velocity_fn, seeded_noise
 from osp_megatron.parallel import ParallelState
 from osp_megatron.rl.advantages import combine_rewards, reward_stats, shuffled
 from osp_megatron.config import GRPOConfig
-from osp_megatron.rl.lora import apply_lora, load_lora_state_dict, lora_disabled, lora_parameters, lora_state_dict
+from osp_megatron.rl.lora import (
+    apply_lora,
+    full_adapters,
+    load_lora_state_dict,
+    lora_disabled,
+    lora_parameters,
+    lora_state_dict,
+)
 from osp_megatron.rl.loss import kl_penalty, ppo_clip_loss
 from osp_megatron.rl.rewards import LatentPreviewDecoder, MultiReward
 from osp_megatron.rl.rollout import (
@@ -45,6 +53,9 @@ from osp_megatron.rl.rollout import (
     transition_log_prob,
 )
 from osp_megatron.rl.windows import WindowSchedule, count_nfe, group_prefix_runs, hash_ints
+from osp_megatron.training.clipping import GradClipper
+from osp_megatron.training.rng import get_rng_state, set_rng_state
+from osp_megatron.weights.lora import ADAPTER, ADAPTER_EMA, write_peft_adapter
 from osp_megatron.weights.lora import GRPO_CHECKPOINTS as CKPT_SUBDIR
 
 Tensor = torch.Tensor
@@ -55,10 +66,11 @@ Tensor = torch.Tensor
 # --------------------------------------------------------------------------------------------
 class RandomTextEmbedder:
     """Fixed random embeddings per prompt (tests / demo without a text encoder): `[L, D]` drawn from crc32(prompt);
-    the null (CFG) embedding is zeros."""
+    the null (CFG) embedding is the negative prompt's embedding, zeros when it is empty."""
 
-    def __init__(self, text_len: int, text_dim: int) -> None:
+    def __init__(self, text_len: int, text_dim: int, negative_prompt: str = "") -> None:
         self.text_len, self.text_dim = text_len, text_dim
+        self.negative_prompt = negative_prompt
         self._cache: Dict[str, Tensor] = {}
 
     def _one(self, prompt: str) -> Tensor:
@@ -70,14 +82,17 @@ class RandomTextEmbedder:
         return torch.stack([self._one(p) for p in prompts])
 
     def null(self) -> Tensor:
+        if self.negative_prompt:
+            return self._one(self.negative_prompt)[None]
         return torch.zeros(1, self.text_len, self.text_dim)
 
 
 class EncoderTextEmbedder:
     """umT5 (or the tiny stand-in) from `osp_megatron.encoders` (bf16 on CUDA), with an LRU cache of `cache_size`
-    prompts (CPU, float32); null embedding = encoding of ""."""
+    prompts (CPU, float32); null embedding = encoding of the negative prompt ("" by default)."""
 
-    def __init__(self, spec: str, device, text_len: int, text_dim: int, cache_size: int = 256) -> None:
+    def __init__(self, spec: str, device, text_len: int, text_dim: int, cache_size: int = 256,
+                 negative_prompt: str = "") -> None:
         from collections import OrderedDict
 
         from osp_megatron.encoders import load_text_encoder
@@ -86,6 +101,7 @@ class EncoderTextEmbedder:
         self.enc = load_text_encoder(spec, device=device, dtype=dtype, text_len=text_len, text_dim=text_dim)
         self._cache: "OrderedDict[str, Tensor]" = OrderedDict()
         self.cache_size = cache_size
+        self.negative_prompt = negative_prompt
 
     def encode(self, prompts: Sequence[str]) -> Tensor:
         new = [p for p in dict.fromkeys(prompts) if p not in self._cache]
@@ -100,7 +116,7 @@ class EncoderTextEmbedder:
         return out
 
     def null(self) -> Tensor:
-        return self.enc.encode([""]).float().cpu()
+        return self.enc.encode([self.negative_prompt]).float().cpu()
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,8 +125,8 @@ class EncoderTextEmbedder:
 class _Dist:
     """Ranks and groups for GRPO (single process when torch.distributed is not initialised)."""
 
-    def __init__(self, parallel=None) -> None:
-        self.parallel = parallel
+    def __init__(self, parallel=None, device="cpu") -> None:
+        self.parallel, self.device = parallel, torch.device(device)
         self.on = dist.is_initialized() and dist.get_world_size() > 1
         if parallel is not None:
             self.dp, self.dp_rank, self.dp_group = parallel.dp, parallel.dp_rank, parallel.dp_group
@@ -125,6 +141,7 @@ class _Dist:
             self.dp, self.dp_rank, self.dp_group, self.dp_cp_group, self.cp_group = 1, 0, None, None, None
             self.tp_group, self.tp, self.tp_rank, self.cp_rank, self.cp_size = None, 1, 0, 0, 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.is_main = self.rank == 0
 
     def all_gather_1d(self, t: Tensor) -> Tensor:
@@ -133,6 +150,13 @@ class _Dist:
         parts = [torch.empty_like(t) for _ in range(self.dp)]
         dist.all_gather(parts, t.contiguous(), group=self.dp_group)
         return torch.cat(parts)
+
+    def max_over_dp(self, value: int) -> int:
+        if not self.on or self.dp == 1 or self.dp_group is None:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.dp_group)
+        return int(t.item())
 
     def cp_all_gather(self, t: Tensor) -> Tensor:
         """Concatenate equal-size pieces of the context-parallel group in CP-rank order."""
@@ -144,9 +168,10 @@ class _Dist:
         """Sum over DP x CP (CP ranks hold partial grads of one sample), divide by DP."""
         if not self.on or self.dp_cp_group is None or dist.get_world_size(self.dp_cp_group) == 1:
             return
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
+        for p in params:  # a rank without samples in this update still joins the reduction
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=self.dp_cp_group)
         flat /= self.dp
@@ -202,7 +227,7 @@ class GRPOTrainer:
         if parallel is not None and getattr(parallel, "pp", 1) > 1:
             raise ValueError("osp-grpo does not support pipeline parallelism: set parallel.pipeline_parallel=1 "
                              "(use tensor/context parallelism for large models)")
-        self.dist = _Dist(parallel)
+        self.dist = _Dist(parallel, self.device)
         self.model = model
         self.model_dtype = next(model.parameters()).dtype
         n = gcfg.prompts_per_iteration * gcfg.group_size
@@ -211,11 +236,12 @@ class GRPOTrainer:
                              f"data-parallel size {self.dist.dp}: choose them so that DP divides the product")
         self.num_samples, self.local_samples = n, n // self.dist.dp
         self.lora_names = apply_lora(model, gcfg.lora.rank, gcfg.lora.alpha, gcfg.lora.targets, seed=gcfg.seed,
-                                     dropout=gcfg.lora.dropout)
+                                     dropout=gcfg.lora.dropout, init=gcfg.lora.init)
         self.params = lora_parameters(model)
         self._enable_recompute_grads(model)
         self.optimizer = torch.optim.AdamW(self.params, lr=gcfg.lr, betas=(gcfg.adam_beta1, gcfg.adam_beta2),
                                            eps=gcfg.adam_eps, weight_decay=gcfg.weight_decay)
+        self.clipper = GradClipper(gcfg.clip_mode, gcfg.clip_grad)
         self.ema: Optional[Dict[str, Tensor]] = None
         if gcfg.ema_decay > 0:
             self.ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -224,9 +250,10 @@ class GRPOTrainer:
         self.prompts = self._load_prompts()
         text_dim = int(getattr(getattr(model, "config", None), "text_dim", 0) or self._text_dim_from_model())
         if gcfg.text_source == "random":
-            self.text = RandomTextEmbedder(gcfg.text_len, text_dim)
+            self.text = RandomTextEmbedder(gcfg.text_len, text_dim, gcfg.negative_prompt)
         else:
-            self.text = EncoderTextEmbedder(cfg.encoders.text_encoder, self.device, gcfg.text_len, text_dim)
+            self.text = EncoderTextEmbedder(cfg.encoders.text_encoder, self.device, gcfg.text_len, text_dim,
+                                            negative_prompt=gcfg.negative_prompt)
         self._decoder = None
         self.null_text = self.text.null().to(self.device) if gcfg.cfg_scale != 1.0 else None
         self.latent_shape = [int(getattr(getattr(model, "config", None), "in_channels", 16))] + list(gcfg.latent_shape)
@@ -292,7 +319,8 @@ class GRPOTrainer:
             return self.model(x.to(dtype), timestep, t.to(dtype)).float()
 
         null = self.null_text
-        return cfg_velocity_fn(call, text.to(self.device), null, self.g.cfg_scale)
+        return cfg_velocity_fn(call, text.to(self.device), null, self.g.cfg_scale,
+                               detach_uncond=self.g.cfg_train_uncond == "detached")
 
     # ------------------------------------------------------------------ one iteration
     def iteration_prompts(self, it: int) -> List[int]:
@@ -307,7 +335,7 @@ class GRPOTrainer:
     def plan_for(self, it: int) -> RolloutPlan:
         g = self.g
         return make_plan(g.steps, g.shift, self.schedule.window(it), self.schedule.trained_steps(it), g.noise_level,
-                         g.eta, g.flash.enabled, g.flash.compression, g.flash.order)
+                         g.eta, g.flash.enabled, g.flash.compression, g.flash.order, g.flash.min_points)
 
     def prefix_steps(self, plan: RolloutPlan) -> int:
         """Steps before the window that a group runs once (0 when not sharing)."""
@@ -382,17 +410,58 @@ class GRPOTrainer:
         ids = self.local_ids()
         return adv[ids[0]: ids[-1] + 1], gathered, combined
 
-    def train_on(self, batch: Dict[str, Any], adv: Tensor, plan: RolloutPlan) -> Dict[str, float]:
+    def train_samples(self, it: int, adv: Tensor) -> List[int]:
+        """Local sample indices to train on, in training order.
+
+        `zero_adv_filter`: samples with A = 0 are dropped; the kept count is raised to a multiple of the rollout
+        micro-batch count by zero-advantage samples drawn at random (seeded), and when every A is 0 all samples
+        are kept with A = 1e-6 (done by the caller). `shuffle_train_order`: a seeded permutation."""
+        g = self.g
+        n = adv.numel()
+        order = list(range(n))
+        if g.zero_adv_filter:
+            keep = adv != 0
+            kept = int(keep.sum())
+            if kept:
+                batches = -(-n // g.rollout_batch)
+                short = (batches - kept % batches) % batches
+                zeros = (~keep).nonzero(as_tuple=True)[0]
+                if short and len(zeros) >= short:
+                    gen = torch.Generator().manual_seed(hash_ints(g.seed, it, self.dist.dp_rank, 0x2E40))
+                    keep[zeros[torch.randperm(len(zeros), generator=gen)[:short]]] = True
+                order = keep.nonzero(as_tuple=True)[0].tolist()
+        if g.shuffle_train_order:
+            gen = torch.Generator().manual_seed(hash_ints(g.seed, it, self.dist.dp_rank, 0x5407))
+            order = [order[i] for i in torch.randperm(len(order), generator=gen).tolist()]
+        return order
+
+    def update_groups(self, order: List[int]) -> List[List[List[int]]]:
+        """Train micro-batches (of `train_batch` samples) grouped per optimizer step: `updates_per_iteration`
+        even splits, or (0) one step per `grad_accumulation` micro-batches."""
+        g = self.g
+        if g.updates_per_iteration > 0:  # even splits (torch.chunk sizes)
+            size = max(-(-len(order) // g.updates_per_iteration), 1)
+            chunks = [order[k: k + size] for k in range(0, len(order), size)]
+            return [[c[k: k + g.train_batch] for k in range(0, len(c), g.train_batch)] for c in chunks]
+        micro = [order[k: k + g.train_batch] for k in range(0, len(order), g.train_batch)]
+        acc = g.grad_accumulation
+        return [micro[k: k + acc] for k in range(0, len(micro), acc)]
+
+    def train_on(self, batch: Dict[str, Any], adv: Tensor, plan: RolloutPlan, it: int = 0) -> Dict[str, float]:
         g = self.g
         self.model.train()
-        n = len(batch["ids"])
         steps = list(plan.trained)
-        chunks = [list(c) for c in torch.arange(n).chunk(g.updates_per_iteration) if len(c)]
-        stats = {"ratio_mean": [], "clip_frac": [], "approx_kl": [], "policy_loss": [], "kl": [], "grad_norm": []}
-        for chunk in chunks:
+        stats = {"ratio_mean": [], "clip_frac": [], "approx_kl": [], "policy_loss": [], "kl": [], "grad_norm": [],
+                 "clip_bound": []}
+        if g.zero_adv_filter and bool((adv == 0).all()):
+            adv = adv + 1e-6  # every advantage 0: train all samples with a tiny one (as OSP-Next does)
+        order = self.train_samples(it, adv) if steps else []
+        updates = self.update_groups(order)
+        count = self.dist.max_over_dp(len(updates))  # every DP rank steps the optimizer equally often
+        updates += [[] for _ in range(count - len(updates))]
+        for micro in updates:
             self.optimizer.zero_grad(set_to_none=True)
-            micro = [chunk[k: k + g.train_batch] for k in range(0, len(chunk), g.train_batch)]
-            scale = 1.0 / (len(steps) * len(micro))
+            scale = 1.0 / (len(steps) * max(len(micro), 1))
             for mb in micro:
                 idx = torch.tensor(mb)
                 text = self.text.encode([batch["prompts"][i] for i in mb])
@@ -415,16 +484,21 @@ class GRPOTrainer:
                         stats[key].append(getattr(st, key))
             self.dist.reduce_grads(self.params)
             norm = self.dist.grad_norm(self.params)
-            if g.clip_grad > 0 and math.isfinite(float(norm)):
-                coef = min(1.0, g.clip_grad / (float(norm) + 1e-6))
+            bound = self.clipper.bound(float(norm)) if math.isfinite(float(norm)) else None
+            if bound is not None:
+                coef = min(1.0, bound / (float(norm) + 1e-6))
                 for p in self.params:
                     if p.grad is not None:
                         p.grad.mul_(coef)
+                stats["clip_bound"].append(bound)
             stats["grad_norm"].append(float(norm))
             if math.isfinite(float(norm)):
                 self.optimizer.step()
                 self._update_ema()
-        return {k: (sum(v) / len(v)) for k, v in stats.items() if v}
+        out = {k: (sum(v) / len(v)) for k, v in stats.items() if v}
+        out["trained_samples"] = float(len(order))
+        out["updates"] = float(len(updates))
+        return out
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -443,7 +517,7 @@ class GRPOTrainer:
         batch = self.collect(it, plan)
         t1 = time.perf_counter()
         adv, gathered, combined = self.advantages(it, batch["scores"])
-        m = self.train_on(batch, adv, plan)
+        m = self.train_on(batch, adv, plan, it)
         t2 = time.perf_counter()
         window = self.schedule.window(it)
         flash_post = plan.count("dpm") if self.g.flash.enabled else None
@@ -468,6 +542,29 @@ class GRPOTrainer:
         """Mean reward of deterministic Euler samples from fixed seeds for the first `eval_prompts` prompts (same on
         every rank), in micro-batches of `rollout_batch`."""
         g = self.g
+        if g.eval_ema and self.ema is not None:
+            with self.ema_weights():
+                return self._evaluate(seeds, steps)
+        return self._evaluate(seeds, steps)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The LoRA EMA in place of the LoRA weights inside the block (evaluation, as OSP-Next evaluates)."""
+        live = dict(self.model.named_parameters())
+        saved = {n: live[n].detach().clone() for n in self.ema}
+        with torch.no_grad():
+            for n, v in self.ema.items():
+                live[n].copy_(v)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, v in saved.items():
+                    live[n].copy_(v)
+
+    @torch.no_grad()
+    def _evaluate(self, seeds: Optional[int], steps: Optional[int]) -> Dict[str, float]:
+        g = self.g
         seeds = seeds or g.eval_seeds
         self.model.eval()
         prompts = [p for p in self.prompts[: g.eval_prompts] for _ in range(seeds)]
@@ -475,7 +572,8 @@ class GRPOTrainer:
         for k in range(0, len(prompts), g.rollout_batch):
             mb = prompts[k: k + g.rollout_batch]
             x0 = torch.stack([seeded_noise(self.latent_shape, hash_ints(g.seed, 0xE7A1, k + i)) for i in range(len(mb))])
-            final = ode_sample(self.velocity_fn(self.text.encode(mb)), x0.to(self.device), steps or g.steps, g.shift)
+            final = ode_sample(self.velocity_fn(self.text.encode(mb)), x0.to(self.device),
+                               steps or g.eval_steps or g.steps, g.shift)
             for name, v in self.score(final, mb).items():
                 parts.setdefault(name, []).append(v.float().cpu())
         scores = {k: torch.cat(v) for k, v in parts.items()}
@@ -504,16 +602,25 @@ class GRPOTrainer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         self.dist.barrier()
+        # every rank's full RNG state (python, numpy, torch CPU, CUDA, megatron's TP tracker)
+        torch.save(get_rng_state(), tmp / f"rng_rank{self.dist.rank:05d}.pt")
         if writer:
             ema = {k: v.detach().cpu().clone() for k, v in self.ema.items()} if self.ema is not None else None
             torch.save({"lora": lora_state_dict(self.model), "optimizer": self.optimizer.state_dict(), "lora_ema": ema},
                        tmp / self._shard_name())
         self.dist.barrier()
+        adapters = full_adapters(self.model)  # TP shards joined (a collective over TP)
+        adapters_ema = full_adapters(self.model, self.ema) if self.ema is not None else None
         if self.dist.is_main:
+            extra = {"osp_megatron": {"iteration": self.iteration, "ema": False}}
+            write_peft_adapter(adapters, tmp / ADAPTER, self.g.lora.init, extra)
+            if adapters_ema is not None:
+                extra["osp_megatron"].update(ema=True, ema_decay=self.g.ema_decay)
+                write_peft_adapter(adapters_ema, tmp / ADAPTER_EMA, self.g.lora.init, extra)
             meta = {"iteration": self.iteration, "window": self.schedule.state_dict(), "run_id": run_id,
-                    "grpo": asdict(self.g), "tp": self.dist.tp,
+                    "clipper": self.clipper.state_dict(),
+                    "grpo": asdict(self.g), "tp": self.dist.tp, "world_size": self.dist.world,
                     "lora_modules": self.lora_names}
-            torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))  # written last: marks complete
             os.replace(tmp, final)
             latest_tmp = self.ckpt_root / "latest.tmp"
@@ -547,8 +654,13 @@ class GRPOTrainer:
                                  "resume with the same ema_decay setting (or 0)")
             for k, v in saved.items():
                 self.ema[k].copy_(v)
-        rng = torch.load(path / "rng.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
+        rng = path / f"rng_rank{self.dist.rank:05d}.pt"
+        if meta.get("world_size") == self.dist.world and rng.is_file():
+            set_rng_state(torch.load(rng, weights_only=False))
+        elif self.dist.is_main:  # GRPO's own streams are seeded by (seed, iteration, sample): results do not change
+            print(f"[osp-grpo] world size changed {meta.get('world_size')} -> {self.dist.world}: RNG states re-seeded",
+                  flush=True)
+        self.clipper.load_state_dict(meta.get("clipper"))
         self.iteration = int(meta["iteration"])
         return meta
 
@@ -642,10 +754,10 @@ def format_grpo_progress(it: int, total: int, m: Dict[str, float]) -> str:
 
 
 def merge_grpo_checkpoint(base_state_dict: Dict[str, Tensor], ckpt_dir, tp_rank: int = 0,
-                          ema: bool = False) -> Dict[str, Tensor]:
+                          ema: Optional[bool] = None) -> Dict[str, Tensor]:
     """Export: fold the LoRA of a GRPO checkpoint (`<ckpt_dir>/lora_tpXX.pt`) into a base model state dict (the
-    same TP shard) -> plain weights with the base keys (what the converter writes out). `ema=True` folds the EMA
-    of the LoRA weights instead (runs with grpo.ema_decay > 0)."""
+    same TP shard) -> plain weights with the base keys (what the converter writes out). `ema`: None folds the EMA
+    of the LoRA weights when the run kept one (grpo.ema_decay > 0), True requires it, False takes the live ones."""
     from osp_megatron.rl.lora import merge_lora
     from osp_megatron.weights.lora import read_shard, shard_name
 

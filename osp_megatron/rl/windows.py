@@ -6,10 +6,15 @@ for `random`), so resume needs only the iteration number.
 
 progressive: the start moves by `stride` every `shift_interval` iterations; once it would leave `[0, limit-size]`
 it goes back to 0 (`roll_back`) or stays at `limit-size`. fixed: always `start`. random: uniform in
-`[0, limit-size]`, drawn from (seed, iteration).
+`[0, limit-size]`, drawn from (seed, iteration). decay / exp_decay (MixGRPO `grpo_states.py`): progressive, but
+the number of iterations before the next move depends on the current start s:
+decay `max(min_i, int(max_i·(1 - s/limit) + min_i·s/limit))`, exp_decay `ceil(shift_interval·exp(-k·max(0, s - s0)))`.
+`tail="mixgrpo"`: MixGRPO's end of the grid instead: the window is `[s, min(s+size, limit))` (it shrinks, and is
+empty at s = limit), and only once s > limit does it go back to the initial start (`roll_back`) or stay at limit.
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -39,7 +44,8 @@ class WindowSchedule:
 
     def __init__(self, strategy: str, size: int, num_steps: int, start: int = 0, shift_interval: int = 1,
                  stride: int = 1, roll_back: bool = True, limit: Optional[int] = None, trained_steps: int = 0,
-                 trained_select: str = "first", seed: int = 0) -> None:
+                 trained_select: str = "first", seed: int = 0, tail: str = "full", decay_max_interval: int = 0,
+                 decay_min_interval: int = 0, exp_decay_k: float = 0.1, exp_decay_start: int = 13) -> None:
         self.strategy = strategy
         self.size = size
         self.num_steps = num_steps
@@ -51,8 +57,16 @@ class WindowSchedule:
         self.trained = trained_steps if trained_steps > 0 else size
         self.trained_select = trained_select
         self.seed = seed
-        if strategy not in ("fixed", "progressive", "random"):
-            raise ValueError(f"window strategy {strategy!r}: use fixed, progressive or random")
+        self.tail = tail
+        self.decay_max = decay_max_interval or shift_interval
+        self.decay_min = decay_min_interval or max(1, shift_interval // 4)
+        self.exp_decay_k, self.exp_decay_start = float(exp_decay_k), int(exp_decay_start)
+        self._starts: List[int] = [start]  # window start of iterations 0, 1, ... (moving strategies)
+        self._count = 0
+        if strategy not in ("fixed", "progressive", "random", "decay", "exp_decay"):
+            raise ValueError(f"window strategy {strategy!r}: use fixed, progressive, random, decay or exp_decay")
+        if tail not in ("full", "mixgrpo"):
+            raise ValueError(f"window tail {tail!r}: use full or mixgrpo")
         if not 1 <= size <= self.limit <= num_steps:
             raise ValueError(f"window size={size}, limit={self.limit}, steps={num_steps}: need 1 <= size <= limit <= steps")
         if not 0 <= start <= self.limit - size:
@@ -62,7 +76,8 @@ class WindowSchedule:
     def from_config(cls, c) -> "WindowSchedule":
         w = c.window
         return cls(w.strategy, w.size, c.steps, w.start, w.shift_interval, w.stride, w.roll_back, w.limit,
-                   w.trained_steps, w.trained_select, c.seed)
+                   w.trained_steps, w.trained_select, c.seed, w.tail, w.decay_max_interval, w.decay_min_interval,
+                   w.exp_decay_k, w.exp_decay_start)
 
     @property
     def max_start(self) -> int:
@@ -74,12 +89,38 @@ class WindowSchedule:
         if self.strategy == "random":
             rng = random.Random(hash_ints(self.seed, iteration, 0x57A27))
             return Window(rng.randint(0, self.max_start), self.size)
-        start = self.start
-        for _ in range(iteration // self.shift_interval):
-            start += self.stride
-            if start > self.max_start:
-                start = 0 if self.roll_back else self.max_start
+        while len(self._starts) <= iteration:
+            self._advance()
+        start = self._starts[iteration]
+        if self.tail == "mixgrpo":
+            return Window(start, max(min(start + self.size, self.limit) - start, 0))
         return Window(start, self.size)
+
+    def interval(self, start: int) -> float:
+        """Iterations the window stays at `start` before it moves (progressive, decay, exp_decay)."""
+        if self.strategy == "decay":
+            progress = start / self.limit
+            return max(self.decay_min, int(self.decay_max * (1 - progress) + self.decay_min * progress))
+        if self.strategy == "exp_decay":
+            return math.ceil(self.shift_interval * math.exp(-self.exp_decay_k * max(0, start - self.exp_decay_start)))
+        return self.shift_interval
+
+    def _advance(self) -> None:
+        """One iteration of the moving window (the counter resets whenever the start moves)."""
+        start = self._starts[-1]
+        self._count += 1
+        if self._count >= self.interval(start):
+            self._count = 0
+            start += self.stride
+        if self.tail == "mixgrpo":
+            if start > self.limit:
+                if self.roll_back:
+                    start, self._count = self.start, 0
+                else:
+                    start = self.limit
+        elif start > self.max_start:
+            start = 0 if self.roll_back else self.max_start
+        self._starts.append(start)
 
     def trained_steps(self, iteration: int) -> Tuple[int, ...]:
         steps = self.window(iteration).steps
@@ -91,8 +132,15 @@ class WindowSchedule:
         return tuple(sorted(rng.sample(list(steps), self.trained)))
 
     def state_dict(self) -> Dict[str, object]:
-        return {"strategy": self.strategy, "size": self.size, "start": self.start, "stride": self.stride,
-                "shift_interval": self.shift_interval, "roll_back": self.roll_back, "limit": self.limit}
+        state = {"strategy": self.strategy, "size": self.size, "start": self.start, "stride": self.stride,
+                 "shift_interval": self.shift_interval, "roll_back": self.roll_back, "limit": self.limit}
+        if self.tail != "full":
+            state["tail"] = self.tail
+        if self.strategy == "decay":
+            state.update(decay_max_interval=self.decay_max, decay_min_interval=self.decay_min)
+        if self.strategy == "exp_decay":
+            state.update(exp_decay_k=self.exp_decay_k, exp_decay_start=self.exp_decay_start)
+        return state
 
     def check_state(self, state: Dict[str, object]) -> None:
         """Resume guard: the saved schedule must equal this one (else the window history would jump)."""
@@ -116,20 +164,22 @@ def hash_ints(*values: int) -> int:
 # --------------------------------------------------------------------------------------------
 # MixGRPO-Flash grid
 # --------------------------------------------------------------------------------------------
-def flash_sigmas(steps: int, shift: float, window: Window, compression: float) -> Tuple[torch.Tensor, int]:
+def flash_sigmas(steps: int, shift: float, window: Window, compression: float,
+                 min_points: int = 2) -> Tuple[torch.Tensor, int]:
     """Grid for MixGRPO-Flash. Returns (sigmas, first DPM step index).
 
     Keeps the shifted N-step grid up to the window end `e = start+size` (`sigmas[0..e]`), then replaces the rest by
     `num_post = max(int((N - L)·compression), 2)` points (L = e-1, the last window step) spaced
     `linspace(t_e, 0, num_post)` in un-shifted time and shifted with the same shift: `num_post - 1` DPM steps,
-    continuous at the junction. (MixGRPO uses max(·, 1); 2 keeps at least one step to σ=0.)
+    continuous at the junction. `min_points=1` is MixGRPO's `max(·, 1)`: a 1-point tail adds no step, so the grid
+    ends at `sigmas[e]` above 0; 2 (default) keeps at least one step to σ=0.
     """
     base = flow_sigmas(steps, shift)
     e = window.end
     if e >= steps:
         return base, steps
     last = e - 1
-    num_post = max(int((steps - last) * compression), 2)
+    num_post = max(int((steps - last) * compression), min_points)
     t_e = 1.0 - e / steps  # un-shifted time of sigmas[e]
     post = shift_sigmas(torch.linspace(t_e, 0.0, num_post, dtype=torch.float64), shift)
     return torch.cat([base[: e + 1], post[1:]]), e

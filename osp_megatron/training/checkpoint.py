@@ -25,6 +25,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from osp_megatron.weights.paths import read_latest
+
 MARKER = "osp_checkpoint.json"
 LATEST = "latest"
 CKPT_SUBDIR = "checkpoints"
@@ -157,8 +159,6 @@ class Checkpointer:
     # ------------------------------------------------------------------ discovery
     def latest_dir(self) -> Optional[Path]:
         """The directory `latest` points at, or None for a fresh run. Raises if `latest` is dangling."""
-        from osp_megatron.weights import read_latest
-
         return read_latest(self.root, error=CheckpointError)
 
     def committed_steps(self) -> List[int]:

@@ -13,10 +13,7 @@ from __future__ import annotations
 import signal
 from typing import Optional
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_REQUEUE = 3
-EXIT_NONFINITE = 4
+from osp_megatron.launch import EXIT_ERROR, EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE  # noqa: F401 (re-exported)
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

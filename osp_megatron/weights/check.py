@@ -10,7 +10,9 @@ from typing import Dict
 
 import torch
 
+from osp_megatron.models import build_model
 from osp_megatron.parallel import ParallelState
+from osp_megatron.weights.files import read_state_dict
 
 
 def random_inputs(dims, seed: int = 0):
@@ -23,9 +25,6 @@ def random_inputs(dims, seed: int = 0):
 
 @torch.no_grad()
 def run_ours(sd, model_config, inputs) -> torch.Tensor:
-    from osp_megatron.models import build_model
-    from osp_megatron.parallel import ParallelState
-
     model = build_model(model_config, ParallelState.single(), device="cpu").float().eval()
     model.load_full_state_dict({k: v.float() for k, v in sd.items()})
     return model(*inputs).float()
@@ -38,7 +37,6 @@ def run_diffusers(folder: str, inputs) -> torch.Tensor:
 
     from diffusers import WanTransformer3DModel
 
-    from osp_megatron.weights.files import read_state_dict
 
     config = json.loads((Path(folder) / "config.json").read_text())
     model = WanTransformer3DModel.from_config(config).float().eval()  # no `accelerate` needed

@@ -22,14 +22,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from osp_megatron.config import PrecisionConfig, updated
+from osp_megatron.models.adapters import diffusers as ad, osp_next as ao, wan as aw
+from osp_megatron.models.adapters.diffusers import config_from_diffusers, from_diffusers
+from osp_megatron.models.adapters.osp_next import (config_from_osp_next, from_osp_next, is_osp_next_config,
+                                                   precision_from_osp_next)
+from osp_megatron.models.adapters.wan import config_from_wan, from_wan
 from osp_megatron.weights import megatron
-from osp_megatron.weights.files import (
-    WEIGHT_SUFFIXES,
-    StateDict,
-    read_state_dict,
-    save_safetensors_dir,
-    weight_keys,
-)
+from osp_megatron.weights.files import WEIGHT_SUFFIXES, StateDict, read_state_dict, save_safetensors_dir, weight_keys
 from osp_megatron.weights.paths import WeightsError, find_checkpoint_dir, is_megatron_dir, latest_iteration_dir
 
 FORMATS = ("megatron", "diffusers", "wan", "osp-next")
@@ -98,8 +98,6 @@ def _model_folder(path: Path) -> Optional[Path]:
 
 
 def _config_format(config: Dict[str, Any]) -> Optional[str]:
-    from osp_megatron.models.adapters.osp_next import is_osp_next_config
-
     if is_osp_next_config(config):
         return "osp-next"
     if config.get("_class_name") == "WanTransformer3DModel" or "num_attention_heads" in config:
@@ -133,7 +131,6 @@ def _osp_next_config_near(folder: Path) -> Optional[Dict[str, Any]]:
     training run's config.yaml in the folder or up to two levels above (output_dir/iter_*/file.pt)."""
     import yaml
 
-    from osp_megatron.models.adapters.osp_next import is_osp_next_config
 
     if (folder / "config.json").is_file():
         config = _json(folder / "config.json")
@@ -187,8 +184,6 @@ def detect_format(path: str | os.PathLike, fmt: str = "auto") -> str:
 # ------------------------------------------------------------------------------------------ config
 def _with_layout(model_config, config: Dict[str, Any], source: Path):
     """Apply the `_osp_model` layout block of a diffusers / wan config.json."""
-    from osp_megatron.config import updated
-
     layout = config.get(LAYOUT_KEY) or {}
     if not isinstance(layout, dict):
         raise WeightsError(f"{source}: {LAYOUT_KEY} must be a mapping of {', '.join(LAYOUT_FIELDS)}")
@@ -197,9 +192,6 @@ def _with_layout(model_config, config: Dict[str, Any], source: Path):
 
 
 def _open_osp_next(p: Path) -> Checkpoint:
-    from osp_megatron.config import PrecisionConfig
-    from osp_megatron.models.adapters.osp_next import config_from_osp_next, precision_from_osp_next
-
     if p.is_file():
         where, config = p, _osp_next_config_near(p.parent)
     elif _model_folder(p) is not None:
@@ -228,9 +220,6 @@ def _open_osp_next(p: Path) -> Checkpoint:
 
 def open_checkpoint(path: str | os.PathLike, fmt: str = "auto") -> Checkpoint:
     """Detect (unless `fmt` is given), resolve and read the model config of a checkpoint; no weights are read."""
-    from osp_megatron.models.adapters.diffusers import config_from_diffusers
-    from osp_megatron.models.adapters.wan import config_from_wan
-
     fmt = detect_format(path, fmt)
     p = Path(path)
     if fmt == "megatron":
@@ -279,10 +268,6 @@ def _osp_next_file(ckpt: Checkpoint, ema: bool) -> Path:
 def read_weights(source, ema: bool = False, model_config=None, fmt: str = "auto") -> StateDict:
     """Full (unsharded) state dict in our parameter names. `source`: a path or a Checkpoint; `ema`: the EMA
     weights (megatron, osp-next); `model_config`: used when the checkpoint carries none (bare weight files)."""
-    from osp_megatron.models.adapters.diffusers import from_diffusers
-    from osp_megatron.models.adapters.osp_next import from_osp_next
-    from osp_megatron.models.adapters.wan import from_wan
-
     ckpt = _as_checkpoint(source, fmt)
     mc = ckpt.model or model_config
     if mc is None:
@@ -322,10 +307,6 @@ def write_weights(sd: StateDict, model_config, out: str | os.PathLike, fmt: str,
     TP x PP x SSP x Ulysses ranks of `layout` (default all 1); diffusers / wan: config.json (+ `_osp_model`) and
     safetensors shards of at most `max_shard_bytes`; osp-next: OSP-Next's config.json (HiF8 fields from
     `precision`) + safetensors in its key names (raises for a layout OSP-Next cannot build)."""
-    from osp_megatron.models.adapters import diffusers as ad
-    from osp_megatron.models.adapters import osp_next as ao
-    from osp_megatron.models.adapters import wan as aw
-
     if fmt == "megatron":
         return megatron.write(sd, model_config, out, layout or {"tp": 1, "pp": 1, "ssp": 1, "ulysses": 1},
                               step=step, dtype=dtype, source=source, precision=precision)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -19,6 +19,7 @@ from osp_megatron.weights.paths import WeightsError, read_latest
 
 StateDict = Dict[str, torch.Tensor]
 GRPO_CHECKPOINTS = "grpo_checkpoints"
+ADAPTER, ADAPTER_EMA = "adapter", "adapter_ema"  # PEFT folders inside each GRPO checkpoint (live weights, EMA)
 
 
 def shard_name(tp_rank: int) -> str:
@@ -41,8 +42,9 @@ def _tensors(obj, path: Path) -> StateDict:
     return obj
 
 
-def read_shard(path: Path, ema: bool = False) -> StateDict:
-    """One adapter file: a GRPO shard (`lora`, with `ema=True` its `lora_ema` on top) or a plain tensor dict."""
+def read_shard(path: Path, ema: Optional[bool] = False) -> StateDict:
+    """One adapter file: a GRPO shard (`lora`, with `ema=True` its `lora_ema` on top; `ema=None`: the EMA when
+    the shard has one) or a plain tensor dict."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -50,13 +52,15 @@ def read_shard(path: Path, ema: bool = False) -> StateDict:
     obj = torch.load(str(path), map_location="cpu", weights_only=True)
     if isinstance(obj, dict) and isinstance(obj.get("lora"), dict):
         lora = dict(_tensors(obj["lora"], path))
+        if ema is None:
+            ema = bool(obj.get("lora_ema"))
         if ema:
             if not obj.get("lora_ema"):
                 raise WeightsError(f"{path} has no LoRA EMA (the run had grpo.ema_decay=0): export without it")
             lora.update(_tensors(obj["lora_ema"], path))
         return _strip(lora)
     if ema:
-        raise WeightsError(f"{path}: a plain adapter file has no LoRA EMA")
+        raise WeightsError(f"{path}: a plain adapter file has no LoRA EMA")  # (None: a plain file is what it is)
     return _strip(_tensors(obj, path))
 
 
@@ -99,16 +103,130 @@ def join_tp_shards(shards: List[StateDict], weights: StateDict) -> StateDict:
     return out
 
 
-def read_lora(path: str, weights: StateDict, ema: bool = False) -> StateDict:
-    """Full adapter state dict (our module names, no `module.` prefix) for the full model `weights`;
-    `ema=True` takes the LoRA EMA of a GRPO checkpoint."""
+def _checkpoint_dir(p: Path) -> Path:
+    if (p / GRPO_CHECKPOINTS / "latest").is_file():
+        p = p / GRPO_CHECKPOINTS
+    return read_latest(p) or p
+
+
+def read_lora(path: str, weights: StateDict, ema: Optional[bool] = None) -> StateDict:
+    """Full adapter state dict (our module names, no `module.` prefix) for the full model `weights`.
+
+    `path`: a PEFT folder (`adapter_model.safetensors` + `adapter_config.json`), a GRPO run dir / folder with
+    `latest` / `iter_*` folder (its `adapter_ema/` or `adapter/`), TP shard files `lora_tpNN.pt`, or one
+    `.pt` / `.safetensors` file. `ema`: None takes the LoRA EMA when the checkpoint has one (the recommended
+    export), True requires it, False takes the live weights."""
     p = Path(path)
     if not p.exists():
         raise WeightsError(f"LoRA {path}: does not exist")
     if p.is_file():
         sd = read_shard(p, ema)
+    elif (p / PEFT_CONFIG).is_file():
+        sd = read_peft_adapter(p)
     else:
-        sd = join_tp_shards([read_shard(f, ema) for f in shard_files(p)], weights)
+        ckpt = _checkpoint_dir(p)
+        if (ckpt / ADAPTER).is_dir():
+            has_ema = (ckpt / ADAPTER_EMA).is_dir()
+            if ema and not has_ema:
+                raise WeightsError(f"LoRA {path}: no {ADAPTER_EMA}/ (the run had grpo.ema_decay=0): take the live "
+                                   "adapters instead")
+            sd = read_peft_adapter(ckpt / (ADAPTER_EMA if has_ema and ema is not False else ADAPTER))
+        else:
+            sd = join_tp_shards([read_shard(f, ema) for f in shard_files(p)], weights)
     if not any(k.endswith(".lora_A") for k in sd):
         raise WeightsError(f"LoRA {path}: no `*.lora_A` tensors inside")
     return sd
+
+
+# --------------------------------------------------------------------------------------------
+# PEFT adapter folders (adapter_model.safetensors + adapter_config.json, diffusers module names)
+# --------------------------------------------------------------------------------------------
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+
+
+def _module_rename(module: str, to_diffusers: bool) -> str:
+    from osp_megatron.models.adapters import diffusers as dif
+    from osp_megatron.models.adapters.common import rename
+
+    rules = dif._TO_DIFFUSERS if to_diffusers else dif._TO_OURS
+    return next(iter(rename({f"{module}.weight": None}, rules, "LoRA adapter names")))[: -len(".weight")]
+
+
+def to_peft(adapters: StateDict) -> tuple:
+    """Our full adapters -> (PEFT tensors `base_model.model.<diffusers module>.lora_{A,B}.weight`, the diffusers
+    module names, r, alpha). One rank and scaling for all modules (as grpo.lora sets them)."""
+    tensors: StateDict = {}
+    modules, ranks, scalings = [], set(), set()
+    for key in sorted(adapters):
+        if not key.endswith(".lora_A"):
+            continue
+        ours = key[: -len(".lora_A")]
+        name = _module_rename(ours, to_diffusers=True)
+        a, b = adapters[key], adapters[f"{ours}.lora_B"]
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.detach().float().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.detach().float().contiguous()
+        modules.append(name)
+        ranks.add(int(a.shape[0]))
+        scalings.add(round(float(adapters.get(f"{ours}.lora_scaling", torch.tensor(1.0))), 12))
+    if len(ranks) != 1 or len(scalings) != 1:
+        raise WeightsError(f"LoRA export: adapters of ranks {sorted(ranks)} and scalings {sorted(scalings)}; a PEFT "
+                           "folder holds one rank and alpha")
+    r = ranks.pop()
+    return tensors, modules, r, scalings.pop() * r
+
+
+def write_peft_adapter(adapters: StateDict, folder, init: str = "gaussian", extra: Dict = None) -> Path:
+    """Write full (TP-joined) adapters as a PEFT folder that `peft.PeftModel.from_pretrained(<diffusers
+    WanTransformer3DModel>, folder)` loads; atomic (temp folder, then rename)."""
+    import json
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    tensors, modules, r, alpha = to_peft(adapters)
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "r": r, "lora_alpha": alpha,
+              "lora_dropout": 0.0, "bias": "none", "target_modules": modules, "fan_in_fan_out": False,
+              "init_lora_weights": init, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+              "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}}
+    if extra:
+        config.update(extra)
+    final = Path(folder)
+    tmp = final.with_name(f".tmp_{final.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+    (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def read_peft_adapter(folder) -> StateDict:
+    """A PEFT adapter folder (diffusers module names) -> our full adapters (`lora_A`, `lora_B`, `lora_scaling`)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = json.loads((folder / PEFT_CONFIG).read_text())
+    if config.get("use_rslora") or config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise WeightsError(f"LoRA {folder}: rsLoRA / DoRA / per-module rank or alpha patterns are not supported")
+    scaling = torch.tensor(float(config["lora_alpha"]) / float(config["r"]))
+    out: StateDict = {}
+    for key, value in load_file(str(folder / PEFT_WEIGHTS)).items():
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        for part in ("lora_A", "lora_B"):
+            if name.endswith(f".{part}.weight") or name.endswith(f".{part}.default.weight"):
+                module = name.rsplit(f".{part}.", 1)[0]
+                ours = _module_rename(module, to_diffusers=False)
+                out[f"{ours}.{part}"] = value
+                out[f"{ours}.lora_scaling"] = scaling
+                break
+        else:
+            raise WeightsError(f"LoRA {folder}: unexpected tensor {key!r} (only lora_A / lora_B weights)")
+    return out

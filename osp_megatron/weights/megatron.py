@@ -17,7 +17,6 @@ and the completion marker of `training.checkpoint`. Model weights are named like
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -25,6 +24,13 @@ from typing import Any, Dict, Tuple
 
 import torch
 
+from osp_megatron import cpu_shims
+from osp_megatron.config import Config, ParallelConfig, PrecisionConfig, config_from_dict
+from osp_megatron.launch import free_port
+from osp_megatron.models import build_model
+from osp_megatron.models.adapters.common import our_keys
+from osp_megatron.parallel import ParallelState, initialize_parallel
+from osp_megatron.training import checkpoint as run_checkpoint  # module import: training.checkpoint imports weights
 from osp_megatron.weights.files import LazySafetensors, StateDict
 from osp_megatron.weights.paths import WeightsError, find_checkpoint_dir
 
@@ -34,8 +40,6 @@ def _ensure_world() -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        from osp_megatron.parallel import ParallelState
-
         ParallelState.single()
 
 
@@ -44,7 +48,6 @@ def read_run_config(ckpt_dir: Path) -> Tuple[Any, Dict[str, Any]]:
     import yaml
     from megatron.core import dist_checkpointing
 
-    from osp_megatron.config import config_from_dict
 
     common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
     osp = common.get("osp") or {}
@@ -58,7 +61,6 @@ def read_full(ckpt_dir: Path, model_config, ema: bool = False) -> StateDict:
     """Full (unsharded) state dict in our names from a step directory, whatever layout wrote it."""
     from megatron.core import dist_checkpointing
 
-    from osp_megatron.models.adapters.common import our_keys
 
     _ensure_world()
     names = our_keys(model_config.resolve().num_layers)
@@ -76,10 +78,8 @@ def read_full(ckpt_dir: Path, model_config, ema: bool = False) -> StateDict:
 
 def load_sharded(model, ckpt_dir: Path, ema: bool = False) -> None:
     """Load the (EMA) weights of a step directory into this rank's shard of `model` (collective)."""
-    from osp_megatron.training.checkpoint import Checkpointer
-
     prefix = "ema." if ema else ""
-    loaded = Checkpointer(ckpt_dir.parent).load(ckpt_dir, {"model": model.sharded_state_dict(prefix=prefix)})
+    loaded = run_checkpoint.Checkpointer(ckpt_dir.parent).load(ckpt_dir, {"model": model.sharded_state_dict(prefix=prefix)})
     state = {k[len(prefix):]: v for k, v in loaded["model"].items()}
     with torch.no_grad():  # fp32 main params of a wrapped optimizer are views of the leaves: copy in place
         missing, _ = model.load_state_dict(state, strict=False)
@@ -89,10 +89,6 @@ def load_sharded(model, ckpt_dir: Path, ema: bool = False) -> None:
                            + ("; the run had no EMA (train.ema_decay=0): drop --ema" if ema else ""))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _save_rank(rank: int, world: int, port: int, weights_file: str, model_config, layout: Dict[str, int],
@@ -100,11 +96,6 @@ def _save_rank(rank: int, world: int, port: int, weights_file: str, model_config
     """One rank of the layout: build its shard of the model, load its slice, save collectively."""
     import torch.distributed as dist
 
-    from osp_megatron import cpu_shims
-    from osp_megatron.config import ParallelConfig
-    from osp_megatron.models import build_model
-    from osp_megatron.parallel import initialize_parallel
-    from osp_megatron.training.checkpoint import Checkpointer
 
     torch.set_num_threads(1)
     cpu_shims.apply()
@@ -114,7 +105,7 @@ def _save_rank(rank: int, world: int, port: int, weights_file: str, model_config
                                             ssp=layout["ssp"], ulysses=layout["ulysses"]))
     model = build_model(model_config, ps, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32, device="cpu")
     model.load_full_state_dict(LazySafetensors(weights_file))
-    ck = Checkpointer(out, keep_last=1_000_000, async_save=False)
+    ck = run_checkpoint.Checkpointer(out, keep_last=1_000_000, async_save=False)
     ck.root = Path(out)  # OUT/step_*, OUT/latest (an init_from target, not a run dir to resume)
     ck.save(step, {"model": model.sharded_state_dict(), "osp": osp})
     ck.close()
@@ -137,7 +128,6 @@ def write(sd: StateDict, model_config, out: str | os.PathLike, layout: Dict[str,
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from osp_megatron.config import Config, ParallelConfig, PrecisionConfig
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -151,7 +141,7 @@ def write(sd: StateDict, model_config, out: str | os.PathLike, layout: Dict[str,
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in sd.items()}, weights_file)
-        args = (world, _free_port(), weights_file, model_config, layout, str(out), step, osp, dtype)
+        args = (world, free_port(), weights_file, model_config, layout, str(out), step, osp, dtype)
         if world == 1:
             _ensure_world()
             if dist.get_world_size() != 1:

@@ -14,8 +14,9 @@ import torch
 from osp_megatron.cli import sample as cli
 
 REPO = Path(__file__).resolve().parents[2]
-COMMON = ["--steps", "4", "--frames", "9", "--height", "32", "--width", "64", "--guidance", "3.0", "--shift", "3.0",
-          "--seed", "7", "--save-latents", "--model", "schedule=dual_end", "--model", "num_full_blocks=4"]
+COMMON = ["--vae", "tiny", "--text-encoder", "tiny", "--steps", "4", "--frames", "9", "--height", "32", "--width", "64",
+          "--guidance", "3.0", "--shift", "3.0", "--seed", "7", "--save-latents", "--model", "schedule=dual_end",
+          "--model", "num_full_blocks=4"]
 
 
 def _env():

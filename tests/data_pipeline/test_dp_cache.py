@@ -19,6 +19,7 @@ from dp_helpers import BUCKETS, NUM_CLIPS, read_json
 
 BUCKET_ARG = ",".join(f"{b.frames}x{b.height}x{b.width}" for b in BUCKETS)
 TEXT_LEN, TEXT_DIM = 24, 32
+TINY = {"vae": "tiny", "text_encoder": "tiny"}  # the random stand-ins, asked for explicitly
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_rerun_skips_finished_shards(raw_shards, latent_shards, tmp_path):
     old = victim.read_bytes()
     (out / ".osp-cache" / f"{victim.name}.json").unlink()
     # the fixture decoded in 2 worker processes; redo in-process: the bytes must not depend on that
-    cfg = CacheConfig(input=str(raw_shards), output=str(out), buckets=list(BUCKETS), text_len=TEXT_LEN,
+    cfg = CacheConfig(**TINY, input=str(raw_shards), output=str(out), buckets=list(BUCKETS), text_len=TEXT_LEN,
                       text_dim=TEXT_DIM, device="cpu", workers=0)
     summary = LatentCacher(cfg).run(progress=False)
     assert summary == {"shards_done": 1, "shards_skipped": 3, "samples": 3, "rejected": 0}
@@ -98,7 +99,7 @@ def test_rerun_skips_finished_shards(raw_shards, latent_shards, tmp_path):
 
 def test_ranks_take_disjoint_shards_and_last_writes_manifest(raw_shards, tmp_path):
     out = tmp_path / "lat"
-    cfg = CacheConfig(input=str(raw_shards), output=str(out), buckets=list(BUCKETS), text_len=8, text_dim=16,
+    cfg = CacheConfig(**TINY, input=str(raw_shards), output=str(out), buckets=list(BUCKETS), text_len=8, text_dim=16,
                       device="cpu", workers=0)
     r1 = LatentCacher(cfg, rank=1, world_size=2)
     assert [os.path.basename(u) for u in r1.mine] == ["shard-000001.tar", "shard-000003.tar"]
@@ -118,6 +119,7 @@ def test_torchrun_two_ranks(raw_shards, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29731",
            "-m", "osp_megatron.cli.cache", "--input", str(raw_shards), "--output", str(out),
            "--buckets", BUCKET_ARG, "--text-len", "8", "--text-dim", "16", "--device", "cpu", "--workers", "0",
+           "--vae", "tiny", "--text-encoder", "tiny",
            "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=str(root))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -153,7 +155,7 @@ def test_bad_samples_become_named_rejects(raw_shards, tmp_path):
         w.write({"__key__": good[0]["__key__"], "mp4": good[0]["mp4"], "txt": good[0]["txt"], "json": good[0]["json"]})
         w.write({"__key__": "garbage", "mp4": os.urandom(2000), "txt": b"noise", "json": b"{}"})
         w.write({"__key__": "nocap", "mp4": good[1]["mp4"], "json": b"{}"})  # no .txt, no caption in json
-    cfg = CacheConfig(input=str(src), output=str(tmp_path / "out"), buckets=list(BUCKETS), text_len=8,
+    cfg = CacheConfig(**TINY, input=str(src), output=str(tmp_path / "out"), buckets=list(BUCKETS), text_len=8,
                       text_dim=16, device="cpu", workers=2)
     summary = LatentCacher(cfg).run(progress=False)
     assert summary["samples"] == 1 and summary["rejected"] == 2
@@ -178,7 +180,7 @@ def test_foreign_member_names_become_safe_unique_keys(raw_shards, tmp_path):
                 info = tarfile.TarInfo(f"{name}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    cfg = CacheConfig(input=str(src), output=str(tmp_path / "out"), buckets=list(BUCKETS), text_len=8,
+    cfg = CacheConfig(**TINY, input=str(src), output=str(tmp_path / "out"), buckets=list(BUCKETS), text_len=8,
                       text_dim=16, device="cpu", workers=0)
     summary = LatentCacher(cfg).run(progress=False)
     assert summary["samples"] == len(names) and summary["rejected"] == 0
@@ -196,3 +198,26 @@ def test_foreign_member_names_become_safe_unique_keys(raw_shards, tmp_path):
     assert sorted(sources.values()) == sorted(names)
     used = set()
     assert [unique_key(n, used) for n in ["a\0b", "../../a_b", "/", ""]] == ["a_b", "a_b_1", "sample", "sample_1"]
+
+
+def test_encoders_are_required_and_the_loader_checks_the_cached_widths(raw_shards, latent_shards, tmp_path, capsys):
+    """osp-cache never falls back to the random tiny encoders; the manifest records the widths, and a model of
+    another text width / latent channel count is refused naming the fix."""
+    from data_pipeline import build_loader
+    from data_pipeline.config import DataConfig
+    from data_pipeline.loader import LoaderConfigError
+
+    assert cache_main(["--input", str(raw_shards), "--output", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--vae is required" in err and "--text-encoder is required" in err and "--vae tiny" in err
+    assert not (tmp_path / "o").exists()
+    m = read_json(latent_shards / "manifest.json")
+    assert (m["text_dim"], m["latent_channels"]) == (TEXT_DIM, 16)
+    cfg = DataConfig(kind="latent", shards=str(latent_shards), buckets=list(BUCKETS), text_len=TEXT_LEN,
+                     num_workers=0)
+    build_loader(cfg, text_dim=TEXT_DIM, latent_channels=16)
+    with pytest.raises(LoaderConfigError, match=rf"text embeddings are {TEXT_DIM} wide .* model.text_dim=4096: "
+                                                r"re-cache with the model's umT5"):
+        build_loader(cfg, text_dim=4096, latent_channels=16)
+    with pytest.raises(LoaderConfigError, match="latents have 16 channels .* model.in_channels=48"):
+        build_loader(cfg, text_dim=TEXT_DIM, latent_channels=48)

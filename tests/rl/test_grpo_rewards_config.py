@@ -83,11 +83,11 @@ def test_defaults_are_mixgrpo():
 
 def test_validation_names_fields_and_fixes():
     with pytest.raises(ConfigError) as exc:
-        parse_section(GRPOConfig, {"window": {"size": 30, "strategy": "decay"}, "group_size": 1, "noise_level": "x",
+        parse_section(GRPOConfig, {"window": {"size": 30, "strategy": "sliding"}, "group_size": 1, "noise_level": "x",
                                "flash": {"enabled": True, "compression": 2.0}, "reward_mix": "sum",
                                "latent_shape": [1, 7, 8]})
     msg = str(exc.value)
-    for field in ("grpo.window.size=30", "grpo.window.strategy='decay'", "grpo.group_size=1", "grpo.noise_level='x'",
+    for field in ("grpo.window.size=30", "grpo.window.strategy='sliding'", "grpo.group_size=1", "grpo.noise_level='x'",
                   "grpo.flash.compression=2.0", "grpo.reward_mix='sum'", "grpo.latent_shape"):
         assert field in msg, field
     with pytest.raises(ConfigError, match=r"grpo.window: unknown field\(s\) \['sise'\]"):

@@ -63,7 +63,7 @@ def test_schedule_rejects_bad_windows():
     with pytest.raises(ValueError, match="start"):
         WindowSchedule("fixed", size=4, num_steps=25, start=20)
     with pytest.raises(ValueError, match="strategy"):
-        WindowSchedule("decay", size=4, num_steps=25)
+        WindowSchedule("sliding", size=4, num_steps=25)
 
 
 def test_check_state_detects_changed_schedule():

@@ -165,7 +165,8 @@ def test_array_templates_cover_every_input_once_across_reruns(cluster, tmp_path)
 
     def cache():
         job = cluster.sbatch(["--array=0-1", f"--output={tmp_path}/cache-%A_%a.out", str(SLURM_DIR / "cache.sbatch"),
-                              str(raw), str(lat), "--buckets", "5x32x32", "--fps", "8"])
+                              str(raw), str(lat), "--buckets", "5x32x32", "--fps", "8", "--vae", "tiny",
+                              "--text-encoder", "tiny"])
         logs = [tmp_path / f"cache-{job}_*.out"]
         states = cluster.wait(job, 300, logs)
         assert all(s["JobState"] == "COMPLETED" for s in states), read_logs(logs)

@@ -34,7 +34,7 @@ def untrained_samples(cfg, prompts):
     from osp_megatron.models import build_model
     from osp_megatron.parallel import ParallelState
     from osp_megatron.training.samples import sample_latents
-    from osp_megatron.training.trainer import seed_everything
+    from osp_megatron.training.rng import seed_everything
 
     cpu_shims.apply()
     seed_everything(cfg.train.seed)

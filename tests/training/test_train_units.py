@@ -1,10 +1,9 @@
-"""Small pure pieces of the trainer: EMA math, launch-environment parsing, init_from format detection."""
+"""Small pure pieces of the trainer: EMA math, init_from format detection."""
 import json
 
 import pytest
 import torch
 
-from osp_megatron.cli.train import dist_env
 from osp_megatron.training.ema import EMA
 from osp_megatron.weights import detect_format
 
@@ -24,14 +23,6 @@ def test_ema_update_interval_and_copy():
         EMA(lambda: torch.nn.Linear(3, 2), src, decay=1.0)
     with pytest.raises(RuntimeError, match="EMA twin does not match"):
         EMA(lambda: torch.nn.Linear(3, 4, bias=False), src, decay=0.5)
-
-
-def test_dist_env_torchrun_slurm_and_single():
-    assert dist_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"}) == {
-        "rank": 3, "world_size": 8, "local_rank": 1, "master_addr": "n1", "master_port": 29500}
-    env = dist_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "MASTER_PORT": "20001"})
-    assert (env["rank"], env["world_size"], env["local_rank"], env["master_port"]) == (5, 16, 1, 20001)
-    assert dist_env({})["world_size"] == 1 and dist_env({})["master_port"] is None
 
 
 def test_init_format_detection(tmp_path):

@@ -26,9 +26,10 @@ def free_port() -> int:
 
 
 class World:
-    """`n` ranks of `python -m osp_megatron.cli.train CONFIG OVERRIDES`."""
+    """`n` ranks of `python -m <module> CONFIG OVERRIDES` (module: osp_megatron.cli.train or .grpo)."""
 
-    def __init__(self, n: int, config: str, overrides: Sequence[str], logdir: Path, cwd: Path = REPO):
+    def __init__(self, n: int, config: str, overrides: Sequence[str], logdir: Path, cwd: Path = REPO,
+                 module: str = "osp_megatron.cli.train"):
         port = free_port()
         self.logs: List[Path] = []
         self.procs: List[subprocess.Popen] = []
@@ -41,7 +42,7 @@ class World:
             self.logs.append(log)
             with open(log, "wb") as fh:
                 self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "osp_megatron.cli.train", config, *overrides],
+                    [sys.executable, "-m", module, config, *overrides],
                     cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True))
 
     def text(self, rank: int = 0) -> str:
@@ -79,8 +80,9 @@ class World:
                 pass
 
 
-def run_world(n: int, config: str, overrides: Sequence[str], logdir: Path, cwd: Path = REPO) -> List[int]:
-    return World(n, config, overrides, logdir, cwd).wait()
+def run_world(n: int, config: str, overrides: Sequence[str], logdir: Path, cwd: Path = REPO,
+              module: str = "osp_megatron.cli.train") -> List[int]:
+    return World(n, config, overrides, logdir, cwd, module).wait()
 
 
 def metrics(run_dir: Path) -> List[dict]:

@@ -73,7 +73,7 @@ def test_pipeline_folder_is_diffusers_for_training_and_sampling(pipeline_dir):
     want = ad.from_diffusers(read_state_dict(pipeline_dir / "transformer"), ckpt.model)
     _same(model.full_state_dict(), want)
     # what osp-sample does with the same folder: same answer, and the folder's own (dense) schedule
-    args = SimpleNamespace(checkpoint=str(pipeline_dir), format="auto", ema=False, quant="checkpoint", tp=1, ssp=1,
+    args = SimpleNamespace(checkpoint=str(pipeline_dir), format="auto", ema=False, precision="checkpoint", tp=1, ssp=1,
                            ulysses=1)
     sample_ckpt, model_config, _ = open_dit(args, {})
     assert sample_ckpt.format == "diffusers" and model_config.schedule == "full"
@@ -269,16 +269,17 @@ def test_osp_next_sparse_and_dense_builds_differ():
 
 def test_hif8_checkpoint_samples_with_its_recipe_unless_told_otherwise(tmp_path):
     """osp-sample applies an OSP-Next `quant: hif8` checkpoint's recipe (as OSP-Next's HiF8 inference configs do);
-    `--quant none` samples unquantized; the quantized forward differs from the plain one."""
+    `--precision none` samples unquantized; the quantized forward differs from the plain one."""
     from types import SimpleNamespace
 
     from osp_megatron.cli.sample import load_dit, open_dit, quantization
 
     folder = onf.write_folder(tmp_path / "hif8", onf.random_state_dict(0), quant="hif8", quant_attn="hif8")
-    args = SimpleNamespace(checkpoint=str(folder), format="auto", ema=False, quant="checkpoint", tp=1, ssp=1, ulysses=1)
+    args = SimpleNamespace(checkpoint=str(folder), format="auto", ema=False, precision="checkpoint", tp=1, ssp=1,
+                           ulysses=1)
     ckpt, mc, precision = open_dit(args, {})
     assert (precision.recipe, precision.quantize_attention, precision.scale_max_fwd) == ("hif8_current", True, 15.0)
-    assert open_dit(SimpleNamespace(**{**vars(args), "quant": "none"}), {})[2] == PrecisionConfig()
+    assert open_dit(SimpleNamespace(**{**vars(args), "precision": "none"}), {})[2] == PrecisionConfig()
     x, t, text = torch.randn(1, 16, 2, 8, 8), torch.tensor([700.0]), torch.randn(1, 8, 32)
     out = {}
     for p in (precision, PrecisionConfig()):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+from osp_megatron.config import SIZES, ModelConfig
 from osp_megatron.models.adapters.common import StateDict, export_state_dict, import_state_dict
 
 _TO_OURS = [
@@ -45,8 +46,6 @@ _TO_DIFFUSERS = [
 
 def config_from_diffusers(config: Dict[str, Any]):
     """diffusers WanTransformer3DModel config.json dict -> ModelConfig (schedule `full`; set it for OSP-Next)."""
-    from osp_megatron.config import SIZES, ModelConfig
-
     if config.get("image_dim") or config.get("added_kv_proj_dim"):
         raise ValueError("image-conditioned (I2V) Wan checkpoints are not supported: use a T2V checkpoint")
     heads = int(config["num_attention_heads"])

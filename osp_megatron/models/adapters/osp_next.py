@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+from osp_megatron.config import updated
 from osp_megatron.models.adapters import wan
 from osp_megatron.models.adapters.common import StateDict, export_state_dict, import_state_dict
 
@@ -56,8 +57,6 @@ def is_osp_next_config(config: Dict[str, Any]) -> bool:
 def config_from_osp_next(config: Dict[str, Any]):
     """OSP-Next config.json (or a yaml `model_config:` section) -> ModelConfig with its layout schedule.
     Raises ValueError naming the field for what the released code does not build."""
-    from osp_megatron.config import updated
-
     if config.get("model_type", "t2v") != "t2v":
         raise ValueError(f"OSP-Next model_type={config.get('model_type')!r}: only t2v checkpoints are supported")
     if config.get("skiparse_1d") or config.get("skiparse_2d") is False:

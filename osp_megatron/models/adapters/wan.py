@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from osp_megatron.models.adapters.common import StateDict, export_state_dict, import_state_dict
+from osp_megatron.models.adapters import diffusers as diffusers_adapter
 
 TO_OURS = [
     (r"patch_embedding\.(weight|bias)", r"patch_embedding.\1"),
@@ -53,11 +54,9 @@ TO_WAN = [
 
 def config_from_wan(config: Dict[str, Any]):
     """Wan2.1 config.json (dim, ffn_dim, num_heads, ...) -> ModelConfig (schedule `full`)."""
-    from osp_megatron.models.adapters.diffusers import config_from_diffusers
-
     if config.get("model_type", "t2v") != "t2v":
         raise ValueError(f"Wan model_type={config.get('model_type')!r}: only t2v checkpoints are supported")
-    return config_from_diffusers({
+    return diffusers_adapter.config_from_diffusers({
         "num_attention_heads": config["num_heads"], "attention_head_dim": config["dim"] // config["num_heads"],
         "ffn_dim": config["ffn_dim"], "num_layers": config["num_layers"], "in_channels": config.get("in_dim", 16),
         "out_channels": config.get("out_dim", 16), "text_dim": config.get("text_dim", 4096),
