@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from train_launch import REPO, run_world
@@ -49,6 +50,7 @@ def untrained_samples(cfg, prompts):
     return vae.decode(latents)
 
 
+@pytest.mark.slow
 def test_demo_samples_show_the_prompted_background(tmp_path):
     from osp_megatron.config import load_config
     from osp_megatron.training.samples import read_mp4
