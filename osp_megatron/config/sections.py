@@ -270,7 +270,8 @@ class TrackingConfig:
 class EncoderConfig:
     """VAE and text encoder: local folders, or `tiny` stand-ins (random-initialised real classes)."""
 
-    vae: str = option("tiny", "Wan VAE: a diffusers AutoencoderKLWan folder (or a pipeline folder), or tiny")
+    vae: str = option("tiny", "Wan VAE: a diffusers AutoencoderKLWan folder (or a pipeline folder), tiny (random "
+                      "weights), or patch (a fixed pixel-patch code with a readable decode; the CPU demo)")
     text_encoder: str = option("tiny", "umT5 text encoder: a transformers UMT5EncoderModel folder, or tiny")
     tokenizer: str = option("", "tokenizer folder (empty: next to the text encoder)")
     seed: int = option(0, "seed of the tiny stand-ins' random weights")

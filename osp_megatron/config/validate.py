@@ -80,9 +80,10 @@ def path_errors(cfg, sections=("data", "train", "encoders", "grpo")) -> List[str
         errors.append(f"train.init_from={cfg.train.init_from!r} does not exist: give a checkpoint folder or file")
     for key in ("vae", "text_encoder", "tokenizer"):
         value = getattr(cfg.encoders, key)
-        if value and value != "tiny" and not Path(value).exists():
-            errors.append(f"encoders.{key}={value!r} does not exist: give a local folder (or `tiny` for the demo "
-                          "stand-ins)")
+        builtin = ("tiny", "patch") if key == "vae" else ("tiny",)
+        if value and value not in builtin and not Path(value).exists():
+            errors.append(f"encoders.{key}={value!r} does not exist: give a local folder (or "
+                          + " / ".join(f"`{b}`" for b in builtin) + " for the built-in stand-ins)")
     if "grpo" in sections and cfg.grpo.prompts_file and not Path(cfg.grpo.prompts_file).is_file():
         errors.append(f"grpo.prompts_file={cfg.grpo.prompts_file!r} does not exist: give a text file, one prompt a line")
     return errors

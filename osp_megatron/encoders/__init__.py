@@ -4,6 +4,6 @@
 local path or `"tiny"` (the real classes, random-initialised small and deterministic, for tests and the demo).
 """
 from osp_megatron.encoders.text import TextEncoder, load_text_encoder
-from osp_megatron.encoders.vae import WanVAE, load_vae
+from osp_megatron.encoders.vae import PatchVAE, WanVAE, load_vae
 
-__all__ = ["load_vae", "load_text_encoder", "WanVAE", "TextEncoder"]
+__all__ = ["load_vae", "load_text_encoder", "WanVAE", "PatchVAE", "TextEncoder"]

@@ -48,7 +48,7 @@ from osp_megatron.training.checkpoint import CheckpointError, Checkpointer, RunD
 from osp_megatron.training.clipping import GradClipper
 from osp_megatron.training.ema import EMA, unwrap
 from osp_megatron.training.rng import derive_seed, get_rng_state, seed_everything, set_rng_state
-from osp_megatron.training.tracking import Tracker, format_progress
+from osp_megatron.training.tracking import Tracker, estimate_eta, format_progress
 
 OPT_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
 
@@ -435,6 +435,7 @@ class Trainer:
         t = self.cfg.train
         self.stop.install()
         start_step = self.step
+        t_start = time.perf_counter()
         status, code = "FINISHED", signals.EXIT_OK
         try:
             while self.step < t.steps:
@@ -443,7 +444,8 @@ class Trainer:
                 if self.step % t.log_interval == 0 or metrics["skipped_step"] or self.step == t.steps:
                     metrics.update(self.log_metrics_extras())
                     self.tracker.log_metrics(metrics, self.step)
-                    self.info(format_progress(self.step, t.steps, metrics))
+                    eta = estimate_eta(time.perf_counter() - t_start, self.step - start_step, t.steps - self.step)
+                    self.info(format_progress(self.step, t.steps, metrics, eta_s=eta))
                 if metrics["skipped_step"]:
                     self.info(f"{self.log_prefix} step {self.step}: non-finite loss {metrics['loss']} / grad norm "
                               f"{metrics['grad_norm']}: update skipped ({self.nonfinite_in_row} in a row)")

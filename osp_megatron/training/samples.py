@@ -1,4 +1,5 @@
-"""Periodic sample videos during training: fixed prompts, fixed noise, Euler/UniPC + CFG, VAE decode, mp4.
+"""Periodic sample videos during training: fixed prompts, fixed noise, Euler/UniPC + CFG, VAE decode, mp4, and a
+frame-strip PNG of each video (a preview that any image viewer or tracker UI shows).
 
 Collective: every rank of the model-parallel group runs the (TP/CP-sharded) model; rank 0 writes the files.
 Needs pipeline_parallel = 1 (the velocity is only complete on one stage otherwise).
@@ -22,7 +23,7 @@ def write_mp4(path: str | Path, video: torch.Tensor, fps: float) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+    frames = _uint8_frames(video)
     f, h, w, _ = frames.shape
     tmp = path.with_name(path.stem + ".tmp.mp4")
     writer = imageio_ffmpeg.write_frames(
@@ -35,6 +36,68 @@ def write_mp4(path: str | Path, video: torch.Tensor, fps: float) -> Path:
     writer.close()
     os.replace(tmp, path)
     return path
+
+
+def _uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """video [3, F, H, W] in [-1, 1] -> uint8 [F, H, W, 3]."""
+    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+
+
+def frame_strip(video: torch.Tensor, num_frames: int = 5, scale: int = 1, gap: int = 2) -> np.ndarray:
+    """video [3, F, H, W] in [-1, 1] -> uint8 image [H*scale, n*(W*scale+gap)-gap, 3]: `num_frames` evenly spaced
+    frames (first and last included) side by side, nearest-upscaled by `scale`, white gaps between them."""
+    frames = _uint8_frames(video)
+    f = frames.shape[0]
+    n = max(1, min(num_frames, f))
+    picks = [round(i * (f - 1) / (n - 1)) for i in range(n)] if n > 1 else [0]
+    tiles = [frames[i].repeat(scale, axis=0).repeat(scale, axis=1) for i in picks]
+    h, w = tiles[0].shape[:2]
+    strip = np.full((h, n * (w + gap) - gap, 3), 255, dtype=np.uint8)
+    for k, tile in enumerate(tiles):
+        strip[:, k * (w + gap): k * (w + gap) + w] = tile
+    return strip
+
+
+def write_png(path: str | Path, image: np.ndarray) -> Path:
+    """uint8 RGB image [H, W, 3] -> PNG at `path` (zlib, no imaging library needed; tmp + rename)."""
+    import os
+    import struct
+    import zlib
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    h, w, c = image.shape
+    if c != 3:
+        raise ValueError(f"write_png: expected an RGB image [H, W, 3], got {image.shape}")
+    rows = b"".join(b"\x00" + image[y].tobytes() for y in range(h))  # filter type 0 per row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
+    tmp = path.with_name(path.stem + ".tmp.png")
+    tmp.write_bytes(png)
+    os.replace(tmp, path)
+    return path
+
+
+def write_frame_strip(path: str | Path, video: torch.Tensor, num_frames: int = 5, scale: int = 1) -> Path:
+    """video [3, F, H, W] in [-1, 1] -> frame-strip PNG at `path` (see `frame_strip`)."""
+    return write_png(path, frame_strip(video, num_frames, scale))
+
+
+def read_mp4(path: str | Path) -> torch.Tensor:
+    """mp4 -> float32 video [3, F, H, W] in [-1, 1] (every frame, decoded by imageio-ffmpeg)."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+    meta = reader.__next__()
+    w, h = meta["size"]
+    frames = [np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3) for buf in reader]
+    video = torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2).float()
+    return video / 127.5 - 1.0
 
 
 def step_progress(total: int, desc: str, enabled: Optional[bool] = None):
@@ -98,7 +161,8 @@ def make_sample_videos(model, vae, text_encoder, prompts: List[str], latent_shap
                        guidance: float, shift: float, seed: int, device, dtype, out_dir: Path, step: int,
                        fps: float, write: bool, solver: str = "unipc", negative_prompt: str = "",
                        latent_dtype: Optional[torch.dtype] = None) -> List[Path]:
-    """Sample one video per prompt; rank 0 (`write=True`) writes `out_dir/step_XXXXXXX_<i>.mp4`."""
+    """Sample one video per prompt; rank 0 (`write=True`) writes `out_dir/step_XXXXXXX_<i>.mp4` and its frame strip
+    `step_XXXXXXX_<i>.png`. Returns the paths (mp4, png, mp4, png, ...)."""
     was_training = model.training
     model.eval()
     try:
@@ -113,4 +177,5 @@ def make_sample_videos(model, vae, text_encoder, prompts: List[str], latent_shap
     if write:
         for i in range(video.shape[0]):
             paths.append(write_mp4(out_dir / f"step_{step:07d}_{i}.mp4", video[i], fps))
+            paths.append(write_frame_strip(out_dir / f"step_{step:07d}_{i}.png", video[i]))
     return paths

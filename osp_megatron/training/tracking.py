@@ -65,8 +65,28 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
-def format_progress(step: int, total: int, m: Dict[str, float]) -> str:
-    """One console line: step, loss, grad norm, lr, throughput, TFLOP/s, MFU, peak GPU memory, skip counters."""
+def format_duration(seconds: float) -> str:
+    """Seconds -> `42s`, `3m05s`, `2h07m` (or `?` when unknown)."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def estimate_eta(elapsed_s: float, steps_done: int, steps_left: int) -> Optional[float]:
+    """Seconds left at the mean step time of this process's `steps_done` steps (None before the first)."""
+    if steps_done <= 0:
+        return None
+    return elapsed_s / steps_done * max(steps_left, 0)
+
+
+def format_progress(step: int, total: int, m: Dict[str, float], eta_s: Optional[float] = None) -> str:
+    """One console line: step, loss, grad norm, lr, throughput, TFLOP/s, MFU, peak GPU memory, skip counters,
+    and the estimated time to `total` when `eta_s` is given."""
     parts = [f"step {step}/{total}"]
     if "loss" in m:
         parts.append(f"loss {m['loss']:.4f}")
@@ -86,6 +106,8 @@ def format_progress(step: int, total: int, m: Dict[str, float]) -> str:
         parts.append(f"nonfinite {int(m['nonfinite_steps_total'])}")
     if m.get("data_skipped_total"):
         parts.append(f"skipped samples {int(m['data_skipped_total'])}")
+    if eta_s is not None:
+        parts.append(f"ETA {format_duration(eta_s)}")
     return " | ".join(parts)
 
 

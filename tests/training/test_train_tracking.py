@@ -1,6 +1,8 @@
 """MLflow tracker on a real sqlite store: params, metrics, artifacts, re-opening the same run on resume."""
 import json
 
+import pytest
+
 from mlflow.tracking import MlflowClient
 
 from osp_megatron.config import Config
@@ -53,3 +55,14 @@ def test_progress_line():
                                    "tflops_per_device": 400.0, "mfu": 0.4, "nonfinite_steps_total": 1})
     assert line == ("step 7/10 | loss 0.1235 | grad 1.500 | lr 1.00e-04 | 2.00 samples/s | 400 TFLOP/s/dev "
                     "| MFU 40% | nonfinite 1")
+
+
+def test_progress_line_eta():
+    from osp_megatron.training.tracking import estimate_eta, format_duration
+
+    assert estimate_eta(30.0, 10, 290) == pytest.approx(870.0)  # 3 s/step x 290 steps left
+    assert estimate_eta(5.0, 0, 300) is None
+    assert [format_duration(x) for x in (7.4, 185, 7620, None, float("nan"))] == ["7s", "3m05s", "2h07m", "?", "?"]
+    line = format_progress(10, 300, {"loss": 1.0}, eta_s=estimate_eta(30.0, 10, 290))
+    assert line == "step 10/300 | loss 1.0000 | ETA 14m30s"
+    assert "ETA" not in format_progress(10, 300, {"loss": 1.0})
