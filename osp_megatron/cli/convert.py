@@ -34,7 +34,14 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from osp_megatron.weights import EMA_FORMATS, FORMATS
+from osp_megatron.config import ParallelConfig, updated
+from osp_megatron.config.validate import FLAG_NAMES, layout_errors
+from osp_megatron.models.adapters.osp_next import osp_next_config
+from osp_megatron.rl.lora import merge_lora
+from osp_megatron.weights import (EMA_FORMATS, FORMATS, check, detect_format, layout_fields, open_checkpoint,
+                                  read_weights, write_weights)
+from osp_megatron.weights.lora import read_lora
+from osp_megatron.weights.megatron import read_run_config
 
 LAYOUT_FIELDS = ("schedule", "num_full_blocks", "sparse_ratio")
 MODEL_OVERRIDES = LAYOUT_FIELDS + ("attention_backend", "spec")
@@ -94,8 +101,6 @@ def parse_model_overrides(items: List[str]) -> Dict[str, Any]:
 
 def validate_args(args) -> Dict[str, int]:
     """Cheap checks before anything is read; returns the megatron output layout."""
-    from osp_megatron.weights import detect_format
-
     layout = {"tp": args.tp, "pp": args.pp, "ssp": args.ssp, "ulysses": args.ulysses}
     if args.dst != "megatron" and any(v != 1 for v in layout.values()):
         raise ConvertError("--tp/--pp/--ssp/--ulysses apply to --to megatron only; drop them for " + args.dst)
@@ -119,10 +124,6 @@ def validate_args(args) -> Dict[str, int]:
 
 # ------------------------------------------------------------------------------------------ main
 def convert(args) -> Dict[str, Any]:
-    from osp_megatron.config import ParallelConfig, updated
-    from osp_megatron.config.validate import FLAG_NAMES, layout_errors
-    from osp_megatron.weights import layout_fields, open_checkpoint, read_weights, write_weights
-
     layout = validate_args(args)
     overrides = parse_model_overrides(args.model)
     ckpt = open_checkpoint(args.input, args.src)
@@ -137,8 +138,6 @@ def convert(args) -> Dict[str, Any]:
                                                              ssp=layout["ssp"], ulysses=layout["ulysses"]),
                                 names=FLAG_NAMES)
     if args.dst == "osp-next":
-        from osp_megatron.models.adapters.osp_next import osp_next_config
-
         try:
             osp_next_config(model_config, ckpt.precision)
         except ValueError as exc:
@@ -147,9 +146,6 @@ def convert(args) -> Dict[str, Any]:
         raise ConvertError("the resulting model config / layout is invalid:\n  - " + "\n  - ".join(errors))
     sd = read_weights(ckpt, ema=args.ema, model_config=model_config)
     if args.lora:
-        from osp_megatron.rl.lora import merge_lora
-        from osp_megatron.weights.lora import read_lora
-
         adapters = read_lora(args.lora, sd, ema={"auto": None, "ema": True, "live": False}[args.lora_weights])
         unknown = sorted({k.rsplit(".", 1)[0] + ".weight" for k in adapters} - set(sd))
         if unknown:
@@ -179,14 +175,11 @@ def convert(args) -> Dict[str, Any]:
 def _source_step(ckpt) -> int:
     if ckpt.format != "megatron":
         return 0
-    from osp_megatron.weights.megatron import read_run_config
 
     return int(read_run_config(ckpt.where)[1].get("step", 0))
 
 
 def run_check(args, sd, model_config, where) -> Dict[str, Any]:
-    from osp_megatron.weights import check, open_checkpoint, read_weights
-
     inputs = check.random_inputs(model_config.resolve())
     dense = model_config.schedule == "full"
     untouched = not args.lora and args.dtype == "keep" and not args.ema

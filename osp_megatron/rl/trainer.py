@@ -29,34 +29,26 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from osp_megatron.config import GRPOConfig
 from osp_megatron.diffusion.samplers import cfg_velocity_fn, seeded_noise
+from osp_megatron.encoders import load_text_encoder, load_vae
+from osp_megatron.models import build_model
 from osp_megatron.parallel import ParallelState
 from osp_megatron.rl.advantages import combine_rewards, reward_stats, shuffled
-from osp_megatron.config import GRPOConfig
-from osp_megatron.rl.lora import (
-    apply_lora,
-    full_adapters,
-    load_lora_state_dict,
-    lora_disabled,
-    lora_parameters,
-    lora_state_dict,
-)
+from osp_megatron.rl.lora import (apply_lora, full_adapters, load_lora_state_dict, lora_disabled, lora_parameters,
+                                  lora_state_dict, merge_lora)
 from osp_megatron.rl.loss import kl_penalty, ppo_clip_loss
 from osp_megatron.rl.rewards import LatentPreviewDecoder, MultiReward
-from osp_megatron.rl.rollout import (
-    NoiseSource,
-    RolloutPlan,
-    make_plan,
-    ode_prefix,
-    ode_sample,
-    rollout,
-    transition_log_prob,
-)
+from osp_megatron.rl.rollout import (NoiseSource, RolloutPlan, make_plan, ode_prefix, ode_sample, rollout,
+                                     transition_log_prob)
 from osp_megatron.rl.windows import WindowSchedule, count_nfe, group_prefix_runs, hash_ints
+from osp_megatron.training import signals
 from osp_megatron.training.clipping import GradClipper
 from osp_megatron.training.rng import get_rng_state, set_rng_state
-from osp_megatron.weights.lora import ADAPTER, ADAPTER_EMA, write_peft_adapter
-from osp_megatron.weights.lora import GRPO_CHECKPOINTS as CKPT_SUBDIR
+from osp_megatron.training.tracking import Tracker
+from osp_megatron.weights import read_latest
+from osp_megatron.weights.lora import (ADAPTER, ADAPTER_EMA, GRPO_CHECKPOINTS as CKPT_SUBDIR, read_shard, shard_name,
+                                       write_peft_adapter)
 
 Tensor = torch.Tensor
 
@@ -95,7 +87,6 @@ class EncoderTextEmbedder:
                  negative_prompt: str = "") -> None:
         from collections import OrderedDict
 
-        from osp_megatron.encoders import load_text_encoder
 
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         self.enc = load_text_encoder(spec, device=device, dtype=dtype, text_len=text_len, text_dim=text_dim)
@@ -217,9 +208,6 @@ class GRPOTrainer:
         self.device = torch.device(device) if device is not None else (
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
         if model is None:
-            from osp_megatron.models import build_model
-            from osp_megatron.parallel import ParallelState
-
             model = build_model(cfg.model, parallel or ParallelState.single(), precision=cfg.precision,
                                 device=self.device)
         if parallel is None:
@@ -306,8 +294,6 @@ class GRPOTrainer:
             if self.g.decoder == "preview":
                 self._decoder = LatentPreviewDecoder(self.latent_shape[0], seed=0)
             else:
-                from osp_megatron.encoders import load_vae
-
                 vae = load_vae(self.cfg.encoders.vae, device=self.device)
                 self._decoder = vae.decode
         return self._decoder
@@ -584,8 +570,6 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ checkpoint / resume
     def _shard_name(self) -> str:
-        from osp_megatron.weights.lora import shard_name
-
         return shard_name(self.dist.tp_rank)
 
     def save(self, run_id: Optional[str] = None) -> Path:
@@ -634,8 +618,6 @@ class GRPOTrainer:
         return final
 
     def latest_checkpoint(self) -> Optional[Path]:
-        from osp_megatron.weights import read_latest
-
         return read_latest(self.ckpt_root)
 
     def load(self, path: Path) -> Dict[str, Any]:
@@ -677,8 +659,6 @@ class GRPOTrainer:
                 if self.dist.is_main:
                     print(f"[osp-grpo] resumed from {path} at iteration {self.iteration}", flush=True)
         if track and self.tracker is None:
-            from osp_megatron.training.tracking import Tracker
-
             self.tracker = Tracker(self.cfg.tracking, self.run_dir, enabled=self.dist.is_main, run_id=run_id)
             if self.dist.is_main:
                 self.tracker.metrics_log.truncate_after(self.iteration - 1)  # drop lines of iterations lost by a crash
@@ -687,7 +667,6 @@ class GRPOTrainer:
                 self.tracker.log_params(params)
         tr = self.tracker
         run_id = getattr(tr, "run_id", None)
-        from osp_megatron.training import signals
 
         stop = signals.StopRequest().install()
         self.stopped = False
@@ -758,9 +737,6 @@ def merge_grpo_checkpoint(base_state_dict: Dict[str, Tensor], ckpt_dir, tp_rank:
     """Export: fold the LoRA of a GRPO checkpoint (`<ckpt_dir>/lora_tpXX.pt`) into a base model state dict (the
     same TP shard) -> plain weights with the base keys (what the converter writes out). `ema`: None folds the EMA
     of the LoRA weights when the run kept one (grpo.ema_decay > 0), True requires it, False takes the live ones."""
-    from osp_megatron.rl.lora import merge_lora
-    from osp_megatron.weights.lora import read_shard, shard_name
-
     path = Path(ckpt_dir) / shard_name(tp_rank)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: give a grpo_checkpoints/iter_XXXXXXX directory (and its tp rank)")

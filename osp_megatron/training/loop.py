@@ -41,10 +41,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from osp_megatron import cpu_shims
 from osp_megatron.config import Config, resolved_dtype
-from osp_megatron.training import signals
 from osp_megatron.config.redact import redact_secrets, redact_tree
-from osp_megatron.training.checkpoint import CheckpointError, Checkpointer, RunDirLock, shutdown_writer_manager
+from osp_megatron.parallel import initialize_parallel
+from osp_megatron.training import signals
+from osp_megatron.training.checkpoint import Checkpointer, CheckpointError, RunDirLock, shutdown_writer_manager
 from osp_megatron.training.clipping import GradClipper
 from osp_megatron.training.ema import EMA, unwrap
 from osp_megatron.training.rng import derive_seed, get_rng_state, seed_everything, set_rng_state
@@ -155,16 +157,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ setup
     def init_parallel(self):
-        from osp_megatron.parallel import initialize_parallel
-
         return initialize_parallel(self.cfg.parallel)
 
     def setup(self) -> None:
         from megatron.core import parallel_state
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                               finalize_model_grads)
         from megatron.core.optimizer import get_megatron_optimizer
 
-        from osp_megatron import cpu_shims
 
         cfg, t = self.cfg, self.cfg.train
         cpu_shims.apply()

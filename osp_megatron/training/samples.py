@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from osp_megatron.diffusion import samplers
+from osp_megatron.diffusion.presets import sample_preset
 
 
 def write_mp4(path: str | Path, video: torch.Tensor, fps: float) -> Path:
@@ -143,8 +144,6 @@ def sample_latents(model, text: torch.Tensor, null_text: Optional[torch.Tensor],
 def sample_settings(train_cfg) -> dict:
     """The in-training sample settings: `train.sample_preset` when set (e.g. osp-next), else the sample_* keys.
     Keys: steps, guidance, shift, seed, solver, negative_prompt, latent_dtype."""
-    from osp_megatron.diffusion.presets import sample_preset
-
     t = train_cfg
     out = {"steps": t.sample_steps, "guidance": t.sample_guidance, "shift": t.sample_shift, "seed": t.sample_seed,
            "solver": t.sample_solver, "negative_prompt": "", "latent_dtype": None}

@@ -22,11 +22,19 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+import data_pipeline
 from osp_megatron.diffusion.flow_matching import FlowMatching
+from osp_megatron.encoders import load_text_encoder, load_vae
+from osp_megatron.models import build_model
+from osp_megatron.quant.modules import assign_hif8_keys
+from osp_megatron.quant.recipes import (FP8CurrentScaling, HiF8CurrentScaling, HiF8DelayedScaling, autocast,
+                                        recipe_from_config)
 from osp_megatron.training.batches import BatchPreparer, EndlessLoader
 from osp_megatron.training.ema import unwrap
 from osp_megatron.training.flops import model_flops_per_sample, train_flops_per_sample
 from osp_megatron.training.loop import NonFiniteStop, Trainer, all_gather_object
+from osp_megatron.training.samples import make_sample_videos, sample_settings
+from osp_megatron.weights import load_into
 
 __all__ = ["DiffusionTrainer", "NonFiniteStop"]
 
@@ -49,8 +57,6 @@ class DiffusionTrainer(Trainer):
         self.num_microbatches = self.global_batch // (mbs * self.dp_size)
 
     def build_model(self, device=None) -> torch.nn.Module:
-        from osp_megatron.models import build_model
-
         return build_model(self.cfg.model, self.ps, precision=self.cfg.precision, pre_process=self.is_first_stage,
                            post_process=self.is_last_stage, device=device)
 
@@ -59,7 +65,6 @@ class DiffusionTrainer(Trainer):
 
     def setup_data(self) -> None:
         cfg = self.cfg
-        import data_pipeline
 
         self.loader = data_pipeline.build_loader(cfg.data, rank=self.dp_rank, world_size=self.dp_size,
                                                  text_dim=self.dims.text_dim, latent_channels=self.dims.in_channels)
@@ -68,8 +73,6 @@ class DiffusionTrainer(Trainer):
         need_text = cfg.data.kind == "raw" or cfg.train.sample_interval > 0 or cfg.data.caption_dropout > 0
         self.vae = self.text_encoder = None
         if need_vae or need_text:
-            from osp_megatron.encoders import load_text_encoder, load_vae
-
             if need_vae:
                 self.vae = load_vae(cfg.encoders.vae, self.device, torch.float32)
             if need_text:
@@ -110,9 +113,6 @@ class DiffusionTrainer(Trainer):
 
     def _setup_quantization(self, model) -> None:
         """precision.recipe -> the recipe the forward/backward runs under (HiF8 in our linears, FP8 in TE's)."""
-        from osp_megatron.quant.modules import assign_hif8_keys
-        from osp_megatron.quant.recipes import HiF8DelayedScaling, recipe_from_config
-
         self.recipe = recipe_from_config(self.cfg.precision, self.cfg.model.spec)
         if isinstance(self.recipe, HiF8DelayedScaling):
             assign_hif8_keys(model)  # delayed scaling keeps one amax history per quantized tensor
@@ -126,7 +126,6 @@ class DiffusionTrainer(Trainer):
 
         from megatron.core import parallel_state
 
-        from osp_megatron.quant.recipes import FP8CurrentScaling, HiF8CurrentScaling, HiF8DelayedScaling, autocast
 
         if self.recipe is None:
             return contextlib.nullcontext()
@@ -156,8 +155,6 @@ class DiffusionTrainer(Trainer):
     def _init_weights(self, path: Path) -> None:
         """Sparse fine-tune init: the weights of any checkpoint format (`osp_megatron.weights`: dense Wan2.1
         diffusers / original, OSP-Next, a megatron run) into the model built from `model:`."""
-        from osp_megatron.weights import load_into
-
         model = unwrap(self.model)
         ckpt = load_into(model, path, self.cfg.train.init_format, model_config=self.cfg.model)
         self.optimizer.reload_model_params()  # the optimizer's main (fp32) params copy the loaded weights
@@ -286,7 +283,6 @@ class DiffusionTrainer(Trainer):
         if self.pp_size > 1:
             self.info("[osp-train] sample videos need parallel.pipeline_parallel=1; skipped")
             return
-        from osp_megatron.training.samples import make_sample_videos, sample_settings
 
         if self.cfg.data.kind == "synthetic":
             latent_shape = tuple(self.cfg.data.synthetic_latent_shape)

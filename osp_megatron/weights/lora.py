@@ -15,6 +15,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from osp_megatron.models.adapters import diffusers as dif
+from osp_megatron.models.adapters.common import rename
 from osp_megatron.weights.paths import WeightsError, read_latest
 
 StateDict = Dict[str, torch.Tensor]
@@ -147,9 +149,6 @@ PEFT_PREFIX = "base_model.model."
 
 
 def _module_rename(module: str, to_diffusers: bool) -> str:
-    from osp_megatron.models.adapters import diffusers as dif
-    from osp_megatron.models.adapters.common import rename
-
     rules = dif._TO_DIFFUSERS if to_diffusers else dif._TO_OURS
     return next(iter(rename({f"{module}.weight": None}, rules, "LoRA adapter names")))[: -len(".weight")]
 
