@@ -121,7 +121,7 @@ class Tracker:
         self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl")
         self.client = None
         self.run_id: Optional[str] = None
-        self.logged_until = 0  # steps <= this reached the tracker before a resume: not sent again
+        self.logged_until: Optional[int] = None  # steps <= this reached the tracker before a resume: not sent again
         if not enabled or tracking_cfg.backend == "none":
             return
         try:
@@ -177,7 +177,7 @@ class Tracker:
         if not self.enabled:
             return
         self.metrics_log.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
-        if not self.active or step <= self.logged_until:
+        if not self.active or (self.logged_until is not None and step <= self.logged_until):
             return
         from mlflow.entities import Metric
 
