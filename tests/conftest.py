@@ -21,3 +21,47 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# Every process a test starts carries this mark in its environment (inherited through torchrun, spawn and
+# sbatch --export=ALL); whatever still runs after the test's call phase is a leak (a rank whose launcher was
+# killed on a timeout, a checkpoint writer, an array task) and is killed so it cannot slow the tests after it.
+_TEST_MARK = "OSP_TEST_PROCESS_MARK"
+_DAEMONS = {"slurmctld", "slurmd", "slurmstepd"}
+os.environ.setdefault(_TEST_MARK, str(os.getpid()))
+
+
+def _marked_processes():
+    import psutil
+
+    me = os.getpid()
+    out = []
+    for proc in psutil.process_iter(["pid", "name"]):
+        if proc.info["pid"] == me or proc.info["name"] in _DAEMONS:
+            continue
+        try:
+            if proc.environ().get(_TEST_MARK) == os.environ[_TEST_MARK]:
+                out.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return out
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    before = {p.pid for p in _marked_processes()}
+    yield
+    import psutil
+
+    leaked = [p for p in _marked_processes() if p.pid not in before]
+    if not leaked:
+        return
+    _, alive = psutil.wait_procs(leaked, timeout=5)
+    for proc in alive:
+        try:
+            print(f"\n[conftest] killing leaked process {proc.pid} after {item.nodeid}: "
+                  f"{' '.join(proc.cmdline())[:200]}")
+            proc.kill()
+        except (psutil.Error, OSError):
+            pass
+    psutil.wait_procs(alive, timeout=10)

@@ -64,7 +64,7 @@ def test_distributed_single_process_sets_up_and_tears_down():
         assert not dist.is_initialized()
         print("ok")
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
 
 
@@ -84,6 +84,6 @@ def test_failing_rank_is_named_and_peers_do_not_hang(tmp_path):
         raise SystemExit(run_ranks("osp-job", env, body))
     """))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), str(script)], capture_output=True, text=True, timeout=240)
+                           str(free_port()), str(script)], capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "[rank 1] osp-job failed: RuntimeError: disk on fire" in proc.stderr

@@ -121,7 +121,7 @@ def test_torchrun_two_ranks(raw_shards, tmp_path):
            "--buckets", BUCKET_ARG, "--text-len", "8", "--text-dim", "16", "--device", "cpu", "--workers", "0",
            "--vae", "tiny", "--text-encoder", "tiny",
            "--no-progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=str(root))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=str(root))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0/2" in proc.stdout and "rank 1/2" in proc.stdout
     stats = [read_json(p) for p in sorted((out / ".osp-cache").glob("*.json"))]

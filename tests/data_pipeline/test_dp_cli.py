@@ -17,6 +17,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_help_in_a_fresh_process(module, script, needle):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [shutil.which(script), "--help"] if shutil.which(script) else [sys.executable, "-m", module, "--help"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=str(ROOT))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stderr
     assert needle in proc.stdout and f"usage: {script}" in proc.stdout

@@ -34,7 +34,7 @@ def test_resume_in_new_process_continues_identically(raw_shards, tmp_path, worke
     config_json = json.dumps(dataclasses.asdict(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]))
     proc = subprocess.run([sys.executable, str(HERE / "resume_worker.py"), config_json, str(state_path), str(more)],
-                          capture_output=True, text=True, timeout=120, env=env)
+                          capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert resumed["batches"] == sigs[stop:]

@@ -29,7 +29,7 @@ def test_tp2_equals_tp1():
     outputs = []
     try:
         for p in procs:
-            out, _ = p.communicate(timeout=240)
+            out, _ = p.communicate(timeout=600)
             outputs.append(out)
     finally:
         for p in procs:

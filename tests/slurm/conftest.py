@@ -33,4 +33,4 @@ def cluster(tmp_path_factory):
         subprocess.run(["scancel", "-u", os.environ.get("USER") or "root"], env=env, capture_output=True,
                        timeout=30)
         subprocess.run([script, "stop", "--dir", str(d), "--timeout", "60"], env=env, capture_output=True,
-                       timeout=120)
+                       timeout=600)

@@ -98,7 +98,7 @@ def test_sigkill_during_save_keeps_previous_latest(tmp_path):
     with open(log, "wb") as fh:  # a file, not a pipe: the writer's Manager child may keep a pipe open
         proc = subprocess.Popen([sys.executable, str(script)], start_new_session=True, stdout=fh, stderr=fh)
     try:
-        proc.wait(timeout=120)
+        proc.wait(timeout=600)
         out = log.read_bytes()
     finally:
         try:

@@ -120,7 +120,7 @@ def test_nan_step_is_skipped_counted_and_samples_reach_mlflow(tmp_path):
     assert r.data.params["train.debug_nonfinite_steps"] == "[2]"
     assert r.info.status == "FINISHED"
     arts = {a.path for a in client.list_artifacts(r.info.run_id, "samples")}
-    assert arts == {"samples/step_0000004_0.mp4"}
+    assert arts == {"samples/step_0000004_0.mp4", "samples/step_0000004_0.png"}  # the clip and its frame strip
     local = Path(client.download_artifacts(r.info.run_id, "samples/step_0000004_0.mp4", str(tmp_path / "dl")))
     import av
 
