@@ -35,4 +35,21 @@ class ByteTokenizer:
         return ids, mask
 
 
-__all__ = ["ByteTokenizer", "VOCAB_SIZE"]
+
+def byte_tokenizer_fast():
+    """`ByteTokenizer` as a transformers fast tokenizer (same ids, eos, padding and truncation), so the tiny text
+    encoder can be saved in a diffusers pipeline folder that `AutoTokenizer` / `WanPipeline` open."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {"<pad>": PAD_ID, "</s>": EOS_ID, "<unk>": UNK_ID}
+    vocab.update({char: byte + BYTE_OFFSET for byte, char in bytes_to_unicode().items()})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: one token per byte
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", EOS_ID)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+__all__ = ["ByteTokenizer", "VOCAB_SIZE", "byte_tokenizer_fast"]
