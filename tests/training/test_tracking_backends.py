@@ -179,11 +179,11 @@ def test_wandb_offline_run_holds_metrics_config_tags_and_files(tmp_path):
     assert sorted(history) == [1, 2, 3]
     assert [history[s]["loss"] for s in (1, 2, 3)] == pytest.approx([1.0, 0.5, 1 / 3])
     assert history[2]["system/rss_gib"] == 0.5 and "grad_norm" not in history[3]  # inf is not sent
-    assert history[3]["loss_curve"]["_type"] == "image-file"
+    assert history[3]["loss_curve/_type"] == "image-file"  # nested keys come flattened
     config = {}
     for r in (r for r in records if r.WhichOneof("record_type") == "config"):
         config.update({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.config.update})
-    assert config["train.lr"]["value"] == "0.001" and config["tag.host"]["value"] == "node7"
+    assert config["train.lr"] == "0.001" and config["tag.host"] == "node7" and config["tag.world_size"] == "4"
     assert (runs[0] / "files" / "loss_curve.png").read_bytes() == curve.read_bytes()
 
 
