@@ -9,7 +9,7 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "osp_megatron" / "__init
 
 # decord has x86_64 wheels only; PyAV (always) and torchcodec (if installed) are the fallbacks
 DATA = ['decord==0.6.0; platform_machine == "x86_64"', "webdataset==1.0.2", "imageio-ffmpeg", "av"]
-TRACK = ["mlflow>=3.1"]
+TRACK = ["mlflow>=3.1", "tensorboard", "wandb"]  # tracking.backend = mlflow | tensorboard | wandb
 ENCODERS = ["diffusers>=0.35", "transformers>=4.50", "sentencepiece", "accelerate>=1.0"]  # accelerate: diffusers export
 RL = ["peft>=0.13", *ENCODERS]  # loading the exported GRPO adapters in diffusers / PEFT; the VideoAlign scorer
 

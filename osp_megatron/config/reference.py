@@ -37,7 +37,8 @@ def config_reference() -> str:
         for f in fields_reference(section, name):
             meaning = f.help.replace("|", "\\|")
             if f.choices:
-                meaning += " (one of: " + ", ".join(f"`{c}`" for c in f.choices) + ")"
+                meaning += (" (one or more of, comma-separated: " if f.several else " (one of: ") + ", ".join(
+                    f"`{c}`" for c in f.choices) + ")"
             lines.append(f"| `{f.key}` | {f.type} | {_default(f.default)} | {meaning} |")
     return "\n".join(lines) + "\n"
 

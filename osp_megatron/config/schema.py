@@ -28,12 +28,15 @@ class ConfigError(ValueError):
 
 
 def option(default: Any = MISSING, help: str = "", *, factory: Optional[Callable[[], Any]] = None,
-           choices: Optional[Sequence[Any]] = None, minimum: Optional[float] = None) -> Any:
+           choices: Optional[Sequence[Any]] = None, minimum: Optional[float] = None, several: bool = False) -> Any:
     """A documented dataclass field. `choices`: the allowed values (checked when parsing, listed in the
-    reference); `minimum`: a lower bound checked when parsing (`>= minimum`)."""
+    reference); `minimum`: a lower bound checked when parsing (`>= minimum`); `several`: a string field that takes
+    one or more of `choices`, comma-separated (`a,b`) or as a YAML list (`[a, b]`, stored as `a,b`)."""
     meta = {"help": help}
     if choices is not None:
         meta["choices"] = tuple(choices)
+    if several:
+        meta["several"] = True
     if minimum is not None:
         meta["minimum"] = minimum
     if factory is not None:
@@ -63,9 +66,13 @@ def coerce(tp: Any, value: Any, path: str, meta: Optional[Dict[str, Any]] = None
     config is validated). Without lists the first problem is raised."""
     own: List[str] = [] if errors is None else errors
     later: List[str] = own if deferred is None else deferred
-    out = _coerce(tp, value, path, own, later)
     meta = meta or {}
-    if out is not _UNUSABLE and out is not None:
+    if meta.get("several") and isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)  # a YAML list -> the comma-separated form
+    out = _coerce(tp, value, path, own, later)
+    if meta.get("several") and isinstance(out, str):
+        out = _several(out, path, meta.get("choices", ()), later)
+    elif out is not _UNUSABLE and out is not None:
         if "choices" in meta and out not in meta["choices"]:
             later.append(f"{path}={out!r}: use one of {', '.join(str(c) for c in meta['choices'])}"
                          + (closest(out, [str(c) for c in meta["choices"]]) if isinstance(out, str) else ""))
@@ -74,6 +81,20 @@ def coerce(tp: Any, value: Any, path: str, meta: Optional[Dict[str, Any]] = None
     if errors is None and own:
         raise ConfigError(own[0])
     return out
+
+
+def _several(text: str, path: str, choices: Sequence[Any], problems: List[str]) -> str:
+    """`a, b,a` -> `a,b` (stripped, duplicates dropped); an empty item or one outside `choices` goes to `problems`."""
+    items = [item.strip() for item in text.split(",")]
+    allowed = [str(c) for c in choices]
+    bad = [item for item in items if not item or (allowed and item not in allowed)]
+    if bad:
+        first = bad[0]
+        problems.append(f"{path}={text!r}: {first!r} is not allowed; use one or more of {', '.join(allowed)}, "
+                        f"comma-separated (e.g. {path}={','.join(allowed[:2])})"
+                        + (closest(first, allowed) if first else ""))
+        return text
+    return ",".join(dict.fromkeys(items))
 
 
 _UNUSABLE = object()  # a value that could not be read (its problem is in `errors`; the field keeps its default)
@@ -284,6 +305,7 @@ class FieldDoc:
     default: Any
     help: str
     choices: Tuple[Any, ...] = ()
+    several: bool = False  # one or more of `choices`, comma-separated
 
 
 def _type_name(tp: Any) -> str:
@@ -318,7 +340,8 @@ def fields_reference(cls: Any, prefix: str = "") -> Iterator[FieldDoc]:
             yield FieldDoc(key, _type_name(tp), default, f.metadata.get("help", ""), ())
             yield from fields_reference(item, key + "[]")
             continue
-        yield FieldDoc(key, _type_name(tp), default, f.metadata.get("help", ""), tuple(f.metadata.get("choices", ())))
+        yield FieldDoc(key, _type_name(tp), default, f.metadata.get("help", ""), tuple(f.metadata.get("choices", ())),
+                       bool(f.metadata.get("several")))
 
 
 __all__ = [

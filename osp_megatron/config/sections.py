@@ -21,6 +21,7 @@ DTYPES = ("auto", "fp32", "bf16")
 RECIPES = ("none", "hif8_current", "hif8_delayed", "fp8_delayed", "fp8_current", "fp8_block")
 ROUNDINGS = ("ta", "hybrid")
 AMAX_SCOPES = ("local", "tp", "tp_cp")  # HiF8 amax scopes (osp_megatron.quant.modules.set_amax_scope)
+TRACKERS = ("mlflow", "tensorboard", "wandb", "none")  # osp_megatron.training.tracking's backends
 FORMATS = ("auto", "megatron", "diffusers", "wan", "osp-next")  # osp_megatron.weights.FORMATS + auto
 
 
@@ -253,8 +254,10 @@ class TrainConfig:
 class TrackingConfig:
     """Experiment tracking."""
 
-    backend: str = option("mlflow", "tracker: mlflow (sqlite store under run_dir by default) or none",
-                          choices=("mlflow", "none"))
+    backend: str = option("mlflow", "trackers, several at once allowed (`mlflow,tensorboard`): mlflow (sqlite store "
+                          "under run_dir by default), tensorboard (event files in run_dir/tensorboard), wandb (an "
+                          "offline run in run_dir/wandb; upload with `wandb sync`), none (only run_dir/metrics.jsonl)",
+                          choices=TRACKERS, several=True)
     uri: str = option("", "tracking server/store URI (empty: sqlite under run_dir); credentials in it are redacted "
                       "everywhere they would be written")
     experiment: str = option("osp-megatron", "experiment name")
@@ -264,6 +267,10 @@ class TrackingConfig:
     def check(self, errors: List[str]) -> None:
         if self.peak_tflops <= 0:
             errors.append(f"tracking.peak_tflops={self.peak_tflops}: must be > 0")
+        names = [n.strip() for n in str(self.backend).split(",")]
+        if "none" in names and len(set(names)) > 1:
+            errors.append(f"tracking.backend={self.backend!r}: `none` cannot be combined with other trackers; drop it "
+                          "(metrics.jsonl is always written)")
 
 
 @dataclass
@@ -279,5 +286,6 @@ class EncoderConfig:
 
 __all__ = [
     "AMAX_SCOPES", "ATTENTION_BACKENDS", "DTYPES", "EncoderConfig", "FORMATS", "ModelConfig", "ParallelConfig",
-    "PrecisionConfig", "RECIPES", "ROUNDINGS", "SCHEDULES", "SPECS", "TrackingConfig", "TrainConfig",
+    "PrecisionConfig", "RECIPES", "ROUNDINGS", "SCHEDULES", "SPECS", "TRACKERS", "TrackingConfig",
+    "TrainConfig",
 ]

@@ -45,7 +45,7 @@ from osp_megatron.rl.windows import WindowSchedule, count_nfe, group_prefix_runs
 from osp_megatron.training import signals
 from osp_megatron.training.clipping import GradClipper
 from osp_megatron.training.rng import get_rng_state, set_rng_state
-from osp_megatron.training.tracking import Tracker
+from osp_megatron.training.tracking import Tracker, run_tags, system_metrics
 from osp_megatron.weights import read_latest
 from osp_megatron.weights.lora import (ADAPTER, ADAPTER_EMA, GRPO_CHECKPOINTS as CKPT_SUBDIR, read_shard, shard_name,
                                        write_peft_adapter)
@@ -614,6 +614,8 @@ class GRPOTrainer:
             done = sorted(p for p in self.ckpt_root.glob("iter_*") if (p / "meta.json").is_file())
             for old in done[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
+            if self.tracker is not None:
+                self.tracker.write_curve("reward/combined/mean", "reward_curve.png", self.iteration)
         self.dist.barrier()
         return final
 
@@ -660,11 +662,12 @@ class GRPOTrainer:
                     print(f"[osp-grpo] resumed from {path} at iteration {self.iteration}", flush=True)
         if track and self.tracker is None:
             self.tracker = Tracker(self.cfg.tracking, self.run_dir, enabled=self.dist.is_main, run_id=run_id)
-            if self.dist.is_main:
-                self.tracker.metrics_log.truncate_after(self.iteration - 1)  # drop lines of iterations lost by a crash
+            # drop lines of iterations lost by a crash; a re-opened run does not get the replayed ones again
+            self.tracker.start_after(self.iteration - 1, reopened=run_id is not None)
             if self.tracker.active and run_id is None:
                 params = {f"grpo.{k}": v for k, v in _flatten(asdict(g)).items()}
                 self.tracker.log_params(params)
+                self.tracker.set_tags(run_tags(self.dist.world))
         tr = self.tracker
         run_id = getattr(tr, "run_id", None)
 
@@ -678,6 +681,7 @@ class GRPOTrainer:
                     metrics.update(self.evaluate())
                 metrics.update(self.step())
                 self.history.append(metrics)
+                metrics = {**metrics, **system_metrics(self.device)} if self.dist.is_main else metrics
                 if tr is not None:
                     tr.log_metrics(metrics, step=it)
                     if it % g.log_interval == 0:

@@ -50,7 +50,7 @@ from osp_megatron.training.checkpoint import Checkpointer, CheckpointError, RunD
 from osp_megatron.training.clipping import GradClipper
 from osp_megatron.training.ema import EMA, unwrap
 from osp_megatron.training.rng import derive_seed, get_rng_state, seed_everything, set_rng_state
-from osp_megatron.training.tracking import Tracker, estimate_eta, format_progress
+from osp_megatron.training.tracking import Tracker, estimate_eta, format_progress, run_tags, system_metrics
 
 OPT_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
 
@@ -218,11 +218,9 @@ class Trainer:
             self.init_weights()
         self.tracker = Tracker(cfg.tracking, self.run_dir, enabled=self.rank == 0, run_id=self.tracking_run_id)
         if self.rank == 0:
-            reopened = self.tracking_run_id is not None
+            reopened = self.tracking_run_id is not None  # it already holds the steps replayed after the checkpoint
             self.tracking_run_id = self.tracker.run_id
-            logged = self.tracker.metrics_log.truncate_after(self.step)
-            if reopened:  # the re-opened tracker run already holds the steps replayed after the checkpoint
-                self.tracker.logged_until = logged
+            self.tracker.start_after(self.step, reopened)
         self.tracking_run_id = all_gather_object(self.tracking_run_id)[0]
         self._log_run_start(resumed)
 
@@ -250,7 +248,7 @@ class Trainer:
         tmp.write_text(redact_secrets(cfg.to_yaml()))  # credentials in URIs never reach disk or the tracker
         os.replace(tmp, cfg_path)
         self.tracker.log_params(redact_tree(cfg.flat()), step=self.step)
-        self.tracker.set_tags({"world_size": self.world, "dp": self.dp_size, "cp": self.cp_size,
+        self.tracker.set_tags({**run_tags(self.world), "dp": self.dp_size, "cp": self.cp_size,
                                "pp": self.pp_size, "resumed_from_step": self.step if resumed else 0})
         self.tracker.log_artifact(cfg_path, "config")
         model = unwrap(self.model)
@@ -263,7 +261,7 @@ class Trainer:
             + (f" ({n_trainable:,} trainable)" if n_trainable != n_params else "") + ", "
             + (f"{describe}, " if describe else "")
             + (f"resumed at step {self.step}" if resumed else "fresh start")
-            + (f", MLflow run {self.tracker.run_id} ({redact_secrets(self.tracker.uri)})" if self.tracker.active else "")
+            + (f", {self.tracker.describe()}" if self.tracker.active else "")
         )
         if self.ema is not None:
             host = self.ema.device.type == "cpu" and self.device.type == "cuda"
@@ -362,6 +360,7 @@ class Trainer:
         self.info(f"{self.log_prefix} checkpoint step {self.step} -> {self.checkpointer.root} ({time.time() - t0:.1f} s"
                   + (", async" if self.checkpointer.async_save else "") + ")")
         self.on_save(self.step)
+        self.tracker.write_curve("loss", "loss_curve.png", self.step)  # rank 0; from metrics.jsonl
 
     def _materialize_optimizer_state(self) -> None:
         """Give a fresh distributed optimizer its Adam state tensors (placeholders, overwritten by the load):
@@ -443,6 +442,7 @@ class Trainer:
                 self.checkpointer.finalize(blocking=False)
                 if self.step % t.log_interval == 0 or metrics["skipped_step"] or self.step == t.steps:
                     metrics.update(self.log_metrics_extras())
+                    metrics.update(system_metrics(self.device) if self.rank == 0 else {})
                     self.tracker.log_metrics(metrics, self.step)
                     eta = estimate_eta(time.perf_counter() - t_start, self.step - start_step, t.steps - self.step)
                     self.info(format_progress(self.step, t.steps, metrics, eta_s=eta))

@@ -298,7 +298,7 @@ class DiffusionTrainer(Trainer):
             negative_prompt=st["negative_prompt"], latent_dtype=st["latent_dtype"],
         )
         for p in paths:
-            self.tracker.log_artifact(p, "samples")
+            self.tracker.log_artifact(p, "samples", step=self.step)  # the PNG strips become images at this step
         if paths:
             self.info(f"[osp-train] samples at step {self.step}: {', '.join(str(p) for p in paths)}")
 
