@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
 # sbatch --export=ALL); whatever still runs after the test's call phase is a leak (a rank whose launcher was
 # killed on a timeout, a checkpoint writer, an array task) and is killed so it cannot slow the tests after it.
 _TEST_MARK = "OSP_TEST_PROCESS_MARK"
-_DAEMONS = {"slurmctld", "slurmd", "slurmstepd"}
+_DAEMONS = {"slurmctld", "slurmd", "slurmstepd", "wandb-core"}  # session-long services
 os.environ.setdefault(_TEST_MARK, str(os.getpid()))
 
 
@@ -36,9 +36,11 @@ def _marked_processes():
 
     me = os.getpid()
     out = []
-    for proc in psutil.process_iter(["pid", "name"]):
+    for proc in psutil.process_iter(["pid", "ppid", "name", "cmdline"]):
         if proc.info["pid"] == me or proc.info["name"] in _DAEMONS:
             continue
+        if proc.info["ppid"] == me and "multiprocessing" in " ".join(proc.info["cmdline"] or ()):
+            continue  # this process's own pools (the in-process checkpoint writer): they live across tests
         try:
             if proc.environ().get(_TEST_MARK) == os.environ[_TEST_MARK]:
                 out.append(proc)
