@@ -145,7 +145,14 @@ def distributed(env: DistEnv, *, device: str = "auto", timeout_minutes: float = 
         owned = True
     try:
         yield dev
-    finally:
+    except BaseException:
+        # no teardown after an error with peers: destroying the group can wait on ranks that are inside a
+        # collective; `run_ranks` leaves the process at once and the OS frees the group
+        if owned and dist.is_initialized() and env.world_size == 1:
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+        raise
+    else:
         if owned and dist.is_initialized():
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()

@@ -146,6 +146,7 @@ def run(cfg, env: DistEnv) -> int:
     def body() -> int:
         with distributed(env, timeout_minutes=cfg.parallel.timeout_minutes) as device:
             trainer = DiffusionTrainer(cfg, device)
+            failed = True
             try:
                 trainer.setup()
                 code = trainer.train()
@@ -154,10 +155,11 @@ def run(cfg, env: DistEnv) -> int:
                     # turn the code into -15 while the others tear down; leave together
                     signals.ignore_stop_signals()
                     dist.barrier()
+                failed = False
                 return code
             finally:
                 try:
-                    trainer.close()
+                    trainer.close(failed=failed)
                 except Exception:  # noqa: BLE001 - a cleanup error must not hide the one that ended the run
                     traceback.print_exc()
 

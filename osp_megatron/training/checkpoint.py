@@ -20,8 +20,10 @@ partial or corrupt checkpoint with a message naming the file and the fix.
 from __future__ import annotations
 
 import json
+import multiprocessing.context as _mp_context
 import os
 import shutil
+import signal
 import time
 import zlib
 from pathlib import Path
@@ -30,6 +32,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from osp_megatron.training.signals import HANDLED_SIGNALS, ignore_stop_signals
 from osp_megatron.weights.paths import read_latest
 
 MARKER = "osp_checkpoint.json"
@@ -141,7 +144,8 @@ def verify_checkpoint(ckpt_dir: str | Path) -> Dict[str, Any]:
 def start_writer_manager() -> None:
     """Start the results queue of megatron's torch_dist writer in a Manager process that ignores the stop
     signals (megatron would start one with the default actions: a SIGTERM/SIGUSR1 to the process group would kill
-    it and break the final save with BrokenPipeError). No-op once a queue exists."""
+    it and break the final save with BrokenPipeError), also while it starts (`_SpawnIgnoringStopSignals`).
+    No-op once a queue exists."""
     try:
         from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
     except ImportError:  # pragma: no cover
@@ -151,11 +155,43 @@ def start_writer_manager() -> None:
     import multiprocessing as mp
     from multiprocessing.managers import SyncManager
 
-    from osp_megatron.training.signals import ignore_stop_signals
-
-    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager = SyncManager(ctx=_SpawnIgnoringStopSignals(mp.get_context("spawn")))
     manager.start(initializer=ignore_stop_signals)
     fa._results_queue = manager.Queue()
+
+
+class _SpawnIgnoringStopSignals:
+    """The `spawn` context, except that its processes start with the stop signals ignored.
+
+    A spawned interpreter imports for seconds before an initializer can run; a stop signal to the process group
+    in that window (Ctrl-C just as the first periodic save begins) would kill it. An ignored disposition survives
+    fork and exec (a blocked mask does not survive Python's start-up), so the parent ignores the stop signals
+    for the few milliseconds of the fork + exec itself. A stop signal landing in exactly that window is lost;
+    the trainer therefore starts the Manager during set-up, before its stop handlers are installed.
+    """
+
+    def __init__(self, ctx) -> None:
+        self._ctx = ctx
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+    def Process(self, *args, **kwargs):  # noqa: N802 - the multiprocessing context API
+        return _SpawnProcessIgnoringStopSignals(*args, **kwargs)
+
+
+class _SpawnProcessIgnoringStopSignals(_mp_context.SpawnProcess):
+    def start(self) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return super().start()  # signal dispositions can only be changed from the main thread
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in HANDLED_SIGNALS}
+        try:
+            super().start()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 class WriterWatchdog:
@@ -377,11 +413,14 @@ class Checkpointer:
         if self._queue is not None:
             self._queue.maybe_finalize_async_calls(blocking=blocking)
 
-    def close(self) -> None:
-        self.finalize(blocking=True)
-        if self._queue is not None:
-            self._queue.close()
-            self._queue = None
+    def close(self, collective: bool = True) -> None:
+        """Finish the async save in flight and stop the writer. `collective=False` (after an error on this rank)
+        abandons it without waiting on the other ranks."""
+        if collective:
+            self.finalize(blocking=True)
+            if self._queue is not None:
+                self._queue.close()
+        self._queue = None
         shutdown_writer_manager()
 
     def remove_stale_tmp(self) -> None:

@@ -46,7 +46,9 @@ from osp_megatron.config import Config, resolved_dtype
 from osp_megatron.config.redact import redact_secrets, redact_tree
 from osp_megatron.parallel import initialize_parallel
 from osp_megatron.training import signals
-from osp_megatron.training.checkpoint import Checkpointer, CheckpointError, RunDirLock, shutdown_writer_manager
+from osp_megatron.training.checkpoint import (
+    Checkpointer, CheckpointError, RunDirLock, shutdown_writer_manager, start_writer_manager,
+)
 from osp_megatron.training.clipping import GradClipper
 from osp_megatron.training.ema import EMA, unwrap
 from osp_megatron.training.rng import derive_seed, get_rng_state, seed_everything, set_rng_state
@@ -213,6 +215,8 @@ class Trainer:
             checksums=t.checkpoint_checksums,
             dp_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
         )
+        if t.save_checkpoints:
+            start_writer_manager()  # now, before the stop handlers exist (see `start_writer_manager`)
         resumed = self._maybe_resume()
         if not resumed:
             self.init_weights()
@@ -499,10 +503,12 @@ class Trainer:
                     print(f"{self.log_prefix} the tracker could not record the failure either "
                           f"({type(exc).__name__}: {redact_secrets(str(exc))[:300]})", file=sys.stderr, flush=True)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Release the run: finish an async save in flight (collective) unless this rank `failed` (its peers may
+        be inside another collective; the save is abandoned and `latest` keeps naming the previous checkpoint)."""
         try:
             if hasattr(self, "checkpointer"):
-                self.checkpointer.close()
+                self.checkpointer.close(collective=not failed)
         finally:
             shutdown_writer_manager()
             if hasattr(self, "run_lock"):

@@ -1,6 +1,7 @@
 """Checkpoint safety: re-saving a step, missing or damaged `latest`, torn metrics lines, replayed tracker steps,
 the run-directory lock and a dying writer process (real torch_dist saves in a one-process gloo world)."""
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -199,3 +200,40 @@ def test_save_refuses_non_finite_weights_and_keeps_the_last_good_checkpoint(worl
                                             r"checkpoint is .*step_0000001"):
         trainer.save()
     assert ck.committed_steps() == [1] and (ck.root / "latest").read_text().strip() == "step_0000001"
+
+
+def test_stop_signals_to_the_group_while_the_writer_manager_starts_do_not_kill_it(tmp_path):
+    # the Manager is a spawned interpreter that imports for seconds before it can ignore anything; a stop signal
+    # to the process group in that window (Ctrl-C right as the first periodic save begins) must not kill it
+    script = textwrap.dedent("""
+        import sys
+        from osp_megatron.training.signals import StopRequest
+        from osp_megatron.training.checkpoint import shutdown_writer_manager, start_writer_manager
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+        stop = StopRequest().install()
+        print("starting", flush=True)
+        start_writer_manager()
+        fa._results_queue.put("alive")
+        assert fa._results_queue.get(timeout=30) == "alive"
+        manager = fa._results_queue._manager
+        print("manager up; signals seen:", stop.signum is not None, flush=True)
+        shutdown_writer_manager()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        head = ""
+        while "starting" not in head and proc.poll() is None:
+            head += proc.stdout.readline()
+        sent = 0
+        while proc.poll() is None and sent < 400:  # a signal every 10 ms for up to 4 s while the Manager starts
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+                os.killpg(proc.pid, sig)
+            sent += 1
+            time.sleep(0.01)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0 and "manager up; signals seen: True" in out, head + out

@@ -63,10 +63,30 @@ class World:
             end = time.monotonic() + timeout
             codes = []
             for p in self.procs:
-                codes.append(p.wait(timeout=max(1.0, end - time.monotonic())))
+                try:
+                    codes.append(p.wait(timeout=max(1.0, end - time.monotonic())))
+                except subprocess.TimeoutExpired:
+                    raise AssertionError(f"ranks still running after {timeout:.0f} s:\n{self.dump_stacks()}") from None
             return codes
         finally:
             self.stop_all()
+
+    def dump_stacks(self) -> str:
+        """SIGABRT to every rank still running (the trainer's faulthandler prints each thread's Python stack),
+        then the tail of every rank's log: where a hang sits."""
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.kill(p.pid, signal.SIGABRT)
+                except ProcessLookupError:
+                    pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        return "\n".join(f"--- rank {r} (exit {p.poll()}) ---\n{self.text(r)[-6000:]}"
+                         for r, p in enumerate(self.procs))
 
     def stop_all(self) -> None:
         for p in self.procs:
