@@ -1,12 +1,15 @@
-"""GRPO iteration cost: MixGRPO (SDE window 4 of 25), MixGRPO-Flash, and an all-steps-SDE baseline (DanceGRPO style).
+"""GRPO iteration cost: OSP-Next's recipe (SDE window 10 of 25), MixGRPO (4 of 25), MixGRPO-Flash, and an
+all-steps-SDE baseline (DanceGRPO style).
 
-One command; the three methods run in the same process on the same model size, group size and prompts:
+One command; the methods run in the same process on the same model size, group size and prompts:
     python benchmarks/grpo.py                      # wan_1_3b on the GPU (bf16), 17 frames 480x832 latents
     python benchmarks/grpo.py --size tiny          # tiny model on CPU (checks the script)
 Per method: wall time of one GRPO iteration (rollouts + reward + PPO updates, after warm-up) and model evaluations
 (NFE) per iteration. Baseline (DanceGRPO style): SDE on steps 0..23 of 25 (the last is ODE), 14 of them trained at
 random (int(24 x 0.6)), constant noise 0.3. MixGRPO: SDE window 0..3 (Flow-GRPO noise 0.7), 4 trained, Euler
 elsewhere. Flash: the same window, then DPM-Solver++ (2M) on the compressed grid (ratio 0.4: 7 steps).
+OSP-Next (`grpo.recipe: osp-next`): SDE on steps 0..9 (noise std = sigma), all 10 trained, Euler after, unshifted
+grid, CFG 5 in rollouts and in the trained forward (the unconditional branch without gradient).
 Also reported: MixGRPO with its window late in a run (steps 11..14), where the 11 Euler steps before the window are
 run once per group (all members share the initial noise).
 Goals: MixGRPO <= 55% of the baseline's time, Flash <= 40% (the MixGRPO paper reports ~52% and ~38%).
@@ -51,6 +54,9 @@ def methods(steps: int) -> Dict[str, Dict]:
         "mixgrpo_flash": dict(base, noise_level="flow_grpo", eta=0.7,
                               window=dict(strategy="progressive", size=4, shift_interval=20, stride=1),
                               flash=dict(enabled=True, compression=0.4, order=2)),
+        # OSP-Next's Mix-GRPO as released (grpo.recipe: osp-next): SDE on steps 0..9 of 25 (fixed), every one
+        # trained, sigma noise, CFG 5 with the unconditional branch in rollouts and training
+        "osp_next": dict(recipe="osp-next", steps=steps),
         # where MixGRPO's progressive window sits late in a run (start 11 at iteration 275 of 300): the 11 steps
         # before it are identical within a group (same initial noise) and run once per group
         "mixgrpo_window11": dict(base, noise_level="flow_grpo", eta=0.7,
@@ -136,6 +142,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     base = res["dancegrpo_all_sde"]
     goals = {"dancegrpo_all_sde": "baseline", "mixgrpo": "<= 55% of baseline time (ratio >= 1.82)",
              "mixgrpo_flash": "<= 40% of baseline time (ratio >= 2.5)",
+             "osp_next": "informational: OSP-Next's recipe (window 10 of 25, CFG 5: two forwards per step)",
              "mixgrpo_window11": "informational: late window, pre-window steps shared per group"}
     rows = []
     for name, r in res.items():
