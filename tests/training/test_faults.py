@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -135,11 +136,21 @@ def test_kill_9_of_a_rank_mid_save_and_of_the_launcher_then_resume_bit_for_bit(t
                                      f"train.run_dir={run}"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
     _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 3, "step 3 under torchrun")
+    ranks = [p for p in psutil.Process(launcher.pid).children() if "osp_megatron.cli.train" in " ".join(p.cmdline())]
+    assert len(ranks) == 2
     os.kill(launcher.pid, signal.SIGKILL)
     launcher.wait()
-    logs = tmp_path / "l_second"
-    assert run_world(1, cfg, [f"train.run_dir={run}"], logs) == [1]
-    assert "is in use by another trainer (pid " in (logs / "rank0.0.log").read_text()
+    # the orphans are held still (SIGSTOP) while a second trainer tries the run directory: they would otherwise
+    # finish the few remaining steps before it starts up
+    for p in ranks:
+        p.suspend()
+    try:
+        logs = tmp_path / "l_second"
+        assert run_world(1, cfg, [f"train.run_dir={run}"], logs) == [1]
+        assert "is in use by another trainer (pid " in (logs / "rank0.0.log").read_text()
+    finally:
+        for p in ranks:
+            p.resume()
     _wait_for(lambda: (run / "checkpoints" / "latest").is_file()
               and (run / "checkpoints" / "latest").read_text().strip() == "step_0000008"
               and _lock_free(run), "the orphans to finish", 600)
