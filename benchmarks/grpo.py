@@ -121,6 +121,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="full activation recompute in the training forward (auto: on for GPU sizes, as in MixGRPO's "
                          "runs, which use activation checkpointing; off for tiny)")
     ap.add_argument("--run-dir", default="/tmp/osp_grpo_bench")
+    ap.add_argument("--methods", default="",
+                    help="comma-separated subset of the methods (default: all); the baseline always runs")
     add_out_dir(ap)
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -136,7 +138,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     spec = SIZES[size]
     free_memory(device)
     res = {}
-    for name, over in methods(args.steps).items():
+    chosen = methods(args.steps)
+    if args.methods:
+        wanted = {"dancegrpo_all_sde", *[m.strip() for m in args.methods.split(",") if m.strip()]}
+        unknown = wanted - set(chosen)
+        if unknown:
+            ap.error(f"--methods: unknown {sorted(unknown)}; choose from {sorted(chosen)}")
+        chosen = {k: v for k, v in chosen.items() if k in wanted}
+    for name, over in chosen.items():
         res[name] = run_method(name, over, size, spec, args, device)
 
     base = res["dancegrpo_all_sde"]
