@@ -24,6 +24,7 @@ import multiprocessing.context as _mp_context
 import os
 import shutil
 import signal
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -144,7 +145,7 @@ def verify_checkpoint(ckpt_dir: str | Path) -> Dict[str, Any]:
 def start_writer_manager() -> None:
     """Start the results queue of megatron's torch_dist writer in a Manager process that ignores the stop
     signals (megatron would start one with the default actions: a SIGTERM/SIGUSR1 to the process group would kill
-    it and break the final save with BrokenPipeError), also while it starts (`_SpawnIgnoringStopSignals`).
+    it and break the final save with BrokenPipeError), also while it starts (`_SpawnProcessIgnoringStopSignals`).
     No-op once a queue exists."""
     try:
         from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
@@ -152,16 +153,15 @@ def start_writer_manager() -> None:
         return
     if getattr(fa, "_results_queue", None) is not None:
         return
-    import multiprocessing as mp
     from multiprocessing.managers import SyncManager
 
-    manager = SyncManager(ctx=_SpawnIgnoringStopSignals(mp.get_context("spawn")))
+    manager = SyncManager(ctx=_SpawnContextIgnoringStopSignals())
     manager.start(initializer=ignore_stop_signals)
     fa._results_queue = manager.Queue()
 
 
-class _SpawnIgnoringStopSignals:
-    """The `spawn` context, except that its processes start with the stop signals ignored.
+class _SpawnProcessIgnoringStopSignals(_mp_context.SpawnProcess):
+    """A `spawn` process that starts with the stop signals ignored.
 
     A spawned interpreter imports for seconds before an initializer can run; a stop signal to the process group
     in that window (Ctrl-C just as the first periodic save begins) would kill it. An ignored disposition survives
@@ -170,20 +170,7 @@ class _SpawnIgnoringStopSignals:
     the trainer therefore starts the Manager during set-up, before its stop handlers are installed.
     """
 
-    def __init__(self, ctx) -> None:
-        self._ctx = ctx
-
-    def __getattr__(self, name):
-        return getattr(self._ctx, name)
-
-    def Process(self, *args, **kwargs):  # noqa: N802 - the multiprocessing context API
-        return _SpawnProcessIgnoringStopSignals(*args, **kwargs)
-
-
-class _SpawnProcessIgnoringStopSignals(_mp_context.SpawnProcess):
     def start(self) -> None:
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             return super().start()  # signal dispositions can only be changed from the main thread
         previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in HANDLED_SIGNALS}
@@ -192,6 +179,10 @@ class _SpawnProcessIgnoringStopSignals(_mp_context.SpawnProcess):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+class _SpawnContextIgnoringStopSignals(_mp_context.SpawnContext):
+    Process = _SpawnProcessIgnoringStopSignals
 
 
 class WriterWatchdog:
