@@ -162,7 +162,6 @@ class Trainer:
         return initialize_parallel(self.cfg.parallel)
 
     def setup(self) -> None:
-        from megatron.core import parallel_state
         from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                                finalize_model_grads)
         from megatron.core.optimizer import get_megatron_optimizer
@@ -172,16 +171,13 @@ class Trainer:
         cpu_shims.apply()
         self._lock_run_dir()
         self.ps = self.init_parallel()
-        self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.dp_size = parallel_state.get_data_parallel_world_size()
-        self.cp_size = parallel_state.get_context_parallel_world_size()
-        self.pp_size = parallel_state.get_pipeline_model_parallel_world_size()
-        self.is_first_stage = parallel_state.is_pipeline_first_stage()
-        self.is_last_stage = parallel_state.is_pipeline_last_stage()
+        ps = self.ps  # every rank, size and group below comes from the injected parallel state
+        self.dp_rank, self.dp_size, self.cp_size, self.pp_size = ps.dp_rank, ps.dp, ps.cp.size, ps.pp
+        self.is_first_stage, self.is_last_stage = ps.is_first_stage, ps.is_last_stage
         self.setup_layout()
 
         # identical init on every DP rank; one stream per pipeline stage; megatron's tracker gives per-TP-rank streams
-        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        pp_rank = ps.pp_rank
         seed_everything(t.seed if pp_rank == 0 else derive_seed(t.seed, pp_rank))
 
         model = self.build_model()
@@ -213,7 +209,7 @@ class Trainer:
         self.checkpointer = Checkpointer(
             self.run_dir, keep_last=t.keep_last, async_save=t.async_save and self.device.type == "cuda",
             checksums=t.checkpoint_checksums,
-            dp_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
+            dp_group=ps.dp_cp_group,
         )
         if t.save_checkpoints:
             start_writer_manager()  # now, before the stop handlers exist (see `start_writer_manager`)

@@ -124,14 +124,11 @@ class DiffusionTrainer(Trainer):
         TransformerEngine FP8 recipes: TE's autocast around the TE-spec model."""
         import contextlib
 
-        from megatron.core import parallel_state
-
-
         if self.recipe is None:
             return contextlib.nullcontext()
         if isinstance(self.recipe, (HiF8CurrentScaling, HiF8DelayedScaling, FP8CurrentScaling)):
             return autocast(enabled=True, recipe=self.recipe,
-                            amax_reduction_group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+                            amax_reduction_group=self.ps.dp_cp_group)
         import transformer_engine.pytorch as te  # fp8_* recipes are only accepted with model.spec=te
 
         return te.autocast(enabled=True, recipe=self.recipe)
@@ -206,7 +203,6 @@ class DiffusionTrainer(Trainer):
 
     def train_step(self, step: int, micro: Optional[List[Dict[str, torch.Tensor]]] = None) -> Dict[str, float]:
         """Optimizer step number `step`; `micro` (benchmarks) replaces the loader's micro-batches. Its metrics."""
-        from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         t = self.cfg.train
@@ -233,7 +229,7 @@ class DiffusionTrainer(Trainer):
         update = self.optimizer_update(loss)
 
         stats = torch.tensor([flops_exec, flops_model, tokens, samples], dtype=torch.float64, device=self.device)
-        dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(stats, group=self.ps.dp_group)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -260,13 +256,9 @@ class DiffusionTrainer(Trainer):
 
     def _data_metrics(self) -> Dict[str, float]:
         """Loader counters summed over data-parallel ranks (one loader per DP rank: TP/CP/PP rank 0 reports)."""
-        from megatron.core import parallel_state
-
         if not hasattr(self.loader, "metrics"):
             return {}
-        reporter = (parallel_state.get_tensor_model_parallel_rank() == 0
-                    and parallel_state.get_context_parallel_rank() == 0
-                    and parallel_state.get_pipeline_model_parallel_rank() == 0)
+        reporter = self.ps.tp_rank == 0 and self.ps.cp.rank == 0 and self.ps.pp_rank == 0
         mine = {k: float(v) for k, v in self.loader.metrics().items() if isinstance(v, (int, float))} if reporter else {}
         out: Dict[str, float] = {}
         for counters in all_gather_object(mine):

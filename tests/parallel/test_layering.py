@@ -44,3 +44,21 @@ def test_build_model_never_creates_a_process_group():
         print(json.dumps({"error": err, "initialized": dist.is_initialized()}))
     """)
     assert "ParallelState.single()" in out["error"] and not out["initialized"]
+
+
+def test_trainers_take_groups_from_the_injected_parallel_state():
+    """The trainers read ranks, sizes and groups from the `ParallelState` that `initialize_parallel` returned,
+    never from megatron's global `parallel_state` getters (rng.py only asks whether megatron is initialised)."""
+    import ast
+    from pathlib import Path
+
+    import osp_megatron
+
+    root = Path(osp_megatron.__file__).parent
+    calls = []
+    for path in sorted([*root.glob("training/*.py"), *root.glob("rl/*.py"), *root.glob("cli/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id in ("parallel_state", "mps") and node.attr != "model_parallel_is_initialized"):
+                calls.append(f"{path.relative_to(root)}:{node.lineno} {node.value.id}.{node.attr}")
+    assert not calls, calls
