@@ -153,7 +153,7 @@ class GRPOConfig:
     eval_seeds: int = option(4, "fixed-seed samples per evaluation prompt", minimum=1)
     eval_prompts: int = option(8, "the first N prompts are evaluated", minimum=1)
     eval_steps: int = option(0, "Euler steps of the evaluation samples (0: grpo.steps)", minimum=0)
-    seed: int = option(1234, "seed of prompts, noise and advantages")
+    seed: int = option(1234, "seed of prompts, noise and advantages", minimum=0)
     log_interval: int = option(1, "print a progress line every N iterations", minimum=1)
 
     @staticmethod

@@ -190,7 +190,7 @@ class TrainConfig:
     max_shift: float = option(1.15, "dynamic shift: log-shift at max_seq_len tokens")
     base_seq_len: int = option(256, "dynamic shift: token count of base_shift", minimum=1)
     max_seq_len: int = option(4096, "dynamic shift: token count of max_shift", minimum=1)
-    seed: int = option(1234, "the run's seed (weights init, noise, timesteps are derived from it)")
+    seed: int = option(1234, "the run's seed (weights init, noise, timesteps are derived from it)", minimum=0)
     log_interval: int = option(1, "log metrics every N steps", minimum=1)
     save_interval: int = option(0, "checkpoint every N steps (0: only at the end and on a stop signal)", minimum=0)
     save_checkpoints: bool = option(True, "false: never write checkpoints (benchmark/smoke runs; a signal just stops)")

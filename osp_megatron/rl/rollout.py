@@ -28,7 +28,8 @@ from osp_megatron.diffusion.samplers import (
     sde_noise_level,
     sde_step_with_logprob,
 )
-from osp_megatron.rl.windows import Window, flash_sigmas, hash_ints
+from osp_megatron.rl.windows import Window, flash_sigmas
+from osp_megatron.training.rng import derive_seed
 
 Tensor = torch.Tensor
 
@@ -40,11 +41,13 @@ class NoiseSource:
     """Per-sample Gaussian noise for one iteration (see module doc). `group`: the context-parallel process group
     (only used by `mode="broadcast"`)."""
 
+    INITIAL_TAG = 1 << 20  # the σ=1 draw; SDE draws are tagged with their step index (0 .. steps - 1)
+
     def __init__(self, seed: int, iteration: int, mode: str = "seed", group=None, rank_seed: int = 0) -> None:
         if mode not in ("seed", "broadcast"):
             raise ValueError(f"noise mode {mode!r}: use seed or broadcast")
         self.seed, self.iteration, self.mode, self.group = int(seed), int(iteration), mode, group
-        self._rank_gen = torch.Generator().manual_seed(hash_ints(seed, iteration, rank_seed, 0xB00))
+        self._rank_gen = torch.Generator().manual_seed(derive_seed(seed, iteration, rank_seed, 0xB00))
 
     def _draw(self, shape: Sequence[int], ids: Sequence[int], tag: int, device) -> Tensor:
         device = torch.device(device)
@@ -52,7 +55,7 @@ class NoiseSource:
             out = torch.empty((len(ids), *shape), dtype=torch.float32, device=device)
             gen = torch.Generator(device=device)
             for k, i in enumerate(ids):  # drawn on the target device: same values on every rank of one device type
-                gen.manual_seed(hash_ints(self.seed, self.iteration, int(i), tag))
+                gen.manual_seed(derive_seed(self.seed, self.iteration, int(i), tag))
                 out[k].normal_(generator=gen)
             return out
         out = torch.randn((len(ids), *shape), generator=self._rank_gen).to(device)
@@ -63,7 +66,7 @@ class NoiseSource:
 
     def initial(self, shape: Sequence[int], ids: Sequence[int], device="cpu") -> Tensor:
         """`[len(ids), *shape]` float32 noise at σ=1."""
-        return self._draw(shape, ids, -1, device)
+        return self._draw(shape, ids, self.INITIAL_TAG, device)
 
     def sde(self, shape: Sequence[int], ids: Sequence[int], step: int, device="cpu") -> Tensor:
         """`[len(ids), *shape]` float32 noise of SDE step `step`."""

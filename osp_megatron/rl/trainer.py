@@ -41,10 +41,10 @@ from osp_megatron.rl.loss import kl_penalty, ppo_clip_loss
 from osp_megatron.rl.rewards import LatentPreviewDecoder, MultiReward
 from osp_megatron.rl.rollout import (NoiseSource, RolloutPlan, make_plan, ode_prefix, ode_sample, rollout,
                                      transition_log_prob)
-from osp_megatron.rl.windows import WindowSchedule, count_nfe, group_prefix_runs, hash_ints
+from osp_megatron.rl.windows import WindowSchedule, count_nfe, group_prefix_runs
 from osp_megatron.training import signals
 from osp_megatron.training.clipping import GradClipper
-from osp_megatron.training.rng import get_rng_state, set_rng_state
+from osp_megatron.training.rng import derive_seed, get_rng_state, set_rng_state
 from osp_megatron.training.tracking import Tracker, run_tags, system_metrics
 from osp_megatron.weights import read_latest
 from osp_megatron.weights.lora import (ADAPTER, ADAPTER_EMA, GRPO_CHECKPOINTS as CKPT_SUBDIR, read_shard, shard_name,
@@ -311,7 +311,7 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ one iteration
     def iteration_prompts(self, it: int) -> List[int]:
         """Prompt index of every prompt slot of iteration `it` (same on every rank)."""
-        rng = random.Random(hash_ints(self.g.seed, it, 0xF0))
+        rng = random.Random(derive_seed(self.g.seed, it, 0xF0))
         return [rng.randrange(len(self.prompts)) for _ in range(self.g.prompts_per_iteration)]
 
     def local_ids(self) -> List[int]:
@@ -392,7 +392,7 @@ class GRPOTrainer:
         adv, combined = combine_rewards(gathered, self.reward.weights, group_ids, g.reward_mix, norm=g.adv_norm,
                                         eps=g.adv_eps, clip=g.adv_clip_max, unbiased=g.adv_unbiased_std)
         if g.shuffle_advantages:
-            adv = shuffled(adv, torch.Generator().manual_seed(hash_ints(g.seed, it, 0x5F)))
+            adv = shuffled(adv, torch.Generator().manual_seed(derive_seed(g.seed, it, 0x5F)))
         ids = self.local_ids()
         return adv[ids[0]: ids[-1] + 1], gathered, combined
 
@@ -413,11 +413,11 @@ class GRPOTrainer:
                 short = (batches - kept % batches) % batches
                 zeros = (~keep).nonzero(as_tuple=True)[0]
                 if short and len(zeros) >= short:
-                    gen = torch.Generator().manual_seed(hash_ints(g.seed, it, self.dist.dp_rank, 0x2E40))
+                    gen = torch.Generator().manual_seed(derive_seed(g.seed, it, self.dist.dp_rank, 0x2E40))
                     keep[zeros[torch.randperm(len(zeros), generator=gen)[:short]]] = True
                 order = keep.nonzero(as_tuple=True)[0].tolist()
         if g.shuffle_train_order:
-            gen = torch.Generator().manual_seed(hash_ints(g.seed, it, self.dist.dp_rank, 0x5407))
+            gen = torch.Generator().manual_seed(derive_seed(g.seed, it, self.dist.dp_rank, 0x5407))
             order = [order[i] for i in torch.randperm(len(order), generator=gen).tolist()]
         return order
 
@@ -557,7 +557,7 @@ class GRPOTrainer:
         parts: Dict[str, List[Tensor]] = {}
         for k in range(0, len(prompts), g.rollout_batch):
             mb = prompts[k: k + g.rollout_batch]
-            x0 = torch.stack([seeded_noise(self.latent_shape, hash_ints(g.seed, 0xE7A1, k + i)) for i in range(len(mb))])
+            x0 = torch.stack([seeded_noise(self.latent_shape, derive_seed(g.seed, 0xE7A1, k + i)) for i in range(len(mb))])
             final = ode_sample(self.velocity_fn(self.text.encode(mb)), x0.to(self.device),
                                steps or g.eval_steps or g.steps, g.shift)
             for name, v in self.score(final, mb).items():

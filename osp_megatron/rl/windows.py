@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from osp_megatron.diffusion.samplers import flow_sigmas, shift_sigmas
+from osp_megatron.training.rng import derive_seed
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class WindowSchedule:
         if self.strategy == "fixed":
             return Window(self.start, self.size)
         if self.strategy == "random":
-            rng = random.Random(hash_ints(self.seed, iteration, 0x57A27))
+            rng = random.Random(derive_seed(self.seed, iteration, 0x57A27))
             return Window(rng.randint(0, self.max_start), self.size)
         while len(self._starts) <= iteration:
             self._advance()
@@ -128,7 +129,7 @@ class WindowSchedule:
             return steps
         if self.trained_select == "first":
             return steps[: self.trained]
-        rng = random.Random(hash_ints(self.seed, iteration, 0x7EA1))
+        rng = random.Random(derive_seed(self.seed, iteration, 0x7EA1))
         return tuple(sorted(rng.sample(list(steps), self.trained)))
 
     def state_dict(self) -> Dict[str, object]:
@@ -149,16 +150,6 @@ class WindowSchedule:
         if diff:
             raise ValueError(f"checkpoint window schedule differs from the config: {diff} (saved, config); "
                              "restore the grpo.window settings or start a new run_dir")
-
-
-def hash_ints(*values: int) -> int:
-    """Deterministic 63-bit mix of integers (same on every rank and process; no Python hash randomisation)."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h ^= (int(v) + 0x9E3779B97F4A7C15 + ((h << 6) & 0xFFFFFFFFFFFFFFFF) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
-        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
 
 
 # --------------------------------------------------------------------------------------------

@@ -208,3 +208,17 @@ def test_lora_on_hif8_quantized_model(tmp_path):
     assert kinds == {"HiF8ColumnParallelLinear", "HiF8RowParallelLinear"}
     m = t.step()
     assert m["grpo/ratio_mean"] == 1.0 and m["grpo/grad_norm"] > 0
+
+
+def test_grpo_noise_comes_from_the_project_seed_scheme():
+    """GRPO's per-sample noise is seeded by `derive_seed(seed, iteration, sample, tag)`, the scheme of the whole
+    project (the trainer's noise, timesteps and samples use the same function)."""
+    from osp_megatron.rl.rollout import NoiseSource
+    from osp_megatron.training.rng import derive_seed
+
+    src = NoiseSource(seed=7, iteration=3)
+    for tag, got in ((2, src.sde([4, 2, 2], [5, 9], 2)), (NoiseSource.INITIAL_TAG, src.initial([4, 2, 2], [5, 9]))):
+        for k, sample in enumerate((5, 9)):
+            want = torch.empty(4, 2, 2).normal_(generator=torch.Generator().manual_seed(derive_seed(7, 3, sample, tag)))
+            assert torch.equal(got[k], want)
+    assert not torch.equal(src.sde([4, 2, 2], [5], 0), src.initial([4, 2, 2], [5]))
