@@ -62,7 +62,8 @@ class TextEncoder:
 
 
 def tiny_text_model(text_dim: int = 32):
-    """A small UMT5EncoderModel (2 layers, width `text_dim`), weights from a fixed seed."""
+    """A small UMT5EncoderModel (2 layers, width `text_dim`), weights from a fixed seed, relative-attention biases
+    set to local windows (`_local_relative_bias`) so that the output depends on word order."""
     from transformers import UMT5Config, UMT5EncoderModel
 
     from osp_megatron.encoders.tokenizer import VOCAB_SIZE
@@ -76,7 +77,36 @@ def tiny_text_model(text_dim: int = 32):
                         is_encoder_decoder=False, use_cache=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-        return UMT5EncoderModel(config)
+        model = UMT5EncoderModel(config)
+    _local_relative_bias(model)
+    return model
+
+
+# relative offsets (key - query) each head of the tiny umT5 attends to: previous byte, next byte, next 2..8, previous 2..8
+LOCAL_HEAD_OFFSETS = (range(-1, 0), range(1, 2), range(2, 9), range(-8, -1))
+LOCAL_BIAS = 4.0
+
+
+@torch.no_grad()
+def _local_relative_bias(model, strength: float = LOCAL_BIAS) -> None:
+    """Give the random umT5 word order: its random relative-attention biases (std d^-0.5) leave every layer's
+    attention almost uniform, so the output is a bag of byte embeddings (swapping two words moves it ~2%) and no
+    cross-attention can tell `a red square on a blue background` from `a blue square on a red background`. Each
+    head gets `strength` on the relative-position buckets of one local window (LOCAL_HEAD_OFFSETS), 0 elsewhere."""
+    rel = torch.arange(-64, 65)
+    for blk in model.encoder.block:
+        att = blk.layer[0].SelfAttention
+        if getattr(att, "relative_attention_bias", None) is None:
+            continue
+        w = att.relative_attention_bias.weight
+        buckets = att._relative_position_bucket(rel)
+        new = torch.zeros_like(w)
+        for h in range(w.shape[1]):
+            window = set(LOCAL_HEAD_OFFSETS[h % len(LOCAL_HEAD_OFFSETS)])
+            for b in buckets.unique().tolist():
+                if all(d in window for d in rel[buckets == b].tolist()):
+                    new[b, h] = strength
+        w.copy_(new)
 
 
 def load_text_encoder(spec: str, device="cpu", dtype: torch.dtype = torch.float32, text_len: int = 512,
