@@ -46,6 +46,10 @@ class ModelConfig:
                             "norms, modulation, RMSNorm + RoPE, GELU -- are recomputed in backward; no GEMM or "
                             "attention runs twice), full (each block's forward again, +1 forward)",
                             choices=("none", "selective", "full"))
+    padding_free: Optional[bool] = option(None, "sparse blocks on the real tokens only (H, W padding to P^2 multiples "
+                                          "never enters a per-token op): null = wherever the sequence is not split "
+                                          "(one device: packed; context or sequence parallelism: padded shards), "
+                                          "true = packed (rejected with context/sequence parallelism), false = padded")
     hidden_size: Optional[int] = option(None, "override the size's hidden width", minimum=1)
     ffn_hidden_size: Optional[int] = option(None, "override the size's FFN width", minimum=1)
     num_attention_heads: Optional[int] = option(None, "override the size's attention heads", minimum=1)
@@ -279,9 +283,9 @@ class EncoderConfig:
 
     vae: str = option("tiny", "Wan VAE: a diffusers AutoencoderKLWan folder (or a pipeline folder), tiny (random "
                       "weights), or patch (a fixed pixel-patch code with a readable decode; the CPU demo)")
-    text_encoder: str = option("tiny", "umT5 text encoder: a transformers UMT5EncoderModel folder, or tiny")
+    text_encoder: str = option("tiny", "umT5 text encoder: a transformers UMT5EncoderModel folder, or tiny (fixed "
+                               "random weights with local relative-attention windows, so word order counts)")
     tokenizer: str = option("", "tokenizer folder (empty: next to the text encoder)")
-    seed: int = option(0, "seed of the tiny stand-ins' random weights")
 
 
 __all__ = [

@@ -55,8 +55,12 @@ class SequenceContext:
     def problems(self, layout: str, kind: str) -> AttentionProblems:
         """The attention problems of the sequence `placement.seq_to_heads` gives the kernel (kind full | sparse)."""
         if (layout, kind) not in self._problems:
-            pos = self.placement.attention_positions(layout, kind)
-            self._problems[(layout, kind)] = AttentionProblems.from_positions(pos, kind, self.placement.device)
+            if self.placement.packed and kind == "sparse":  # classes are contiguous runs of rows
+                problems = AttentionProblems.from_segments(self.placement.packed_layout(layout).segments)
+            else:
+                pos = self.placement.attention_positions(layout, kind)
+                problems = AttentionProblems.from_positions(pos, kind, self.placement.device)
+            self._problems[(layout, kind)] = problems
         return self._problems[(layout, kind)]
 
 

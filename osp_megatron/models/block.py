@@ -7,7 +7,9 @@
 
 The block works on the layout its input is in (`[S, G*b, C]`, class-major batch): every op but
 self-attention is per token, so the Skiparse permutation is invisible to them; the per-sample
-modulation is repeated over the G classes held here. Its attention kind (`full` | `token` | `group`) comes
+modulation is repeated over the G classes held here. Padding-free placements hold the sparse layouts packed
+(`[N, b, C]`, the real tokens only, G = 1: `parallel.plan.TokenPlacement`), so the per-token ops never see
+a padding slot and the modulation broadcasts over the sequence as in full blocks. Its attention kind (`full` | `token` | `group`) comes
 from its spec; its `BlockStep` (the layout it runs in, and the one to switch from first when the previous
 block left the hidden state elsewhere) from the model's block plan (`skiparse.plan_blocks`).
 """

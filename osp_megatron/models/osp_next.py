@@ -9,6 +9,8 @@
     velocity = unpatchify(placement.exit(out))              [b, 16, T, H, W]
 
 With `target=` the loss is computed on the rank's own tokens in the final layout instead (no gather).
+`config.padding_free` (model.padding_free): on one device the sparse blocks run on the packed real tokens
+(`[N, b, C]`, no H/W padding to P^2 multiples); under context / sequence parallelism on padded shards.
 Blocks come from a per-layer spec list (`specs.get_layer_specs`: attention kind, HiF8 or plain linears, Q/K/V
 quantizer, kernel). Process groups come only from the injected `ParallelState`; the model calls the
 `parallel` package for every collective: token placement and movement (`parallel.plan.TokenPlacement`, one
@@ -127,7 +129,8 @@ class OSPNextDiT(MegatronModule):
         key = (tuple(grid), str(device))
         if key not in self._sequences:
             placement = TokenPlacement(grid, self.config.sparse_ratio, self.schedule, self.parallel, device,
-                                       full_ulysses=self.parallel.full_ulysses(self.config.num_attention_heads))
+                                       full_ulysses=self.parallel.full_ulysses(self.config.num_attention_heads),
+                                       padding_free=self.config.padding_free)
             self._sequences[key] = SequenceContext(placement, self.config.head_dim, self.config.rope_theta)
         return self._sequences[key]
 

@@ -17,8 +17,16 @@
   the loss on the rank's own tokens of the final layout (training).
 
 On one device (no CP, no TP sequence parallelism) full blocks run on the unpadded raster sequence and sparse
-blocks switch into/out of the padded Skiparse layouts locally; when the sequence is split (CP or SP) the
+blocks switch into/out of the Skiparse layouts locally; when the sequence is split (CP or SP) the
 placement is layout-native (token layout from the first block, no communication at full <-> sparse boundaries).
+
+Padding-free (`padding_free=True`, one device only): the sparse layouts are held packed (`skiparse.PackedLayout`,
+`[N, b, C]`: the real tokens only, classes one after another along the sequence, the sample a batch dim), so no
+per-token op of a sparse block sees a padding slot; every switch (raster -> token when a sparse run starts,
+token <-> group inside it, group -> raster when it ends) is one row gather by a precomputed permutation.
+`classes_per_rank` is then 1 for every layout and `positions` is `[N, 1]`. Layout-native plans keep the padded
+shards: there the padding is what makes every rank's shard the same length (equal-split Ulysses all-to-alls in
+sparse attention, TP sequence-parallel chunks).
 
 Notation: a local shard is `[S_loc, G*b, *R]` with G classes of the layout on this rank (class-major batch).
 Positions (`positions(layout)`: raster index or -1 for padding, `[S_loc, G]`) describe every rearrangement, so
@@ -43,14 +51,16 @@ from osp_megatron.parallel.ulysses import (
     seq_gather_head_scatter,
     seq_gather_head_scatter_uneven,
 )
-from osp_megatron.skiparse import LayoutGeometry, from_layout, plan_blocks, row_gather, row_scatter, to_layout
+from osp_megatron.skiparse import (LayoutGeometry, PackedLayout, from_layout, packed_layout, plan_blocks, row_gather,
+                                   row_permute, row_scatter, to_layout)
 
 
 class TokenPlacement:
     """Where the tokens of one latent grid live under one parallel layout, and how they move between ranks."""
 
     def __init__(self, grid: Sequence[int], ratio: int, schedule: Sequence[str], parallel: ParallelState = None,
-                 device: torch.device = torch.device("cpu"), full_ulysses: Optional[int] = None):
+                 device: torch.device = torch.device("cpu"), full_ulysses: Optional[int] = None,
+                 padding_free: bool = False):
         self.parallel = parallel or ParallelState()
         self.cp = self.parallel.cp
         self.full_ulysses = self.cp.size if full_ulysses is None else full_ulysses
@@ -64,6 +74,7 @@ class TokenPlacement:
         self.layout_native = self.parallel.splits_sequence
         self.entry_layout, self.steps, self.final_layout = plan_blocks(schedule, self.layout_native)
         self.sparse = any(k != "full" for k in schedule)
+        self.packed = bool(padding_free) and self.sparse and not self.layout_native
         if not self.sparse and self.cp.ssp > 1:
             raise ValueError("parallel.ssp > 1 needs sparse blocks; the full schedule uses parallel.ulysses only")
         self.geometry = LayoutGeometry(grid, ratio, self.cp.ssp, self.cp.ulysses)
@@ -74,6 +85,8 @@ class TokenPlacement:
         self._switches: Dict[Tuple[str, str], Callable] = {}
         self._compaction: Dict[str, Tuple[List[int], torch.Tensor]] = {}
         self._run_counts: Dict[str, List[int]] = {}
+        self._packed_layouts: Dict[str, PackedLayout] = {}
+        self._permutations: Dict[Tuple[str, str], Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _check_sp(self) -> None:
         if self.sp_size == 1:
@@ -89,15 +102,30 @@ class TokenPlacement:
 
     # ------------------------------------------------------------------ facts
     def local_len(self, layout: str) -> int:
-        return self.geometry.local_len(layout)
+        return self.num_tokens if self.packed else self.geometry.local_len(layout)
 
     def classes_per_rank(self, layout: str) -> int:
-        return self.geometry.classes_per_rank(layout)
+        """Classes in the batch axis of this rank's tensor of `layout` (packed: 1, the classes lie along the
+        sequence)."""
+        return 1 if self.packed else self.geometry.classes_per_rank(layout)
+
+    def packed_layout(self, layout: str) -> PackedLayout:
+        """The packed form of `layout` (padding-free placements only)."""
+        if not self.packed:
+            raise ValueError("packed_layout: this placement holds padded layouts (padding_free off or the sequence "
+                             "split over ranks)")
+        if layout not in self._packed_layouts:
+            self._packed_layouts[layout] = packed_layout(self.grid, self.ratio, layout)
+        return self._packed_layouts[layout]
 
     def positions(self, layout: str) -> torch.Tensor:
         """Raster index of each slot of this rank's shard, long [S_loc, G] (-1 = padding), on `device`."""
         if layout not in self._pos:
-            self._pos[layout] = self.geometry.positions(layout, self.cp.ssp_rank, self.cp.ulysses_rank).to(self.device)
+            if self.packed:
+                pos = self.packed_layout(layout).positions[:, None]
+            else:
+                pos = self.geometry.positions(layout, self.cp.ssp_rank, self.cp.ulysses_rank)
+            self._pos[layout] = pos.to(self.device)
         return self._pos[layout]
 
     def valid(self, layout: str) -> torch.Tensor:
@@ -117,6 +145,8 @@ class TokenPlacement:
         if self.sp_size > 1:
             y = tensor_parallel.gather_from_sequence_parallel_region(
                 y, tensor_parallel_output_grad=False, group=self.parallel.tp_group)
+        if self.packed:
+            return self._permute(y, self.final_layout, "raster")
         pieces = [y]
         if self.cp.size > 1:
             with comm_stats.scope("exit"):
@@ -132,6 +162,8 @@ class TokenPlacement:
 
     def shard_target(self, tokens: torch.Tensor) -> torch.Tensor:
         """Raster per-token targets [N, b, C'] -> this rank's own slots of the final layout [S_loc(/TP), G*b, C']."""
+        if self.packed:
+            return self._permute(tokens, "raster", self.final_layout)
         return self._sp_chunk(self.geometry.shard(tokens, self.final_layout, self.cp.ssp_rank, self.cp.ulysses_rank))
 
     def target_valid(self) -> torch.Tensor:
@@ -151,6 +183,10 @@ class TokenPlacement:
         one device)."""
         if src == dst:
             return x
+        if self.packed:
+            if {src, dst} != {"token", "group"} and "raster" not in (src, dst):
+                raise ValueError(f"the SSP switch goes token <-> group, not {src} -> {dst}")
+            return self._permute(x, src, dst)
         if "raster" in (src, dst):
             if self.layout_native:
                 raise ValueError(f"layout-native plans never switch {src} -> {dst}")
@@ -161,6 +197,18 @@ class TokenPlacement:
             self._switches[(src, dst)] = token_group_switch(self.geometry, self.cp, self.sp_size, src, dst, self.device)
         with comm_stats.scope("sparse"):
             return self._switches[(src, dst)](x)
+
+    def _permute(self, x: torch.Tensor, src: str, dst: str) -> torch.Tensor:
+        """Packed [N, b, *R] of `src` -> of `dst`: one row gather (backward: the inverse gather)."""
+        if src == dst:
+            return x
+        if (src, dst) not in self._permutations:
+            idx = self.packed_layout(dst).index_from(self.packed_layout(src))
+            inv = torch.empty_like(idx)
+            inv[idx] = torch.arange(idx.numel())
+            self._permutations[(src, dst)] = (idx.to(self.device), inv.to(self.device))
+        idx, inv = self._permutations[(src, dst)]
+        return row_permute(x, idx, inv)
 
     # ------------------------------------------------------------------ Ulysses around attention
     def _ulysses(self, kind: str):

@@ -11,7 +11,11 @@ dense batch; padding slots come back as zeros.
 - `grouped_attention(q, k, v, problems, kernel)`: the attention of those problems, `[S, G*b, h, d]` in and out.
 - `SkiparseAttention(kernel)`: the same as a raster-in / raster-out op (`[N, b, h, d]`, raster `(t h w)`),
   the layout rearrangement fused into the row gathers; equals dense attention under the class-equality mask.
-- `row_gather` / `row_scatter`: row copies with unique indices (autograd: copy back, no accumulation).
+- `row_gather` / `row_scatter`: row copies with unique indices (autograd: copy back, no accumulation);
+  `row_permute`: a permutation of rows (autograd: the inverse permutation).
+- Packed sequences (`layouts.PackedLayout`, `[N, b, h, d]`, classes along the sequence):
+  `AttentionProblems.from_segments(layout.segments)`; each run of equal-length classes is one kernel call on a
+  view of the rows (no gather, no scatter).
 """
 from __future__ import annotations
 
@@ -59,6 +63,25 @@ class _RowScatter(torch.autograd.Function):
         return grad.index_select(0, idx), None, None
 
 
+class _RowPermute(torch.autograd.Function):
+    """x[idx] for a permutation idx of x's rows (inverse `inv`); backward is the inverse gather (no zero fill)."""
+
+    @staticmethod
+    def forward(ctx, x, idx, inv):
+        ctx.save_for_backward(inv)
+        return x.index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inv,) = ctx.saved_tensors
+        return grad.index_select(0, inv), None, None
+
+
+def row_permute(x: torch.Tensor, idx: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """x [R, *] -> x[idx] for a permutation idx of range(R) with inverse inv (inv[idx] = arange)."""
+    return _RowPermute.apply(x, idx, inv)
+
+
 def row_gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x [R, C], unique idx [n] -> x[idx] [n, C]."""
     return _RowGather.apply(x, idx)
@@ -75,10 +98,18 @@ class AttentionProblems:
 
     `groups`: `[(seq_idx [m, n], cls_idx [m, n])]`, m problems of n valid slots each (slot = (sequence row,
     class)); None: every slot valid and one problem per sample over all S*G slots (a reshape, no gather).
+    `segments` (a packed sequence `[N, b, h, d]`, `layouts.PackedLayout`): `[(m, n)]`, m consecutive problems of
+    n rows each, in row order; no gather, no padding (`groups` unused).
     """
 
     classes: int
     groups: Optional[Groups]
+    segments: Optional[List[Tuple[int, int]]] = None
+
+    @classmethod
+    def from_segments(cls, segments: Sequence[Tuple[int, int]]) -> "AttentionProblems":
+        """The problems of a packed sequence: runs of m contiguous problems of n rows (`PackedLayout.segments`)."""
+        return cls(1, None, [(int(m), int(n)) for m, n in segments])
 
     @classmethod
     def from_positions(cls, positions: torch.Tensor, kind: str, device=None) -> "AttentionProblems":
@@ -109,6 +140,8 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, problem
 
     With one problem per sample over all slots (`problems.groups` None), k and v may hold more rows than q
     ([S_kv, G*b, h, d]: keys gathered from more ranks than the queries)."""
+    if problems.segments is not None:
+        return _segment_attention(q, k, v, problems.segments, kernel)
     g = problems.classes
     s_tot, gb, h, d = q.shape
     b = gb // g
@@ -129,6 +162,26 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, problem
         outs.append(kernel(qg, kg, vg).reshape(-1, h * d))
         idxs.append(rows)
     return row_scatter(torch.cat(outs), torch.cat(idxs), rows_total).view(s_tot, gb, h, d)
+
+
+def _segment_attention(q, k, v, segments, kernel):
+    """q/k/v [N, b, h, d] packed: each run of m problems of n rows is one [m*b, n, h, d] kernel call (the inputs
+    a view of the rows when b == 1); the outputs are copied once, straight into their rows."""
+    n_tot, b, h, d = q.shape
+    if sum(m * n for m, n in segments) != n_tot:
+        raise ValueError(f"attention segments {segments} do not cover the {n_tot} rows of the packed sequence")
+    out, start = None, 0
+    for m, n in segments:
+        rows = slice(start, start + m * n)
+        qs, ks, vs = (t[rows].view(m, n, b, h, d).transpose(1, 2).reshape(m * b, n, h, d) for t in (q, k, v))
+        o = kernel(qs, ks, vs).reshape(m, b, n, h, d).transpose(1, 2)  # [m, n, b, h, d]
+        if len(segments) == 1:
+            return o.reshape(n_tot, b, h, d)
+        if out is None:
+            out = o.new_empty((n_tot, b, h, d))
+        out[rows].view(m, n, b, h, d).copy_(o)
+        start += m * n
+    return out
 
 
 class SkiparseAttention:

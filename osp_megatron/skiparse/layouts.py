@@ -262,3 +262,53 @@ class LayoutGeometry:
             y = unshard([list(pieces[s * u : (s + 1) * u]) for s in range(self.ssp)], self.padded(layout),
                         self.ratio, layout)
         return from_layout(y, self.grid, self.ratio, layout, self.h_multiple(layout))
+
+
+class PackedLayout:
+    """A sparse layout on one device with the padding taken out: `[N, b, *R]`, N = T*H*W real tokens, the sample
+    a batch dim and the P^2 classes one after another along the sequence (ragged lengths).
+
+    Every sample of a micro-batch shares the grid, so one index describes the whole batch: per-sample vectors
+    (modulation, gates) broadcast as `[1, b, C]` exactly as on the raster sequence, and no token needs a sample
+    index. Rows: the classes in the order of their valid counts (ascending, then class index: classes of equal
+    length adjacent), each class's valid slots in the layout's sequence order. `segments`: `[(m, n)]`, m
+    consecutive classes of n tokens each (the attention problems, each a contiguous run of rows). Raster: the
+    identity, one segment.
+    """
+
+    def __init__(self, grid: Sequence[int], ratio: int, layout: str):
+        self.grid: Grid = tuple(int(v) for v in grid)
+        self.ratio, self.layout = ratio, layout
+        n = self.grid[0] * self.grid[1] * self.grid[2]
+        if layout == "raster":
+            self.positions = torch.arange(n, dtype=torch.long)
+            self.segments: List[Tuple[int, int]] = [(1, n)]
+            self.classes: List[int] = [0]
+            return
+        pos = positions(self.grid, ratio, layout)  # [S, C], -1 = padding
+        valid = pos >= 0
+        counts = valid.sum(0).tolist()
+        self.classes = sorted(range(pos.shape[1]), key=lambda c: (counts[c], c))
+        self.positions = torch.cat([pos[valid[:, c], c] for c in self.classes])
+        self.segments = []
+        for c in self.classes:
+            if self.segments and self.segments[-1][1] == counts[c]:
+                self.segments[-1] = (self.segments[-1][0] + 1, counts[c])
+            else:
+                self.segments.append((1, counts[c]))
+
+    def __len__(self) -> int:
+        return int(self.positions.numel())
+
+    def index_from(self, src: "PackedLayout") -> torch.Tensor:
+        """Rows of `src` that make up this layout: `self_x = src_x[index_from(src)]` (a permutation of N rows)."""
+        inv = torch.empty_like(src.positions)
+        inv[src.positions] = torch.arange(len(src), dtype=torch.long)
+        return inv[self.positions]
+
+
+def packed_layout(grid: Sequence[int], ratio: int, layout: str) -> PackedLayout:
+    """The padding-free form of `layout` on one device (see `PackedLayout`)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
+    return PackedLayout(grid, ratio, layout)
