@@ -1,5 +1,7 @@
 """The whole model on one GPU: OSP-Next (dual_end, P=2, 8 full blocks) vs our dense Wan (schedule full) vs
 diffusers' WanTransformer3DModel (random weights, the same dims, bf16, SDPA attention), same run.
+Ablation variant `OSP-Next-padded` (in `--variants`): OSP-Next with `model.padding_free=false`, its sparse blocks on
+the padded Skiparse grid instead of the packed real tokens (rows `OSP-Next vs OSP-Next-padded`).
 
     python benchmarks/e2e.py [--sizes 14b,1.3b] [--res 480p,720p] [--train 1.3b@480p] [--warmup 1] [--iters 3]
     python benchmarks/e2e.py --quick          # tiny model, small grid, fp32 (CPU; checks the script end to end)
@@ -39,8 +41,9 @@ SIZES = {"14b": "wan_14b", "1.3b": "wan_1_3b", "tiny": "tiny"}
 RESOLUTIONS = {"480p": (81, 480, 832), "720p": (81, 720, 1280), "tiny": (5, 128, 128)}  # frames, height, width
 DEFAULT_RES = {"14b": ["720p"], "1.3b": ["480p", "720p"]}
 DEFAULT_CASES = [("14b", "720p"), ("1.3b", "480p"), ("1.3b", "720p")]
-VARIANTS = ("OSP-Next", "dense", "diffusers")
-PAIRS = (("OSP-Next", "dense"), ("OSP-Next", "diffusers"), ("dense", "diffusers"))
+VARIANTS = ("OSP-Next", "dense", "diffusers", "OSP-Next-padded")
+DEFAULT_VARIANTS = ("OSP-Next", "dense", "diffusers")
+PAIRS = (("OSP-Next", "dense"), ("OSP-Next", "diffusers"), ("dense", "diffusers"), ("OSP-Next", "OSP-Next-padded"))
 GOALS = {
     ("14b", "720p", "forward", "OSP-Next", "dense"): ">= 1.75",
     ("14b", "720p", "forward", "OSP-Next", "diffusers"): ">= 1.80",
@@ -61,14 +64,16 @@ def latent_shape(res: str) -> List[int]:
 
 # ---------------------------------------------------------------------------------------------- models
 def model_config(variant: str, size: str, recompute: bool = False, dtype: torch.dtype = torch.bfloat16):
-    """Our Config for a variant (OSP-Next: dual_end, P=2, 8 full blocks; dense: schedule full)."""
+    """Our Config for a variant (OSP-Next: dual_end, P=2, 8 full blocks; -padded: model.padding_free=false; dense:
+    schedule full)."""
     from osp_megatron.config import load_config
 
     overrides = [f"model.size={SIZES[size]}", f"model.recompute={'full' if recompute else 'none'}", "data.kind=synthetic",
                  f"precision.dtype={'bf16' if dtype == torch.bfloat16 else 'fp32'}"]
-    if variant == "OSP-Next":
+    if variant.startswith("OSP-Next"):
         overrides += ["model.schedule=dual_end", "model.sparse_ratio=2",
-                      f"model.num_full_blocks={4 if size == 'tiny' else 8}"]
+                      f"model.num_full_blocks={4 if size == 'tiny' else 8}",
+                      f"model.padding_free={'false' if variant == 'OSP-Next-padded' else 'null'}"]
     else:
         overrides += ["model.schedule=full"]
     return load_config(None, overrides)
@@ -226,7 +231,7 @@ def train_rows(case: Case, got: Dict[str, Dict], peak: float, text_len: int, rec
     goals = TRAIN_GOALS.get(case, {})
     for variant, r in got.items():
         ours = variant != "diffusers"
-        mc = model_config("OSP-Next" if variant == "OSP-Next" else "dense", size).model
+        mc = model_config("OSP-Next" if variant.startswith("OSP-Next") else "dense", size).model
         flops = model_flops_per_sample(mc, latent_shape(res), text_len, padded=False)
         mfu = flops / (r["ms"] * 1e-3) / 1e12 / peak if r.get("ms") else None
         rows.append(row(f"{label} MFU {variant}", mfu, "fraction", None, None,
@@ -269,7 +274,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--sizes", default=None, help="comma list of 14b, 1.3b (default: 14b at 720p, 1.3b at 480p and 720p)")
     ap.add_argument("--res", default=None, help="comma list of 480p, 720p")
     ap.add_argument("--train", default="1.3b@480p", help="train-step cases SIZE@RES (comma list) or none")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of OSP-Next, dense, diffusers")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help="comma list of OSP-Next, dense, diffusers, OSP-Next-padded (ablation: model.padding_free=false)")
+    ap.add_argument("--label", default="", help="appended to the result name: e2e[-cases]-<label>-<device>-<date>")
     ap.add_argument("--batches", default="1,2", help="forward batch sizes (2 = the CFG batch)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls per measurement (the first compiles)")
     ap.add_argument("--iters", type=int, default=3, help="timed calls per measurement (median)")
@@ -329,12 +336,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     default = not args.quick and args.sizes is None and args.res is None
     name = "e2e-smoke" if args.quick else "e2e" if default else "e2e-" + "_".join(
         "-".join(c) for c in dict.fromkeys(forward + train))
+    if args.label:
+        name += f"-{args.label}"
     shapes = {"latents": {" ".join(c): latent_shape(c[1]) for c in dict.fromkeys(forward + train)},
               "pixels": {c[1]: list(RESOLUTIONS[c[1]]) for c in forward + train}, "text_len": args.text_len,
               "forward_batches": batches, "train_batch": 1, "dtype": str(dtype)}
     extra = {
         "variants": {
-            "OSP-Next": "ours, model.schedule=dual_end, sparse_ratio 2, 8 full blocks (tiny: 4)",
+            "OSP-Next": "ours, model.schedule=dual_end, sparse_ratio 2, 8 full blocks (tiny: 4), padding-free sparse "
+                        "blocks (model.padding_free default)",
+            "OSP-Next-padded": "the same with model.padding_free=false (sparse blocks on the padded grid)",
             "dense": "ours, model.schedule=full (dense Wan2.1)",
             "diffusers": "diffusers WanTransformer3DModel, random weights, SDPA attention, _keep_in_fp32_modules in fp32",
         },

@@ -1,20 +1,23 @@
 """Training-step throughput: OSP-Next-1.3B (dual_end, P=2) vs dense Wan-1.3B, one GPU, same run.
 
     python benchmarks/train_step.py [--steps 10] [--warmup 3] [--res 480p,720p] [--recompute none,selective,full]
-                                    [--ablate-compile]
+                                    [--ablate-compile] [--ablate-padding-free] [--label NAME]
 
 Each model is built by the real trainer (`osp_megatron.training.trainer.DiffusionTrainer`: megatron DDP, distributed
 AdamW, bf16, the no-pipelining schedule) from configs/osp_1_3b_480p.yaml with synthetic latents
 (81x480x832 -> [16,21,60,104]; 720p -> [16,21,90,160], full recompute only), once per `--recompute` mode
 (`model.recompute`: none, selective = elementwise outputs recomputed in backward, full = each block's forward
 again; a mode that runs out of memory is reported as such). `--ablate-compile` also runs each model without
-the compiled elementwise pieces (fused.set_compile(False): op-by-op eager) at the first mode. One fixed micro-batch is
+the compiled elementwise pieces (fused.set_compile(False): op-by-op eager) at the first mode. `--ablate-padding-free`
+also runs OSP-Next with `model.padding_free=false` (sparse blocks on the padded Skiparse grid) at every mode, next
+to the default packed sparse blocks (rows `... padding-free vs padded`). One fixed micro-batch is
 reused so data generation stays out of the timing; step time is the median of the timed steps (CUDA events).
 Reports samples/s and the OSP-Next speedup, executed TFLOP/s (explicit formula in
 osp_megatron/training/flops.py, sparse attention counted as executed incl. padding, recompute included), MFU
 (model FLOPs, no recompute) against the bf16 matmul peak measured in the same run (_common.matmul_peak_tflops),
 and the peak memory of each model (setup, warm-up and timed steps). JSON ->
-benchmarks/results/train_step-<device>-<date>.json (`train_step-smoke-...` for --smoke).
+benchmarks/results/train_step[-<label>]-<device>-<date>.json (`train_step-smoke-...` for --smoke). The executed
+TFLOP/s of training/flops.py count the sparse blocks' padding, also for the packed path (MFU does not).
 """
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ from _common import (REPO, add_out_dir, free_memory, free_port, matmul_peak_tflo
 
 RESOLUTIONS = {"480p": ([16, 21, 60, 104], False), "720p": ([16, 21, 90, 160], True)}
 MODELS = {"osp_next_1_3b": "dual_end", "wan_dense_1_3b": "full"}
+PADDED = "osp_next_1_3b_padded"  # --ablate-padding-free: OSP-Next with model.padding_free=false
+MODEL_OVERRIDES = {PADDED: ["model.padding_free=false"]}
 
 
 def bench_model(name: str, schedule: str, latent: List[int], recompute: str, steps: int, warmup: int,
@@ -90,10 +95,14 @@ def result_rows(got: Dict[str, Optional[Dict[str, float]]], tag: str, peak: floa
     """Rows of one (resolution, recompute mode, compile) run of both models; `base`: the same models without
     recompute (speed kept by the mode, `ratio` = base step time / this step time)."""
     rows = []
-    osp, dense = got.get("osp_next_1_3b"), got.get("wan_dense_1_3b")
+    osp, dense, padded = got.get("osp_next_1_3b"), got.get("wan_dense_1_3b"), got.get(PADDED)
     if osp and dense:
         rows.append(row(f"osp_next_1_3b {tag} samples/s", osp["samples_per_s"], "samples/s",
                         f"wan_dense_1_3b {tag}", dense["samples_per_s"], ">= 1.65 (480p)"))
+    if osp and padded:
+        rows.append(row(f"osp_next_1_3b {tag} padding-free vs padded step time", osp["step_time_s"], "s",
+                        f"{PADDED} {tag}", padded["step_time_s"], higher_is_better=False,
+                        memory_gib=osp["max_mem_gib"], baseline_memory_gib=padded["max_mem_gib"]))
     for name, r in got.items():
         if r is None:
             rows.append(row(f"{name} {tag}", None, "out of memory"))
@@ -121,6 +130,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--recompute", default="none,selective,full", help="comma list of model.recompute modes")
     ap.add_argument("--ablate-compile", action="store_true",
                     help="also run each model without the compiled elementwise pieces (first mode only)")
+    ap.add_argument("--ablate-padding-free", action="store_true",
+                    help="also run OSP-Next with model.padding_free=false (padded sparse blocks) at every mode")
+    ap.add_argument("--label", default="", help="appended to the result name: train_step-<label>-<device>-<date>")
     ap.add_argument("--models", default=",".join(MODELS), help="comma list of " + ", ".join(MODELS))
     add_out_dir(ap)
     ap.add_argument("--smoke", action="store_true",
@@ -129,6 +141,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     modes = [m.strip() for m in args.recompute.split(",") if m.strip()]
     bad = [m for m in modes if m not in ("none", "selective", "full")]
     models = {m.strip(): MODELS[m.strip()] for m in args.models.split(",") if m.strip() in MODELS}
+    if args.ablate_padding_free and "osp_next_1_3b" in models:
+        models = {"osp_next_1_3b": models.pop("osp_next_1_3b"), PADDED: MODELS["osp_next_1_3b"], **models}
     if bad or not modes or not models:
         ap.error("--recompute: a comma list of none, selective, full; --models: of " + ", ".join(MODELS))
     if not torch.cuda.is_available() and not args.smoke:
@@ -165,8 +179,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         got: Dict[str, Optional[Dict[str, float]]] = {}
         for name, schedule in models.items():
             try:
-                got[name] = bench_model(name, schedule, latent, mode, args.steps, args.warmup, device, extra,
-                                        compiled=compiled)
+                got[name] = bench_model(name, schedule, latent, mode, args.steps, args.warmup, device,
+                                        [*extra, *MODEL_OVERRIDES.get(name, [])], compiled=compiled)
             except torch.cuda.OutOfMemoryError as exc:
                 print(f"  {name}: out of memory ({str(exc).splitlines()[0]})", flush=True)
                 got[name] = None
@@ -188,7 +202,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 results.extend(result_rows(got, tag, peak, raw[f"{res}+{mode}"], f"{res}+{mode}"))
     shapes = {res: {"latents": resolutions[res][0], "full_recompute_only": resolutions[res][1]} for res in resolutions}
     shapes.update(micro_batch=1, text_len=8 if args.smoke else 512)
-    path = write_results("train_step-smoke" if args.smoke else "train_step", results,
+    name = "train_step-smoke" if args.smoke else "train_step"
+    if args.label:
+        name += f"-{args.label}"
+    path = write_results(name, results,
                          {"config": "configs/osp_1_3b_480p.yaml", "models": models, "raw": raw}, shapes=shapes,
                          out_dir=args.out_dir, device=device, argv=argv)
     print(f"\nwrote {path}\n")

@@ -1,5 +1,6 @@
 """On CUDA the block's elementwise math runs through torch.compile (models/fused.py) and SDPA picks GPU kernels;
-the CPU runs it eagerly. Same weights and inputs in fp32: outputs and every gradient must agree."""
+the CPU runs it eagerly. Same weights and inputs in fp32: outputs and every gradient must agree (sparse blocks
+packed, `model.padding_free` default, and padded)."""
 import pytest
 import torch
 
@@ -20,9 +21,9 @@ def _run(model, device, inputs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("schedule", ["full", "dual_end"])
-def test_cuda_compiled_block_equals_cpu_eager(schedule):
-    mc = ModelConfig(size="tiny", schedule=schedule)
+@pytest.mark.parametrize("schedule,padding_free", [("full", None), ("dual_end", None), ("dual_end", False)])
+def test_cuda_compiled_block_equals_cpu_eager(schedule, padding_free):
+    mc = ModelConfig(size="tiny", schedule=schedule, padding_free=padding_free)
     torch.manual_seed(0)
     model = build_model(mc, ParallelState.single(), device="cpu").float().train()
     g = torch.Generator().manual_seed(1)
