@@ -1,5 +1,5 @@
 """The README demo end to end (short variant): synthetic clips -> osp-shards -> 2-process osp-train on raw
-mp4 shards with the tiny VAE/umT5 -> MLflow store, checkpoints, a sample mp4. Plus SSP2 loss parity."""
+mp4 shards with the patch VAE and tiny umT5 -> MLflow store, checkpoints, a sample mp4. Plus SSP2 loss parity."""
 import subprocess
 import sys
 
