@@ -48,7 +48,8 @@ class ModelConfig:
                             choices=("none", "selective", "full"))
     padding_free: Optional[bool] = option(None, "sparse blocks on the real tokens only (H, W padding to P^2 multiples "
                                           "never enters a per-token op): null = wherever the sequence is not split "
-                                          "(one device: packed; context or sequence parallelism: padded shards), "
+                                          "(one device: packed when the grid needs padding; context or sequence "
+                                          "parallelism: padded shards), "
                                           "true = packed (rejected with context/sequence parallelism), false = padded")
     hidden_size: Optional[int] = option(None, "override the size's hidden width", minimum=1)
     ffn_hidden_size: Optional[int] = option(None, "override the size's FFN width", minimum=1)

@@ -20,9 +20,9 @@ On one device (no CP, no TP sequence parallelism) full blocks run on the unpadde
 blocks switch into/out of the Skiparse layouts locally; when the sequence is split (CP or SP) the
 placement is layout-native (token layout from the first block, no communication at full <-> sparse boundaries).
 
-Padding-free (`padding_free=True`, one device only): the sparse layouts are held packed (`skiparse.PackedLayout`,
-`[N, b, C]`: the real tokens only, classes one after another along the sequence, the sample a batch dim), so no
-per-token op of a sparse block sees a padding slot; every switch (raster -> token when a sparse run starts,
+Padding-free (`padding_free=True`, one device only, grids whose H or W needs padding): the sparse layouts are
+held packed (`skiparse.PackedLayout`, `[N, b, C]`: the real tokens only, classes one after another along the
+sequence, the sample a batch dim), so no per-token op of a sparse block sees a padding slot; every switch (raster -> token when a sparse run starts,
 token <-> group inside it, group -> raster when it ends) is one row gather by a precomputed permutation.
 `classes_per_rank` is then 1 for every layout and `positions` is `[N, 1]`. Layout-native plans keep the padded
 shards: there the padding is what makes every rank's shard the same length (equal-split Ulysses all-to-alls in
@@ -74,12 +74,15 @@ class TokenPlacement:
         self.layout_native = self.parallel.splits_sequence
         self.entry_layout, self.steps, self.final_layout = plan_blocks(schedule, self.layout_native)
         self.sparse = any(k != "full" for k in schedule)
-        self.packed = bool(padding_free) and self.sparse and not self.layout_native
+        self.packed = False  # set below, once the geometry says whether the grid is padded at all
         if not self.sparse and self.cp.ssp > 1:
             raise ValueError("parallel.ssp > 1 needs sparse blocks; the full schedule uses parallel.ulysses only")
         self.geometry = LayoutGeometry(grid, ratio, self.cp.ssp, self.cp.ulysses)
         self.grid, self.ratio = self.geometry.grid, ratio
         self.num_tokens = self.geometry.num_tokens
+        # packed only where there is padding to take out: on an unpadded grid the layouts are padding-free already
+        self.packed = (bool(padding_free) and self.sparse and not self.layout_native
+                       and self.geometry.padded("token") != self.grid)
         self._check_sp()
         self._pos: Dict[str, torch.Tensor] = {}
         self._switches: Dict[Tuple[str, str], Callable] = {}

@@ -234,3 +234,7 @@ def test_padding_free_config_is_validated():
     pl = TokenPlacement((2, 6, 10), 2, sk.block_schedule(8, "dual_end", 4),
                         ParallelState(cp=ContextParallel(ssp=2)), padding_free=True)
     assert pl.layout_native and not pl.packed
+    # an unpadded grid (H, W multiples of P^2): the padded layouts hold no padding, nothing to pack
+    pl = TokenPlacement((2, 8, 12), 2, sk.block_schedule(8, "dual_end", 4), ParallelState(), padding_free=True)
+    assert not pl.packed and pl.classes_per_rank("token") == 4
+    assert TokenPlacement((2, 8, 10), 2, sk.block_schedule(8, "dual_end", 4), ParallelState(), padding_free=True).packed
