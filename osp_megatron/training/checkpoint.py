@@ -1,6 +1,7 @@
 """Checkpoints: megatron `dist_checkpointing` (torch_dist) directories with an atomic `latest` pointer.
 
-Layout under `<run_dir>/checkpoints/`:
+Layout under `<run_dir>/checkpoints/` (a trainer may name the folder and the step prefix, e.g. GRPO's
+`grpo_checkpoints/iter_XXXXXXX`):
     step_0000100/            one torch_dist checkpoint (`*.distcp`, `.metadata`, `common.pt`, `metadata.json`)
         osp_checkpoint.json  completion marker: step, time, every file with its size and CRC32
     step_0000100.tmp/        a save in progress (never read; removed by the next save or resume)
@@ -46,8 +47,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the path and what to do."""
 
 
-def step_dir_name(step: int) -> str:
-    return f"step_{step:07d}"
+def step_dir_name(step: int, prefix: str = "step_") -> str:
+    return f"{prefix}{step:07d}"
 
 
 def _rank() -> int:
@@ -300,8 +301,9 @@ class Checkpointer:
     """Saves and loads full training state under `<run_dir>/checkpoints` (collective: call on every rank)."""
 
     def __init__(self, run_dir: str | Path, keep_last: int = 3, async_save: bool = False, checksums: bool = True,
-                 dp_group=None):
-        self.root = Path(run_dir) / CKPT_SUBDIR
+                 dp_group=None, subdir: str = CKPT_SUBDIR, prefix: str = "step_"):
+        self.root = Path(run_dir) / subdir
+        self.prefix = prefix
         self.keep_last = keep_last
         self.async_save = async_save
         self.checksums = checksums
@@ -310,6 +312,9 @@ class Checkpointer:
         self.last_committed: Optional[int] = None
 
     # ------------------------------------------------------------------ discovery
+    def dir_name(self, step: int) -> str:
+        return step_dir_name(step, self.prefix)
+
     def latest_dir(self) -> Optional[Path]:
         """The directory `latest` points at, or None for a fresh run. Raises if `latest` is dangling."""
         return read_latest(self.root, error=CheckpointError)
@@ -319,8 +324,9 @@ class Checkpointer:
             return []
         out = []
         for p in self.root.iterdir():
-            if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp") and (p / MARKER).is_file():
-                out.append(int(p.name[5:]))
+            if (p.is_dir() and p.name.startswith(self.prefix) and p.name[len(self.prefix):].isdigit()
+                    and (p / MARKER).is_file()):
+                out.append(int(p.name[len(self.prefix):]))
         return sorted(out)
 
     # ------------------------------------------------------------------ save
@@ -343,7 +349,7 @@ class Checkpointer:
         from megatron.core import dist_checkpointing
 
         self.finalize(blocking=True)  # one save in flight at a time
-        tmp = self.root / (step_dir_name(step) + ".tmp")
+        tmp = self.root / (self.dir_name(step) + ".tmp")
         if _rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
@@ -378,7 +384,7 @@ class Checkpointer:
 
     def _commit(self, step: int, tmp: Path) -> None:
         write_marker(tmp, step, self.checksums)
-        final = self.root / step_dir_name(step)
+        final = self.root / self.dir_name(step)
         old = self.root / (final.name + OLD_SUFFIX)
         if final.exists():  # re-saving a step: keep the complete copy until the new one holds its name
             if old.exists():
@@ -395,7 +401,7 @@ class Checkpointer:
     def _prune(self, keep: str) -> None:
         steps = self.committed_steps()
         for s in steps[: max(0, len(steps) - self.keep_last)]:
-            name = step_dir_name(s)
+            name = self.dir_name(s)
             if name != keep:
                 shutil.rmtree(self.root / name, ignore_errors=True)
 
@@ -438,7 +444,7 @@ class Checkpointer:
         out = []
         for step in self.committed_steps():
             try:
-                verify_checkpoint(self.root / step_dir_name(step))
+                verify_checkpoint(self.root / self.dir_name(step))
             except CheckpointError:
                 continue
             out.append(step)
@@ -448,7 +454,7 @@ class Checkpointer:
         intact = self.intact_steps()
         if not intact:
             return f"{what}; no intact checkpoint is left in {self.root}: use a new train.run_dir for a fresh run"
-        newest = self.root / step_dir_name(intact[-1])
+        newest = self.root / self.dir_name(intact[-1])
         return (f"{what}; the newest intact checkpoint is {newest}: resume from it with "
                 f"train.resume_from={newest.name} (or use a new train.run_dir for a fresh run)")
 

@@ -15,6 +15,10 @@ Where the twin lives:
   (on the GPU, not the host) for the copies before the next optimizer step overwrites the weights; a new update,
   `wait()`, reading `module` for sampling and checkpointing all wait for the previous update first.
 `stats()` reports the interval and the measured cost of the last update (copy, lerp, time the loop blocked).
+
+A parameter subset (`names=`, e.g. LoRA adapters on a frozen base) keeps fp32 copies of those parameters only,
+without a twin module: `tensors()` holds them, and `sharded_state_dict(model_state=...)` checkpoints them with the
+sharding of the model's own entries (same keys under `ema.`).
 """
 from __future__ import annotations
 
@@ -54,17 +58,32 @@ def lerp_into(ema: List[torch.Tensor], weights: List[torch.Tensor], weight: floa
 
 
 class EMA:
-    """EMA weights of `source` in a twin module from `build_twin()` (fp32, no grad)."""
+    """EMA weights of `source` in a twin module from `build_twin()` (fp32, no grad), or of the parameters
+    `names` of `source` only (`build_twin=None`): fp32 copies next to those parameters."""
 
-    def __init__(self, build_twin: Callable[[], torch.nn.Module], source: torch.nn.Module, decay: float,
-                 interval: int = 1):
+    def __init__(self, build_twin: Optional[Callable[[], torch.nn.Module]], source: torch.nn.Module, decay: float,
+                 interval: int = 1, names: Optional[List[str]] = None):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay={decay} must be in (0, 1) (train.ema_decay)")
+        if (build_twin is None) == (names is None):
+            raise ValueError("EMA: give either build_twin (whole model) or names (a parameter subset)")
         self.decay = float(decay)
         self.interval = int(interval)
-        self._module = build_twin().float()
-        for p in self._module.parameters():
-            p.requires_grad_(False)
+        self._module: Optional[torch.nn.Module] = None
+        if names is not None:
+            own = dict(unwrap(source).named_parameters())
+            unknown = [n for n in names if n not in own]
+            if unknown or not names:
+                raise ValueError(f"EMA: parameters {unknown[:5] or names} are not parameters of the model")
+            self._source = unwrap(source)  # its sharded state gives the EMA entries their sharding
+            self._names = list(names)
+            self._ema = [torch.zeros(own[n].shape, dtype=torch.float32, device=own[n].device) for n in self._names]
+        else:
+            self._module = build_twin().float()
+            for p in self._module.parameters():
+                p.requires_grad_(False)
+            self._names = [n for n, _ in self._module.named_parameters()]
+            self._ema = [p for _, p in self._module.named_parameters()]
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
         self._stream = None
@@ -78,27 +97,67 @@ class EMA:
     @property
     def module(self) -> torch.nn.Module:
         """The twin, after any update in flight has landed."""
+        if self._module is None:
+            raise AttributeError("this EMA keeps a parameter subset and has no twin module: use tensors()")
         self.wait()
         return self._module
 
     @property
+    def has_module(self) -> bool:
+        """Whether this EMA is a twin of the whole model (else a parameter subset)."""
+        return self._module is not None
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        """The EMA tensors by parameter name (after any update in flight has landed)."""
+        self.wait()
+        return dict(zip(self._names, self._ema))
+
+    @property
     def device(self) -> torch.device:
-        return next(self._module.parameters()).device
+        return self._ema[0].device
 
-    def sharded_state_dict(self, snapshot: bool = False):
-        """The twin's sharded state (`ema.` prefix). `snapshot=True` (saving): a host twin that is updated in the
-        background is cloned, so an asynchronous checkpoint write never sees a later update."""
-        state = self.module.sharded_state_dict(prefix="ema.")
+    def sharded_state_dict(self, snapshot: bool = False, model_state: Optional[Dict] = None):
+        """The EMA's sharded state (`ema.` prefix). `snapshot=True` (saving): a host twin that is updated in the
+        background is cloned, so an asynchronous checkpoint write never sees a later update. A parameter subset
+        takes the sharding of each parameter's entry in `model_state` (the model's sharded state dict)."""
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        if self._module is not None:
+            state = self.module.sharded_state_dict(prefix="ema.")
+        else:
+            import dataclasses
+
+            if model_state is None:
+                model_state = unwrap(self._source).sharded_state_dict()
+            state = {}
+            for name, tensor in self.tensors().items():
+                entry = model_state.get(name)
+                if not isinstance(entry, ShardedTensor):
+                    raise RuntimeError(f"EMA: the model's sharded state has no tensor entry for {name}")
+                state[f"ema.{name}"] = dataclasses.replace(entry, key=f"ema.{entry.key}", data=tensor)
         if snapshot and self._staging is not None:
-            from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
             for key, value in state.items():
                 if isinstance(value, ShardedTensor):
                     value.data = value.data.clone()
         return state
 
+    @torch.no_grad()
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        """Loaded checkpoint entries (keys with or without the `ema.` prefix) into the EMA."""
+        state = {k[len("ema."):] if k.startswith("ema.") else k: v for k, v in state.items()}
+        if self._module is not None:
+            self.module.load_state_dict(state, strict=False)
+            return
+        missing = [n for n in self._names if n not in state]
+        if missing:
+            raise RuntimeError(f"EMA: the checkpoint lacks {missing[:5]}")
+        for name, tensor in self.tensors().items():
+            tensor.copy_(state[name])
+
     def _pairs(self, source: torch.nn.Module):
         src = dict(unwrap(source).named_parameters())
+        if self._module is None:
+            return [(e, src[n]) for n, e in zip(self._names, self._ema)]
         dst = dict(self._module.named_parameters())
         if src.keys() != dst.keys():
             missing = sorted(set(src) ^ set(dst))[:5]

@@ -14,6 +14,9 @@ A subclass supplies the objective through these hooks (everything else has a def
                                             parameter is frozen before DDP, so megatron allocates grad buffers
                                             and optimizer state for this set only
     optimizer_config() / build_scheduler()  megatron OptimizerConfig / OptimizerParamScheduler (default: train.*)
+    build_clipper() / build_ema(model)      GradClipper / EMA or None (default: train.*; the EMA a twin model)
+    model_sharded_state_dict()              the model entries of a checkpoint (default: the whole model; a subset
+                                            such as the trainable parameters of a frozen base)
     setup_data()                            loaders, encoders, objective state (after the EMA is built)
     init_weights()                          a fresh run only (no checkpoint resumed)
     train_step(step, batch=None) -> metrics one optimizer step number `step`; call `self.optimizer_update(loss)`
@@ -26,6 +29,10 @@ A subclass supplies the objective through these hooks (everything else has a def
     on_save(step)                           after a checkpoint of `step` was scheduled
     on_train_end()                          after the last step's checkpoint
     describe() -> str                       the batch part of the start line
+
+`setup()` = `build()` (run-dir lock, parallel state, model, DDP, optimizer, EMA, data) + `start()` (checkpointer,
+resume or init, tracker). `total_steps`, `log_interval`, `save_interval`, the checkpoint folder and step prefix
+and `tracking_enabled` are attributes a subclass may override.
 
 Exit codes are those of `signals`: 0 done, 3 checkpointed after a stop request, 4 too many non-finite steps.
 """
@@ -71,6 +78,9 @@ class Trainer:
     """Builds everything from a validated `Config` (after torch.distributed is initialised) and trains."""
 
     log_prefix = "[osp-train]"
+    checkpoint_subdir = "checkpoints"  # <run_dir>/<checkpoint_subdir>/<checkpoint_prefix>XXXXXXX
+    checkpoint_prefix = "step_"
+    tracking_enabled = True  # False: no tracker output at all (metrics, console, MLflow)
 
     def __init__(self, cfg: Config, device: torch.device, log: Callable[[str], None] = print):
         self.cfg = cfg
@@ -90,6 +100,18 @@ class Trainer:
     def info(self, msg: str) -> None:
         if self.rank == 0:
             self.log_fn(msg)
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.train.steps
+
+    @property
+    def log_interval(self) -> int:
+        return self.cfg.train.log_interval
+
+    @property
+    def save_interval(self) -> int:
+        return self.cfg.train.save_interval
 
     # ------------------------------------------------------------------------------------------ hooks
     def build_model(self, device: Optional[torch.device] = None) -> torch.nn.Module:
@@ -127,6 +149,19 @@ class Trainer:
             use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,  # config wins on resume
         )
 
+    def build_clipper(self) -> GradClipper:
+        return GradClipper.from_train_config(self.cfg.train)
+
+    def build_ema(self, model: torch.nn.Module) -> Optional[EMA]:
+        t = self.cfg.train
+        if t.ema_decay <= 0:
+            return None
+        ema_device = self.device if t.ema_device == "auto" else torch.device(t.ema_device)
+        return EMA(lambda: self.build_model(ema_device), model, t.ema_decay, t.ema_interval)
+
+    def model_sharded_state_dict(self) -> Dict[str, Any]:
+        return unwrap(self.model).sharded_state_dict()
+
     def setup_data(self) -> None:
         pass
 
@@ -162,6 +197,12 @@ class Trainer:
         return initialize_parallel(self.cfg.parallel)
 
     def setup(self) -> None:
+        self.build()
+        self.start()
+
+    def build(self) -> None:
+        """Run-dir lock -> parallel state -> model -> DDP over the trainable set -> optimizer, scheduler, clipper,
+        EMA -> data."""
         from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                                finalize_model_grads)
         from megatron.core.optimizer import get_megatron_optimizer
@@ -201,22 +242,29 @@ class Trainer:
         tcfg.param_sync_func = None
         self.optimizer = get_megatron_optimizer(self.optimizer_config(), [self.model])
         self.scheduler = self.build_scheduler()
-        self.clipper = GradClipper.from_train_config(t)
-        ema_device = self.device if t.ema_device == "auto" else torch.device(t.ema_device)
-        self.ema = EMA(lambda: self.build_model(ema_device), model, t.ema_decay, t.ema_interval) if t.ema_decay > 0 else None
-
+        self.clipper = self.build_clipper()
+        self.ema = self.build_ema(model)
         self.setup_data()
+
+    def make_checkpointer(self) -> None:
+        t = self.cfg.train
         self.checkpointer = Checkpointer(
             self.run_dir, keep_last=t.keep_last, async_save=t.async_save and self.device.type == "cuda",
-            checksums=t.checkpoint_checksums,
-            dp_group=ps.dp_cp_group,
+            checksums=t.checkpoint_checksums, dp_group=self.ps.dp_cp_group,
+            subdir=self.checkpoint_subdir, prefix=self.checkpoint_prefix,
         )
+
+    def start(self) -> None:
+        """Checkpointer -> resume (or `init_weights`) -> tracker -> the start line (collective)."""
+        cfg, t = self.cfg, self.cfg.train
+        self.make_checkpointer()
         if t.save_checkpoints:
             start_writer_manager()  # now, before the stop handlers exist (see `start_writer_manager`)
         resumed = self._maybe_resume()
         if not resumed:
             self.init_weights()
-        self.tracker = Tracker(cfg.tracking, self.run_dir, enabled=self.rank == 0, run_id=self.tracking_run_id)
+        self.tracker = Tracker(cfg.tracking, self.run_dir, enabled=self.rank == 0 and self.tracking_enabled,
+                               run_id=self.tracking_run_id)
         if self.rank == 0:
             reopened = self.tracking_run_id is not None  # it already holds the steps replayed after the checkpoint
             self.tracking_run_id = self.tracker.run_id
@@ -265,7 +313,9 @@ class Trainer:
         )
         if self.ema is not None:
             host = self.ema.device.type == "cpu" and self.device.type == "cuda"
-            self.info(f"{self.log_prefix} EMA decay {self.ema.decay} every {self.ema.interval} step(s), fp32 twin on "
+            what = ("fp32 twin" if self.ema.has_module
+                    else f"fp32 copies of the {len(self.ema.tensors())} trainable tensors")
+            self.info(f"{self.log_prefix} EMA decay {self.ema.decay} every {self.ema.interval} step(s), {what} on "
                       + ("the host (pinned copies on a side stream, lerp overlapped with the next step)" if host
                          else str(self.ema.device)) + "; cost per update in metrics ema_update_s / ema_copy_s / ema_wait_s")
 
@@ -314,19 +364,18 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ state
     def _sharded_state(self, loading: bool) -> Dict[str, Any]:
-        model = unwrap(self.model)
-        state: Dict[str, Any] = {"model": model.sharded_state_dict()}
+        state: Dict[str, Any] = {"model": self.model_sharded_state_dict()}
         state["optimizer"] = self.optimizer.sharded_state_dict(state["model"], is_loading=loading,
                                                                metadata=OPT_SHARDING)
         if self.ema is not None:
-            state["ema"] = self.ema.sharded_state_dict(snapshot=not loading)
+            state["ema"] = self.ema.sharded_state_dict(snapshot=not loading, model_state=state["model"])
         return state
 
     def weights_finite(self) -> bool:
         """Every weight of the model (and of the EMA twin) finite on every rank (collective)."""
         tensors = [p.detach() for p in unwrap(self.model).parameters()]
         if self.ema is not None:
-            tensors += [p.detach() for p in self.ema.module.parameters()]
+            tensors += list(self.ema.tensors().values())
         bad = torch.stack([~torch.isfinite(x).all() for x in tensors]).any() if tensors else torch.tensor(False)
         flag = bad.to(device=self.device, dtype=torch.float32).reshape(1)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -398,8 +447,16 @@ class Trainer:
         ckpt = self.checkpointer.resume_dir(self.cfg.train.resume_from)
         if ckpt is None:
             return False
+        self.load_checkpoint(ckpt, verified=True)
+        if ckpt.parent == self.checkpointer.root:
+            self.checkpointer.last_committed = self.step  # a rerun of a finished run does not save this step again
+        self.info(f"{self.log_prefix} resuming from {ckpt}")
+        return True
+
+    def load_checkpoint(self, ckpt: Path, verified: bool = False) -> None:
+        """The whole training state from checkpoint directory `ckpt` (collective)."""
         self._materialize_optimizer_state()
-        loaded = self.checkpointer.load(ckpt, self._sharded_state(loading=True), verified=True)
+        loaded = self.checkpointer.load(ckpt, self._sharded_state(loading=True), verified=verified)
         model = unwrap(self.model)
         with torch.no_grad():  # fp32 main params are views of leaf params: copy in place without autograd
             model.load_state_dict(loaded["model"], strict=False)
@@ -408,8 +465,7 @@ class Trainer:
         if self.ema is not None:
             if "ema" not in loaded:
                 raise CheckpointError(f"checkpoint {ckpt} has no EMA weights but train.ema_decay > 0; set ema_decay=0")
-            self.ema.module.load_state_dict({k[len("ema."):] if k.startswith("ema.") else k: v
-                                             for k, v in loaded["ema"].items()}, strict=False)
+            self.ema.load_state_dict(loaded["ema"])
         osp = loaded["osp"]
         self.step = int(osp["step"])
         self.updates = int(osp["updates"])
@@ -423,10 +479,6 @@ class Trainer:
                       "(noise is derived from (seed, dp_rank, step) and does not depend on them)")
         self.clipper.load_state_dict(osp.get("clip"))
         self.load_state_dict_extras(osp)
-        if ckpt.parent == self.checkpointer.root:
-            self.checkpointer.last_committed = self.step  # a rerun of a finished run does not save this step again
-        self.info(f"{self.log_prefix} resuming from {ckpt}")
-        return True
 
     # ------------------------------------------------------------------------------------------ loop
     def train(self) -> int:
@@ -437,15 +489,17 @@ class Trainer:
         t_start = time.perf_counter()
         status, code = "FINISHED", signals.EXIT_OK
         try:
-            while self.step < t.steps:
+            while self.step < self.total_steps:
                 metrics = self.run_step()
                 self.checkpointer.finalize(blocking=False)
-                if self.step % t.log_interval == 0 or metrics["skipped_step"] or self.step == t.steps:
+                if self.step % self.log_interval == 0 or metrics["skipped_step"] or self.step == self.total_steps:
                     metrics.update(self.log_metrics_extras())
                     metrics.update(system_metrics(self.device) if self.rank == 0 else {})
                     self.tracker.log_metrics(metrics, self.step)
-                    eta = estimate_eta(time.perf_counter() - t_start, self.step - start_step, t.steps - self.step)
-                    self.info(format_progress(self.step, t.steps, metrics, eta_s=eta))
+                    eta = estimate_eta(time.perf_counter() - t_start, self.step - start_step,
+                                       self.total_steps - self.step)
+                    if self.tracking_enabled:
+                        self.info(format_progress(self.step, self.total_steps, metrics, eta_s=eta))
                 if metrics["skipped_step"]:
                     self.info(f"{self.log_prefix} step {self.step}: non-finite loss {metrics['loss']} / grad norm "
                               f"{metrics['grad_norm']}: update skipped ({self.nonfinite_in_row} in a row)")
@@ -461,7 +515,7 @@ class Trainer:
                 stop = signals.agree_on_stop(self.stop.requested, self.device)
                 budget = t.exit_after_steps and self.step - start_step >= t.exit_after_steps
                 if stop or budget:
-                    if self.step < t.steps:
+                    if self.step < self.total_steps:
                         self.save()
                         self.checkpointer.finalize(blocking=True)
                         why = f"signal {self.stop.signum}" if stop else f"train.exit_after_steps={t.exit_after_steps}"
@@ -472,7 +526,7 @@ class Trainer:
                         status, code = "KILLED", signals.EXIT_REQUEUE
                         return code
                     break
-                if (t.save_interval and self.step % t.save_interval == 0 and self.step < t.steps
+                if (self.save_interval and self.step % self.save_interval == 0 and self.step < self.total_steps
                         and not metrics["skipped_step"]):  # periodic saves only from good steps
                     self.save()
             if self.checkpointer.last_committed != self.step:
