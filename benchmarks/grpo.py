@@ -84,14 +84,12 @@ def run_method(name: str, over: Dict, size: str, spec: Dict, args, device) -> Di
              prompts=["a red fox running through snow", "a city street at night"], eval_interval=0, save_interval=0,
              lora=dict(rank=32, alpha=64), rewards=[dict(name="brightness")])
     g.update(over)
-    from osp_megatron.training.rng import seed_everything
-
-    seed_everything(0)
+    cfg.train.seed = 0  # the trainer seeds the base model's init from it: the same model for every method
     trainer = GRPOTrainer(cfg, parse_section(GRPOConfig, g), device=device)
     seen: List[Dict[str, float]] = []
 
     def iteration():
-        m = trainer.step()
+        m = trainer.run_step()
         seen.append(m)
         i = len(seen) - 1
         print(f"  {name} iteration {i}{' (warm-up)' if i < args.warmup else ''}: rollout {m['time/rollout_s']:.2f} s, "
@@ -102,6 +100,7 @@ def run_method(name: str, over: Dict, size: str, spec: Dict, args, device) -> Di
     out = {"time": ms / 1e3, "nfe": timed[-1]["nfe/nfe_per_iteration"], "nfe_sample": timed[-1]["nfe/nfe_per_sample"],
            "rollout": sum(m["time/rollout_s"] for m in timed) / len(timed),
            "train": sum(m["time/train_s"] for m in timed) / len(timed), "peak_gib": peak_memory_gib(device)}
+    trainer.close()
     del trainer, seen
     free_memory(device)
     return out

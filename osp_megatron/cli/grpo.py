@@ -6,13 +6,16 @@ window, group size, rewards and LoRA; model/parallel/precision/train/tracking/en
 Launch like osp-train: torchrun / srun for several processes (gloo on CPU, nccl with CUDA), or plainly.
 `--dry-run` validates everything, prints the resolved config, the window schedule and NFE per iteration, and exits.
 
-Exit codes: 0 done, 1 error, 2 invalid config/arguments, 3 stopped by SIGTERM/SIGUSR1 after a checkpoint
-(requeue: the next launch resumes from `<run_dir>/grpo_checkpoints/latest`).
+The run uses the shared trainer skeleton (`training.loop.Trainer`): the same progress line, tracker, stop-signal
+handling and torch_dist checkpoints as osp-train. Exit codes: 0 done, 1 error, 2 invalid config/arguments,
+3 stopped by SIGTERM/SIGUSR1 (or train.exit_after_steps) after a checkpoint (requeue: the next launch resumes from
+`<run_dir>/grpo_checkpoints/latest`), 4 too many non-finite updates in a row.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from dataclasses import asdict
 from typing import List, Optional, Sequence
 
@@ -20,14 +23,11 @@ import torch.distributed as dist
 import yaml
 
 from osp_megatron.config import GRPO_SECTIONS, ConfigError, load_config
-from osp_megatron.launch import EXIT_BAD_CONFIG, EXIT_OK, EXIT_REQUEUE, DistEnv, distributed, run_ranks
-from osp_megatron.models import build_model
-from osp_megatron.parallel.groups import initialize_parallel
+from osp_megatron.launch import EXIT_BAD_CONFIG, DistEnv, distributed, run_ranks
 from osp_megatron.rl.rollout import make_plan
 from osp_megatron.rl.trainer import GRPOTrainer
 from osp_megatron.rl.windows import WindowSchedule, count_nfe, group_prefix_runs
-from osp_megatron.training.rng import seed_everything
-from osp_megatron.weights import load_into
+from osp_megatron.training import signals
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +54,13 @@ def resolve(config: str, overrides: Sequence[str], world_size: int = 1, check_pa
                         "use model.spec=local for osp-grpo")
     if cfg.parallel.sequence_parallel:
         problems.append("parallel.sequence_parallel=true is not supported by the LoRA adapters: set it false")
+    p = cfg.parallel
+    mp = p.tensor_parallel * p.pipeline_parallel * p.context_parallel
+    n = cfg.grpo.prompts_per_iteration * cfg.grpo.group_size
+    if world_size % mp == 0 and n % (world_size // mp):
+        problems.append(f"grpo.prompts_per_iteration x grpo.group_size = {n} samples are not divisible by the "
+                        f"data-parallel size {world_size // mp} (world {world_size} / TP x PP x CP {mp}): choose "
+                        "them so that DP divides the product")
     if problems:
         raise ConfigError("invalid configuration for osp-grpo:\n  - " + "\n  - ".join(problems))
     return cfg, cfg.grpo
@@ -87,29 +94,27 @@ def plan_text(cfg, gcfg, world_size: int) -> str:
     return "\n".join(lines)
 
 
-def init_base_weights(model, cfg, log=print) -> None:
-    """Load `train.init_from` (any format of `osp_megatron.weights`) into the model before LoRA."""
-    ckpt = load_into(model, cfg.train.init_from, cfg.train.init_format, model_config=cfg.model)
-    log(f"[osp-grpo] base weights from {cfg.train.init_from} ({ckpt.format})")
-    for note in ckpt.differences(cfg.model, cfg.precision):
-        log(f"[osp-grpo] train.init_from: {note} (this run's config wins)")
-
-
 def run(cfg, gcfg, env: DistEnv) -> int:
-    """Set up this rank's process groups and model, run the GRPO iterations. Returns the exit code."""
+    """Build the trainer (process groups, base weights from `train.init_from`, LoRA, DDP, optimizer), resume or
+    start, run the GRPO iterations, tear down. Returns the exit code."""
     with distributed(env, timeout_minutes=cfg.parallel.timeout_minutes) as device:
-        parallel = initialize_parallel(cfg.parallel)
-        seed_everything(cfg.train.seed)
-        model = build_model(cfg.model, parallel, precision=cfg.precision, device=device)
-        log = print if env.is_main else (lambda *_: None)
-        if cfg.train.init_from:
-            init_base_weights(model, cfg, log)
-        trainer = GRPOTrainer(cfg, gcfg, model=model, parallel=parallel, device=device)
-        log(f"[osp-grpo] {parallel.describe()} | LoRA r={gcfg.lora.rank} on {len(trainer.lora_names)} linears, "
-            f"{sum(p.numel() for p in trainer.params)} trainable params | run_dir {cfg.train.run_dir}")
-        trainer.fit(resume=cfg.train.resume)
-        dist.barrier()
-    return EXIT_REQUEUE if trainer.stopped else EXIT_OK
+        trainer = GRPOTrainer(cfg, gcfg, device=device)
+        failed = True
+        try:
+            trainer.start()
+            code = trainer.train()
+            if code != 0:
+                # every rank agreed on this stop: a launcher's SIGTERM (sent once the first rank exits) must not
+                # turn the code into -15 while the others tear down; leave together
+                signals.ignore_stop_signals()
+                dist.barrier()
+            failed = False
+            return code
+        finally:
+            try:
+                trainer.close(failed=failed)
+            except Exception:  # noqa: BLE001 - a cleanup error must not hide the one that ended the run
+                traceback.print_exc()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -136,5 +141,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     return run_ranks("osp-grpo", env, lambda: run(cfg, gcfg, env))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # guard: megatron's checkpoint writer spawns processes that re-import __main__
     sys.exit(main())

@@ -12,6 +12,8 @@ Parts (one idea per file):
     advantages.py  per-prompt group (or global) normalisation, clamp, advantage_aggr / reward_aggr
     loss.py        PPO-clip on a trained step, KL to the LoRA-disabled reference
     lora.py        adapters on nn.Linear and megatron Column/Row linears (TP-sharded), disable, merge for export
-    trainer.py     the iteration: DP-sharded rollouts, gathered rewards, PPO updates, checkpoints, MLflow
+    trainer.py     the iteration on the shared trainer skeleton (training/loop.py): DP-sharded rollouts, gathered
+                   rewards, PPO updates through megatron DDP + optimizer over the LoRA parameters, torch_dist
+                   checkpoints of the LoRA state (+ PEFT folders), the pretraining tracker and exit codes
 The SDE step, Euler/UniPC/DPM-Solver++ and CFG live in `osp_megatron.diffusion.samplers`.
 """

@@ -11,6 +11,9 @@ Tensor parallel (TP > 1, without sequence parallel):
 - Row (weight sharded on in, `input_is_parallel`): A sharded on in, B replicated. `h = reduce_from_tp(A_local·x_local)`
   (the r-wide partial sums are all-reduced), `delta = B·h` is added after megatron's row reduce.
 A is drawn from one seeded generator over the full shape and sliced, so TP=2 starts equal to TP=1.
+A TP-split adapter carries megatron's `tensor_model_parallel` / `partition_dim` attributes (the shared grad norm
+counts it on every TP rank, a replicated one once) and enters the layer's `sharded_state_dict` as a TP-sharded
+tensor on that dim, so torch_dist checkpoints store the full adapter once.
 
 `lora_disabled(model)` turns every adapter off (KL reference); `merge_lora(state_dict)` folds the adapters into the
 weights for export (per TP shard); `lora_state_dict` / `load_lora_state_dict` carry only adapter tensors.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import types
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -101,10 +105,27 @@ def _add_adapter(module: nn.Module, kind: str, rank: int, alpha: float, seed: in
     module.register_buffer("lora_scaling", torch.tensor(float(alpha) / rank, device=device))
     module.lora_A.lora_tp_split = "none" if kind != "row" or tp == 1 else "in"
     module.lora_B.lora_tp_split = "out" if kind == "column" and tp > 1 else "none"
+    if tp > 1:
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+        split = module.lora_B if kind == "column" else module.lora_A
+        set_tensor_model_parallel_attributes(split, True, 0 if kind == "column" else 1, 1)
+        module.sharded_state_dict = types.MethodType(_sharded_state_dict, module)
     module._lora_kind = kind
     module._lora_enabled = True
     module._lora_dropout = float(dropout)
     module._lora_handle = module.register_forward_hook(_lora_hook, with_kwargs=True)
+
+
+def _sharded_state_dict(module: nn.Module, prefix: str = "", sharded_offsets=(), metadata=None):
+    """The TP layer's sharded state with its split adapter sharded like the weight (column: B on dim 0, row: A
+    on dim 1); the replicated adapter and `lora_scaling` stay replicated."""
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+    axes = {"weight": 0, "bias": 0, "lora_B": 0} if module._lora_kind == "column" else {"weight": 1, "lora_A": 1}
+    return make_sharded_tensors_for_checkpoint(module.state_dict(prefix="", keep_vars=True), prefix, axes,
+                                               sharded_offsets, tp_group=module.tp_group,
+                                               dp_cp_group=(metadata or {}).get("dp_cp_group"))
 
 
 def _lora_delta(module: nn.Module, x: Tensor) -> Tensor:

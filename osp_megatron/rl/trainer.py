@@ -1,25 +1,31 @@
-"""The Mix-GRPO iteration: rollouts sharded over DP, rewards gathered for group statistics, PPO-clip on the
-window steps, AdamW on the LoRA parameters, checkpoint/resume, MLflow metrics.
+"""The Mix-GRPO iteration on the shared trainer skeleton (`training.loop.Trainer`): rollouts sharded over DP,
+rewards gathered for group statistics, PPO-clip on the window steps, megatron DDP + optimizer over the LoRA
+parameters, torch_dist checkpoints, the tracker and exit codes of pretraining.
 
-One iteration (global batch = prompts_per_iteration x group_size samples; sample j belongs to prompt slot j // G;
-DP rank r owns the contiguous samples [r·n/dp, (r+1)·n/dp); every rank of a context-parallel group owns the same
-samples and draws the same noise):
+One iteration = one `Trainer` step (global batch = prompts_per_iteration x group_size samples; sample j belongs to
+prompt slot j // G; DP rank r owns the contiguous samples [r·n/dp, (r+1)·n/dp); every rank of a context-parallel
+group owns the same samples and draws the same noise):
 1. window/trained steps from the schedule, the rollout plan (Euler | SDE window | Euler or Flash DPM).
 2. rollouts (no grad) in micro-batches of `rollout_batch`: stored window transitions + old log-probs.
 3. decode (latent preview or VAE) -> videos -> each reward; all-gather over DP -> advantages for all n samples
    (group- or global-normalised, multi-reward mix) -> this rank's slice.
-4. `updates_per_iteration` optimizer steps over the local samples: for each micro-batch of `train_batch` and each
+4. `updates_per_iteration` optimizer updates over the local samples: for each micro-batch of `train_batch` and each
    trained step, re-score the stored transition, PPO-clip loss (+ KL to the LoRA-disabled model) divided by
-   (#trained steps x #micro-batches), backward; LoRA grads summed over DP x CP and divided by DP; clip; AdamW.
+   (#trained steps x #micro-batches), times the CP size, backward; megatron DDP averages the LoRA grads over
+   DP x CP (CP ranks hold partial grads of one sample: the CP factor turns the average into their sum), then
+   `Trainer.optimizer_update` (non-finite guard, clip, step, LoRA EMA).
+
+The trainable set is the LoRA parameters: the base weights (`train.init_from`) are loaded before the adapters are
+attached and stay frozen. A checkpoint (`<run_dir>/grpo_checkpoints/iter_XXXXXXX/`, the shared torch_dist
+checkpointer) holds the LoRA parameters, their optimizer state and EMA, the full RNG state of every rank, the
+clipper and window schedule, and two PEFT folders for export: `adapter/` and (with grpo.ema_decay > 0)
+`adapter_ema/`.
 """
 from __future__ import annotations
 
 import contextlib
-import json
-import math
-import os
+import dataclasses
 import random
-import shutil
 import time
 import zlib
 from dataclasses import asdict
@@ -33,10 +39,9 @@ from osp_megatron.config import GRPOConfig
 from osp_megatron.diffusion.samplers import cfg_velocity_fn, seeded_noise
 from osp_megatron.encoders import load_text_encoder, load_vae
 from osp_megatron.models import build_model
-from osp_megatron.parallel import ParallelState
+from osp_megatron.parallel import ParallelState, initialize_parallel
 from osp_megatron.rl.advantages import combine_rewards, reward_stats, shuffled
-from osp_megatron.rl.lora import (apply_lora, full_adapters, load_lora_state_dict, lora_disabled, lora_parameters,
-                                  lora_state_dict, merge_lora)
+from osp_megatron.rl.lora import apply_lora, full_adapters, lora_disabled, lora_parameters
 from osp_megatron.rl.loss import kl_penalty, ppo_clip_loss
 from osp_megatron.rl.rewards import LatentPreviewDecoder, MultiReward
 from osp_megatron.rl.rollout import (NoiseSource, RolloutPlan, make_plan, ode_prefix, ode_sample, rollout,
@@ -44,11 +49,11 @@ from osp_megatron.rl.rollout import (NoiseSource, RolloutPlan, make_plan, ode_pr
 from osp_megatron.rl.windows import WindowSchedule, count_nfe, group_prefix_runs
 from osp_megatron.training import signals
 from osp_megatron.training.clipping import GradClipper
-from osp_megatron.training.rng import derive_seed, get_rng_state, set_rng_state
-from osp_megatron.training.tracking import Tracker, run_tags, system_metrics
-from osp_megatron.weights import read_latest
-from osp_megatron.weights.lora import (ADAPTER, ADAPTER_EMA, GRPO_CHECKPOINTS as CKPT_SUBDIR, read_shard, shard_name,
-                                       write_peft_adapter)
+from osp_megatron.training.ema import EMA, unwrap
+from osp_megatron.training.loop import Trainer
+from osp_megatron.training.rng import derive_seed
+from osp_megatron.weights import load_into
+from osp_megatron.weights.lora import ADAPTER, ADAPTER_EMA, GRPO_CHECKPOINTS, write_peft_adapter
 
 Tensor = torch.Tensor
 
@@ -111,146 +116,176 @@ class EncoderTextEmbedder:
 
 
 # --------------------------------------------------------------------------------------------
-# distributed helpers
+# collectives over the injected parallel state
 # --------------------------------------------------------------------------------------------
-class _Dist:
-    """Ranks and groups for GRPO (single process when torch.distributed is not initialised)."""
-
-    def __init__(self, parallel=None, device="cpu") -> None:
-        self.parallel, self.device = parallel, torch.device(device)
-        self.on = dist.is_initialized() and dist.get_world_size() > 1
-        if parallel is not None:
-            self.dp, self.dp_rank, self.dp_group = parallel.dp, parallel.dp_rank, parallel.dp_group
-            self.dp_cp_group = parallel.dp_cp_group
-            self.cp_group = parallel.cp.cp_group
-            self.tp_group, self.tp, self.tp_rank = parallel.tp_group, parallel.tp, parallel.tp_rank
-            self.cp_rank = parallel.cp.ssp_rank * parallel.cp.ulysses + parallel.cp.ulysses_rank
-            self.cp_size = parallel.cp.ssp * parallel.cp.ulysses
-            if self.cp_size > 1:
-                self.cp_rank = dist.get_rank(group=self.cp_group)
-        else:
-            self.dp, self.dp_rank, self.dp_group, self.dp_cp_group, self.cp_group = 1, 0, None, None, None
-            self.tp_group, self.tp, self.tp_rank, self.cp_rank, self.cp_size = None, 1, 0, 0, 1
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.is_main = self.rank == 0
-
-    def all_gather_1d(self, t: Tensor) -> Tensor:
-        if not self.on or self.dp == 1 or self.dp_group is None:
-            return t
-        parts = [torch.empty_like(t) for _ in range(self.dp)]
-        dist.all_gather(parts, t.contiguous(), group=self.dp_group)
-        return torch.cat(parts)
-
-    def max_over_dp(self, value: int) -> int:
-        if not self.on or self.dp == 1 or self.dp_group is None:
-            return value
-        t = torch.tensor([value], dtype=torch.int64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.dp_group)
-        return int(t.item())
-
-    def cp_all_gather(self, t: Tensor) -> Tensor:
-        """Concatenate equal-size pieces of the context-parallel group in CP-rank order."""
-        parts = [torch.empty_like(t) for _ in range(self.cp_size)]
-        dist.all_gather(parts, t.contiguous(), group=self.cp_group)
-        return torch.cat(parts)
-
-    def reduce_grads(self, params: List[torch.nn.Parameter]) -> None:
-        """Sum over DP x CP (CP ranks hold partial grads of one sample), divide by DP."""
-        if not self.on or self.dp_cp_group is None or dist.get_world_size(self.dp_cp_group) == 1:
-            return
-        for p in params:  # a rank without samples in this update still joins the reduction
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.dp_cp_group)
-        flat /= self.dp
-        off = 0
-        for g in grads:
-            g.copy_(flat[off: off + g.numel()].view_as(g))
-            off += g.numel()
-
-    def grad_norm(self, params: List[torch.nn.Parameter]) -> Tensor:
-        """Global L2 norm: TP-sharded adapters summed over TP, replicated ones counted once."""
-        dev = params[0].device
-        rep = torch.zeros((), device=dev, dtype=torch.float64)
-        shard = torch.zeros((), device=dev, dtype=torch.float64)
-        for p in params:
-            if p.grad is None:
-                continue
-            sq = p.grad.detach().double().pow(2).sum()
-            if getattr(p, "lora_tp_split", "none") != "none":
-                shard += sq
-            else:
-                rep += sq
-        if self.on and self.tp > 1 and self.tp_group is not None:
-            dist.all_reduce(shard, group=self.tp_group)
-        return (rep + shard).sqrt()
-
-    def barrier(self) -> None:
-        if self.on:
-            dist.barrier()
+def _all_gather(t: Tensor, group, size: int) -> Tensor:
+    """Equal-size pieces of every rank of `group` concatenated in group-rank order (`t` itself for one rank)."""
+    if size == 1 or group is None:
+        return t
+    parts = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts)
 
 
 # --------------------------------------------------------------------------------------------
 # trainer
 # --------------------------------------------------------------------------------------------
-class GRPOTrainer:
-    """Mix-GRPO on a DiT with LoRA. `model` (optional): a built model, else one built from `cfg`.
+class GRPOTrainer(Trainer):
+    """Mix-GRPO with LoRA on a DiT. Everything up to the data is built at construction (`Trainer.build`); `fit()`
+    starts (checkpointer, resume, tracker), trains to grpo.iterations and returns the metrics of every iteration;
+    `run_step()` runs one iteration.
 
-    `reward`: optional callable videos, prompts -> {name: scores}; default from `gcfg.rewards`.
-    """
+    `model`: a built model (its base weights as they are), else one built from `cfg.model` with `train.init_from`
+    loaded. `parallel`: ranks and groups (default: `parallel.*` of the launched job, or one process when
+    torch.distributed is not initialised). `reward`: a callable videos, prompts -> {name: scores} (default from
+    `grpo.rewards`)."""
 
-    def __init__(self, cfg, gcfg: GRPOConfig, model: Optional[torch.nn.Module] = None, parallel=None,
-                 reward: Optional[MultiReward] = None, tracker=None, device=None) -> None:
-        self.cfg, self.g = cfg, gcfg
-        self.device = torch.device(device) if device is not None else (
+    log_prefix = "[osp-grpo]"
+    checkpoint_subdir = GRPO_CHECKPOINTS
+    checkpoint_prefix = "iter_"
+
+    def __init__(self, cfg, gcfg: Optional[GRPOConfig] = None, model: Optional[torch.nn.Module] = None,
+                 parallel: Optional[ParallelState] = None, reward: Optional[MultiReward] = None, device=None,
+                 log: Callable[[str], None] = print) -> None:
+        import copy
+
+        gcfg = gcfg if gcfg is not None else cfg.grpo
+        if cfg.grpo is not gcfg:
+            cfg = copy.copy(cfg)  # the sections stay shared; the grpo section is the one this trainer runs
+            cfg.grpo = gcfg
+        device = torch.device(device) if device is not None else (
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
-        if model is None:
-            model = build_model(cfg.model, parallel or ParallelState.single(), precision=cfg.precision,
-                                device=self.device)
-        if parallel is None:
+        if parallel is None and model is not None:
             parallel = getattr(model, "parallel", None)
-        if parallel is not None and getattr(parallel, "pp", 1) > 1:
+        if parallel is None and not dist.is_initialized():
+            parallel = ParallelState.single()  # one process: rank 0 of 1 with megatron's groups
+        super().__init__(cfg, device, log)
+        self.g = gcfg
+        self.iterations = gcfg.iterations
+        self.history: List[Dict[str, float]] = []
+        self.stopped = False  # set by fit() when a stop signal ended the run after a checkpoint
+        self.exit_code: Optional[int] = None
+        self._parallel, self._model_in, self._reward_in = parallel, model, reward
+        self.build()
+
+    # ------------------------------------------------------------------ skeleton attributes
+    @property
+    def total_steps(self) -> int:
+        return self.iterations
+
+    @property
+    def log_interval(self) -> int:
+        return self.g.log_interval
+
+    @property
+    def save_interval(self) -> int:
+        return self.g.save_interval
+
+    @property
+    def iteration(self) -> int:
+        """Completed GRPO iterations (the trainer's step counter)."""
+        return self.step
+
+    # ------------------------------------------------------------------ build hooks
+    def init_parallel(self) -> ParallelState:
+        return self._parallel if self._parallel is not None else initialize_parallel(self.cfg.parallel)
+
+    def setup_layout(self) -> None:
+        g, ps = self.g, self.ps
+        if ps.pp > 1:
             raise ValueError("osp-grpo does not support pipeline parallelism: set parallel.pipeline_parallel=1 "
                              "(use tensor/context parallelism for large models)")
-        self.dist = _Dist(parallel, self.device)
-        self.model = model
-        self.model_dtype = next(model.parameters()).dtype
-        n = gcfg.prompts_per_iteration * gcfg.group_size
-        if n % self.dist.dp:
+        n = g.prompts_per_iteration * g.group_size
+        if n % ps.dp:
             raise ValueError(f"grpo.prompts_per_iteration x grpo.group_size = {n} samples are not divisible by the "
-                             f"data-parallel size {self.dist.dp}: choose them so that DP divides the product")
-        self.num_samples, self.local_samples = n, n // self.dist.dp
-        self.lora_names = apply_lora(model, gcfg.lora.rank, gcfg.lora.alpha, gcfg.lora.targets, seed=gcfg.seed,
-                                     dropout=gcfg.lora.dropout, init=gcfg.lora.init)
-        self.params = lora_parameters(model)
+                             f"data-parallel size {ps.dp}: choose them so that DP divides the product")
+        self.num_samples, self.local_samples = n, n // ps.dp
+
+    def build_model(self, device=None) -> torch.nn.Module:
+        self._base_given = self._model_in is not None
+        if self._base_given:
+            model, self._model_in = self._model_in, None
+            return model
+        return build_model(self.cfg.model, self.ps, precision=self.cfg.precision, device=device or self.device)
+
+    def configure_model(self, model: torch.nn.Module) -> None:
+        """Base weights (`train.init_from`, unless the model was given) -> LoRA adapters -> recompute hook."""
+        g, cfg = self.g, self.cfg
+        if cfg.train.init_from and not self._base_given:
+            ckpt = load_into(model, cfg.train.init_from, cfg.train.init_format, model_config=cfg.model)
+            self.info(f"{self.log_prefix} base weights from {cfg.train.init_from} ({ckpt.format})")
+            for note in ckpt.differences(cfg.model, cfg.precision):
+                self.info(f"{self.log_prefix} train.init_from: {note} (this run's config wins)")
+        self.model_dtype = next(model.parameters()).dtype
+        self.lora_names = apply_lora(model, g.lora.rank, g.lora.alpha, g.lora.targets, seed=g.seed,
+                                     dropout=g.lora.dropout, init=g.lora.init)
+        self.params = lora_parameters(model)  # the trainable set
         self._enable_recompute_grads(model)
-        self.optimizer = torch.optim.AdamW(self.params, lr=gcfg.lr, betas=(gcfg.adam_beta1, gcfg.adam_beta2),
-                                           eps=gcfg.adam_eps, weight_decay=gcfg.weight_decay)
-        self.clipper = GradClipper(gcfg.clip_mode, gcfg.clip_grad)
-        self.ema: Optional[Dict[str, Tensor]] = None
-        if gcfg.ema_decay > 0:
-            self.ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        self.schedule = WindowSchedule.from_config(gcfg)
-        self.reward = reward if reward is not None else MultiReward(gcfg.rewards)
+
+    def trainable_parameters(self, model: torch.nn.Module) -> List[torch.nn.Parameter]:
+        return self.params
+
+    def optimizer_config(self):
+        from megatron.core.optimizer import OptimizerConfig
+
+        g = self.g
+        return OptimizerConfig(
+            optimizer="adam", lr=g.lr, min_lr=g.lr, weight_decay=g.weight_decay, adam_beta1=g.adam_beta1,
+            adam_beta2=g.adam_beta2, adam_eps=g.adam_eps, clip_grad=g.clip_grad,
+            bf16=False, params_dtype=torch.float32,  # the adapters are fp32 whatever the base dtype
+            use_distributed_optimizer=self.cfg.parallel.distributed_optimizer,
+        )
+
+    def build_scheduler(self):
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        g = self.g
+        return OptimizerParamScheduler(
+            self.optimizer, init_lr=g.lr, max_lr=g.lr, min_lr=g.lr, lr_warmup_steps=0,
+            lr_decay_steps=max(g.iterations, 1), lr_decay_style="constant", start_wd=g.weight_decay,
+            end_wd=g.weight_decay, wd_incr_steps=max(g.iterations, 1), wd_incr_style="constant",
+            use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
+        )
+
+    def build_clipper(self) -> GradClipper:
+        return GradClipper(self.g.clip_mode, self.g.clip_grad)
+
+    def build_ema(self, model: torch.nn.Module) -> Optional[EMA]:
+        """EMA of the LoRA parameters after every optimizer update (fp32, next to them)."""
+        if self.g.ema_decay <= 0:
+            return None
+        return EMA(None, model, self.g.ema_decay, names=[n for n, p in model.named_parameters() if p.requires_grad])
+
+    def model_sharded_state_dict(self) -> Dict[str, Any]:
+        """The model's sharded state filtered to the trainable set (the LoRA parameters)."""
+        net = unwrap(self.model)
+        names = {n for n, p in net.named_parameters() if p.requires_grad}
+        state = net.sharded_state_dict()
+        missing = sorted(names - set(state))
+        if missing:
+            raise RuntimeError(f"the model's sharded state dict lacks the trainable parameters {missing[:5]}")
+        return {k: v for k, v in state.items() if k in names}
+
+    def setup_data(self) -> None:
+        g = self.g
+        net = unwrap(self.model)
+        self.schedule = WindowSchedule.from_config(g)
+        self.reward = self._reward_in if self._reward_in is not None else MultiReward(g.rewards)
         self.prompts = self._load_prompts()
-        text_dim = int(getattr(getattr(model, "config", None), "text_dim", 0) or self._text_dim_from_model())
-        if gcfg.text_source == "random":
-            self.text = RandomTextEmbedder(gcfg.text_len, text_dim, gcfg.negative_prompt)
+        text_dim = int(getattr(getattr(net, "config", None), "text_dim", 0) or self._text_dim_from_model())
+        if g.text_source == "random":
+            self.text = RandomTextEmbedder(g.text_len, text_dim, g.negative_prompt)
         else:
-            self.text = EncoderTextEmbedder(cfg.encoders.text_encoder, self.device, gcfg.text_len, text_dim,
-                                            negative_prompt=gcfg.negative_prompt)
+            self.text = EncoderTextEmbedder(self.cfg.encoders.text_encoder, self.device, g.text_len, text_dim,
+                                            negative_prompt=g.negative_prompt)
         self._decoder = None
-        self.null_text = self.text.null().to(self.device) if gcfg.cfg_scale != 1.0 else None
-        self.latent_shape = [int(getattr(getattr(model, "config", None), "in_channels", 16))] + list(gcfg.latent_shape)
-        self.run_dir = Path(cfg.train.run_dir)
-        self.ckpt_root = self.run_dir / CKPT_SUBDIR
-        self.tracker = tracker
-        self.iteration = 0
-        self.stopped = False  # set by fit() when SIGTERM/SIGUSR1 stopped the run after a checkpoint
-        self.history: List[Dict[str, float]] = []
+        self.null_text = self.text.null().to(self.device) if g.cfg_scale != 1.0 else None
+        self.latent_shape = [int(getattr(getattr(net, "config", None), "in_channels", 16))] + list(g.latent_shape)
+
+    def describe(self) -> str:
+        g = self.g
+        return (f"{self.num_samples} samples/iteration ({g.prompts_per_iteration} prompts x G={g.group_size}), "
+                f"{self.local_samples} per DP rank, LoRA r={g.lora.rank} on {len(self.lora_names)} linears")
 
     # ------------------------------------------------------------------ setup helpers
     @staticmethod
@@ -273,7 +308,7 @@ class GRPOTrainer:
         emb.register_forward_hook(hook)
 
     def _text_dim_from_model(self) -> int:
-        emb = getattr(self.model, "text_embedding", None)
+        emb = getattr(unwrap(self.model), "text_embedding", None)
         if emb is not None and hasattr(emb, "linear_1"):
             return emb.linear_1.in_features
         raise ValueError("cannot infer the model's text_dim: pass a model with config.text_dim")
@@ -315,7 +350,7 @@ class GRPOTrainer:
         return [rng.randrange(len(self.prompts)) for _ in range(self.g.prompts_per_iteration)]
 
     def local_ids(self) -> List[int]:
-        r = self.dist.dp_rank
+        r = self.ps.dp_rank
         return list(range(r * self.local_samples, (r + 1) * self.local_samples))
 
     def plan_for(self, it: int) -> RolloutPlan:
@@ -333,7 +368,7 @@ class GRPOTrainer:
         """Pre-window trajectories per iteration over all DP ranks (a group split over ranks runs once per rank)."""
         if self.prefix_steps(plan) == 0:
             return -1
-        return group_prefix_runs(self.num_samples, self.g.group_size, self.dist.dp)
+        return group_prefix_runs(self.num_samples, self.g.group_size, self.ps.dp)
 
     def collect(self, it: int, plan: RolloutPlan):
         """Rollouts of this rank's samples -> dict of stored transitions, prompts, text, per-reward scores."""
@@ -341,7 +376,7 @@ class GRPOTrainer:
         ids = self.local_ids()
         slots = self.iteration_prompts(it)
         prompt_of = [self.prompts[slots[j // g.group_size]] for j in ids]
-        noise = NoiseSource(g.seed, it, group=self.dist.cp_group)
+        noise = NoiseSource(g.seed, it, group=self.ps.cp.cp_group)
         self.model.eval()
         start = self.prefix_steps(plan)
         prefix: Dict[int, Tensor] = {}
@@ -377,17 +412,18 @@ class GRPOTrainer:
     def score(self, final: Tensor, prompts: List[str]) -> Dict[str, Tensor]:
         """Decode + reward. Every CP rank holds the same samples: each decodes and scores its share, then the
         scores are all-gathered over the CP group (once per sample, not once per rank)."""
-        c, n = self.dist.cp_size, final.shape[0]
+        c, n = self.cp_size, final.shape[0]
         if c > 1 and n % c == 0:
-            per, r = n // c, self.dist.cp_rank
+            per, r = n // c, self.ps.cp.rank
             part = self.reward(self.decoder()(final[r * per:(r + 1) * per]), prompts[r * per:(r + 1) * per])
-            return {k: self.dist.cp_all_gather(v.float().to(self.device)) for k, v in part.items()}
+            return {k: _all_gather(v.float().to(self.device), self.ps.cp.cp_group, c) for k, v in part.items()}
         return self.reward(self.decoder()(final), prompts)
 
     def advantages(self, it: int, scores: Dict[str, Tensor]):
         """All-gather each reward over DP -> advantages for all samples -> (local slice [n_local], global rewards)."""
         g = self.g
-        gathered = {k: self.dist.all_gather_1d(v.float().to(self.device)).cpu() for k, v in scores.items()}
+        gathered = {k: _all_gather(v.float().to(self.device), self.ps.dp_group, self.ps.dp).cpu()
+                    for k, v in scores.items()}
         group_ids = torch.arange(self.num_samples) // g.group_size
         adv, combined = combine_rewards(gathered, self.reward.weights, group_ids, g.reward_mix, norm=g.adv_norm,
                                         eps=g.adv_eps, clip=g.adv_clip_max, unbiased=g.adv_unbiased_std)
@@ -413,11 +449,11 @@ class GRPOTrainer:
                 short = (batches - kept % batches) % batches
                 zeros = (~keep).nonzero(as_tuple=True)[0]
                 if short and len(zeros) >= short:
-                    gen = torch.Generator().manual_seed(derive_seed(g.seed, it, self.dist.dp_rank, 0x2E40))
+                    gen = torch.Generator().manual_seed(derive_seed(g.seed, it, self.ps.dp_rank, 0x2E40))
                     keep[zeros[torch.randperm(len(zeros), generator=gen)[:short]]] = True
                 order = keep.nonzero(as_tuple=True)[0].tolist()
         if g.shuffle_train_order:
-            gen = torch.Generator().manual_seed(derive_seed(g.seed, it, self.dist.dp_rank, 0x5407))
+            gen = torch.Generator().manual_seed(derive_seed(g.seed, it, self.ps.dp_rank, 0x5407))
             order = [order[i] for i in torch.randperm(len(order), generator=gen).tolist()]
         return order
 
@@ -433,21 +469,41 @@ class GRPOTrainer:
         acc = g.grad_accumulation
         return [micro[k: k + acc] for k in range(0, len(micro), acc)]
 
+    def _max_over_dp(self, value: int) -> int:
+        if self.ps.dp == 1 or self.ps.dp_group is None:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.ps.dp_group)
+        return int(t.item())
+
+    def _mean_over_dp(self, value: float) -> float:
+        if self.ps.dp == 1 or self.ps.dp_group is None:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=self.ps.dp_group)
+        return float(t.item()) / self.ps.dp
+
     def train_on(self, batch: Dict[str, Any], adv: Tensor, plan: RolloutPlan, it: int = 0) -> Dict[str, float]:
+        """The PPO updates of one iteration; each goes through `Trainer.optimizer_update`. Its statistics."""
+        from megatron.core.distributed import finalize_model_grads
+
         g = self.g
         self.model.train()
         steps = list(plan.trained)
         stats = {"ratio_mean": [], "clip_frac": [], "approx_kl": [], "policy_loss": [], "kl": [], "grad_norm": [],
-                 "clip_bound": []}
+                 "clip_bound": [], "loss": []}
         if g.zero_adv_filter and bool((adv == 0).all()):
             adv = adv + 1e-6  # every advantage 0: train all samples with a tiny one (as OSP-Next does)
         order = self.train_samples(it, adv) if steps else []
         updates = self.update_groups(order)
-        count = self.dist.max_over_dp(len(updates))  # every DP rank steps the optimizer equally often
+        count = self._max_over_dp(len(updates))  # every DP rank steps the optimizer equally often
         updates += [[] for _ in range(count - len(updates))]
+        skipped = 0.0
         for micro in updates:
-            self.optimizer.zero_grad(set_to_none=True)
-            scale = 1.0 / (len(steps) * max(len(micro), 1))
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            norm = 1.0 / (len(steps) * max(len(micro), 1))
+            loss_sum = 0.0
             for mb in micro:
                 idx = torch.tensor(mb)
                 text = self.text.encode([batch["prompts"][i] for i in mb])
@@ -465,51 +521,46 @@ class GRPOTrainer:
                         kl = kl_penalty(mean, mean_ref, std, g.kl_beta)
                         loss = loss + kl
                         stats["kl"].append(float(kl.detach()) / g.kl_beta)
-                    (loss * scale).backward()
+                    # DDP averages over DP x CP; CP ranks hold partial grads of the same samples: x CP sums them
+                    (loss * (norm * self.cp_size)).backward()
+                    loss_sum += float(loss.detach()) * norm
                     for key in ("ratio_mean", "clip_frac", "approx_kl", "policy_loss"):
                         stats[key].append(getattr(st, key))
-            self.dist.reduce_grads(self.params)
-            norm = self.dist.grad_norm(self.params)
-            bound = self.clipper.bound(float(norm)) if math.isfinite(float(norm)) else None
-            if bound is not None:
-                coef = min(1.0, bound / (float(norm) + 1e-6))
-                for p in self.params:
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
-                stats["clip_bound"].append(bound)
-            stats["grad_norm"].append(float(norm))
-            if math.isfinite(float(norm)):
-                self.optimizer.step()
-                self._update_ema()
+            finalize_model_grads([self.model])
+            loss_mean = self._mean_over_dp(loss_sum)
+            update = self.optimizer_update(loss_mean)
+            stats["loss"].append(loss_mean)
+            stats["grad_norm"].append(update["grad_norm"])
+            if update["skipped_step"]:
+                skipped = 1.0
+            elif self.clipper.last_bound is not None:
+                stats["clip_bound"].append(self.clipper.last_bound)
         out = {k: (sum(v) / len(v)) for k, v in stats.items() if v}
         out["trained_samples"] = float(len(order))
         out["updates"] = float(len(updates))
+        out["skipped_step"] = skipped
         return out
 
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        if self.ema is None:
-            return
-        d = self.g.ema_decay
-        for n, p in self.model.named_parameters():
-            if n in self.ema:
-                self.ema[n].mul_(d).add_(p.detach(), alpha=1.0 - d)
-
-    def step(self) -> Dict[str, float]:
-        """One GRPO iteration; returns its metrics."""
-        it = self.iteration
+    def train_step(self, step: int, batch: Any = None) -> Dict[str, float]:
+        """GRPO iteration `step - 1` (evaluation first when it falls on grpo.eval_interval); its metrics."""
+        it = step - 1
+        g = self.g
+        metrics: Dict[str, float] = {}
+        if g.eval_interval and it % g.eval_interval == 0:
+            metrics.update(self.evaluate())
         t0 = time.perf_counter()
         plan = self.plan_for(it)
-        batch = self.collect(it, plan)
+        rolled = self.collect(it, plan)
         t1 = time.perf_counter()
-        adv, gathered, combined = self.advantages(it, batch["scores"])
-        m = self.train_on(batch, adv, plan, it)
+        adv, gathered, combined = self.advantages(it, rolled["scores"])
+        m = self.train_on(rolled, adv, plan, it)
         t2 = time.perf_counter()
         window = self.schedule.window(it)
-        flash_post = plan.count("dpm") if self.g.flash.enabled else None
-        nfe = count_nfe(self.g.steps, window, len(plan.trained), flash_post, self.g.cfg_scale, self.g.kl_beta > 0,
+        flash_post = plan.count("dpm") if g.flash.enabled else None
+        nfe = count_nfe(g.steps, window, len(plan.trained), flash_post, g.cfg_scale, g.kl_beta > 0,
                         self.num_samples, self.prefix_runs(plan))
-        metrics = {f"grpo/{k}": v for k, v in m.items()}
+        skipped = m.pop("skipped_step")
+        metrics.update({f"grpo/{k}": v for k, v in m.items()})
         metrics.update(reward_stats(gathered))
         metrics["reward/combined/mean"] = float(combined.mean())
         metrics["reward/combined/std"] = float(combined.std())
@@ -519,7 +570,16 @@ class GRPOTrainer:
         metrics["time/rollout_s"] = t1 - t0
         metrics["time/train_s"] = t2 - t1
         metrics["time/iteration_s"] = t2 - t0
-        self.iteration += 1
+        # the keys of the shared progress line and loop
+        metrics["loss"] = m.get("loss", 0.0)
+        if "grad_norm" in m:
+            metrics["grad_norm"] = m["grad_norm"]
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["samples_per_s"] = self.num_samples / (t2 - t0)
+        metrics["step_time_s"] = t2 - t0
+        metrics["skipped_step"] = skipped
+        metrics.update(self.step_counters())
+        self.history.append(metrics)
         return metrics
 
     # ------------------------------------------------------------------ evaluation
@@ -536,10 +596,11 @@ class GRPOTrainer:
     @contextlib.contextmanager
     def ema_weights(self):
         """The LoRA EMA in place of the LoRA weights inside the block (evaluation, as OSP-Next evaluates)."""
-        live = dict(self.model.named_parameters())
-        saved = {n: live[n].detach().clone() for n in self.ema}
+        live = dict(unwrap(self.model).named_parameters())
+        ema = self.ema.tensors()
+        saved = {n: live[n].detach().clone() for n in ema}
         with torch.no_grad():
-            for n, v in self.ema.items():
+            for n, v in ema.items():
                 live[n].copy_(v)
         try:
             yield
@@ -568,184 +629,69 @@ class GRPOTrainer:
         out["eval/combined"] = float(sum(self.reward.weights[k] / total * v.mean() for k, v in scores.items()))
         return out
 
-    # ------------------------------------------------------------------ checkpoint / resume
-    def _shard_name(self) -> str:
-        return shard_name(self.dist.tp_rank)
-
-    def save(self, run_id: Optional[str] = None) -> Path:
-        """`<run_dir>/grpo_checkpoints/iter_XXXXXXX/` (written to a tmp dir, then renamed) + atomic `latest`;
-        keeps the newest `train.keep_last` checkpoints. A checkpoint of the same iteration is not rewritten."""
-        name = f"iter_{self.iteration:07d}"
-        final = self.ckpt_root / name
-        if final.is_dir() and (final / "meta.json").is_file():
-            return final  # same iteration, same state (e.g. the end of a resumed, already finished run)
-        tmp = self.ckpt_root / f".tmp_{name}"
-        writer = self.dist.dp_rank == 0 and self.dist.cp_rank == 0
-        if self.dist.is_main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        self.dist.barrier()
-        # every rank's full RNG state (python, numpy, torch CPU, CUDA, megatron's TP tracker)
-        torch.save(get_rng_state(), tmp / f"rng_rank{self.dist.rank:05d}.pt")
-        if writer:
-            ema = {k: v.detach().cpu().clone() for k, v in self.ema.items()} if self.ema is not None else None
-            torch.save({"lora": lora_state_dict(self.model), "optimizer": self.optimizer.state_dict(), "lora_ema": ema},
-                       tmp / self._shard_name())
-        self.dist.barrier()
-        adapters = full_adapters(self.model)  # TP shards joined (a collective over TP)
-        adapters_ema = full_adapters(self.model, self.ema) if self.ema is not None else None
-        if self.dist.is_main:
-            extra = {"osp_megatron": {"iteration": self.iteration, "ema": False}}
-            write_peft_adapter(adapters, tmp / ADAPTER, self.g.lora.init, extra)
-            if adapters_ema is not None:
-                extra["osp_megatron"].update(ema=True, ema_decay=self.g.ema_decay)
-                write_peft_adapter(adapters_ema, tmp / ADAPTER_EMA, self.g.lora.init, extra)
-            meta = {"iteration": self.iteration, "window": self.schedule.state_dict(), "run_id": run_id,
-                    "clipper": self.clipper.state_dict(),
-                    "grpo": asdict(self.g), "tp": self.dist.tp, "world_size": self.dist.world,
-                    "lora_modules": self.lora_names}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))  # written last: marks complete
-            os.replace(tmp, final)
-            latest_tmp = self.ckpt_root / "latest.tmp"
-            latest_tmp.write_text(name + "\n")
-            os.replace(latest_tmp, self.ckpt_root / "latest")
-            keep = max(int(getattr(self.cfg.train, "keep_last", 3)), 1)
-            done = sorted(p for p in self.ckpt_root.glob("iter_*") if (p / "meta.json").is_file())
-            for old in done[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-            if self.tracker is not None:
-                self.tracker.write_curve("reward/combined/mean", "reward_curve.png", self.iteration)
-        self.dist.barrier()
-        return final
-
-    def latest_checkpoint(self) -> Optional[Path]:
-        return read_latest(self.ckpt_root)
-
-    def load(self, path: Path) -> Dict[str, Any]:
-        meta = json.loads((path / "meta.json").read_text())
-        if meta.get("tp", 1) != self.dist.tp:
-            raise ValueError(f"checkpoint {path} was written at TP={meta.get('tp')} but this run has TP={self.dist.tp}: "
-                             "resume with the same parallel.tensor_parallel")
-        self.schedule.check_state(meta["window"])
-        shard = torch.load(path / self._shard_name(), map_location="cpu", weights_only=False)
-        load_lora_state_dict(self.model, shard["lora"])
-        self.optimizer.load_state_dict(shard["optimizer"])
-        if self.ema is not None:
-            saved = shard.get("lora_ema")
-            if saved is None or set(saved) != set(self.ema):
-                raise ValueError(f"checkpoint {path} has no matching LoRA EMA but grpo.ema_decay={self.g.ema_decay}: "
-                                 "resume with the same ema_decay setting (or 0)")
-            for k, v in saved.items():
-                self.ema[k].copy_(v)
-        rng = path / f"rng_rank{self.dist.rank:05d}.pt"
-        if meta.get("world_size") == self.dist.world and rng.is_file():
-            set_rng_state(torch.load(rng, weights_only=False))
-        elif self.dist.is_main:  # GRPO's own streams are seeded by (seed, iteration, sample): results do not change
-            print(f"[osp-grpo] world size changed {meta.get('world_size')} -> {self.dist.world}: RNG states re-seeded",
-                  flush=True)
-        self.clipper.load_state_dict(meta.get("clipper"))
-        self.iteration = int(meta["iteration"])
-        return meta
-
-    # ------------------------------------------------------------------ the loop
-    def fit(self, iterations: Optional[int] = None, resume: bool = True, track: bool = True) -> List[Dict[str, float]]:
-        """Run until `iterations` (default grpo.iterations) with eval, logging, checkpoints; returns the metrics."""
-        g = self.g
-        total = iterations if iterations is not None else g.iterations
-        run_id = None
-        if resume:
-            path = self.latest_checkpoint()
-            if path is not None:
-                run_id = self.load(path).get("run_id")
-                if self.dist.is_main:
-                    print(f"[osp-grpo] resumed from {path} at iteration {self.iteration}", flush=True)
-        if track and self.tracker is None:
-            self.tracker = Tracker(self.cfg.tracking, self.run_dir, enabled=self.dist.is_main, run_id=run_id)
-            # drop lines of iterations lost by a crash; a re-opened run does not get the replayed ones again
-            self.tracker.start_after(self.iteration - 1, reopened=run_id is not None)
-            if self.tracker.active and run_id is None:
-                params = {f"grpo.{k}": v for k, v in _flatten(asdict(g)).items()}
-                self.tracker.log_params(params)
-                self.tracker.set_tags(run_tags(self.dist.world))
-        tr = self.tracker
-        run_id = getattr(tr, "run_id", None)
-
-        stop = signals.StopRequest().install()
-        self.stopped = False
-        try:
-            while self.iteration < total:
-                it = self.iteration
-                metrics: Dict[str, float] = {}
-                if g.eval_interval and it % g.eval_interval == 0:
-                    metrics.update(self.evaluate())
-                metrics.update(self.step())
-                self.history.append(metrics)
-                metrics = {**metrics, **system_metrics(self.device)} if self.dist.is_main else metrics
-                if tr is not None:
-                    tr.log_metrics(metrics, step=it)
-                    if it % g.log_interval == 0:
-                        tr.console(format_grpo_progress(it, total, metrics))
-                if signals.agree_on_stop(stop.requested, self.device):
-                    self.save(run_id)
-                    if self.dist.is_main:
-                        print(f"[osp-grpo] stop signal: checkpointed iteration {self.iteration}; requeue to continue "
-                              f"(exit code {signals.EXIT_REQUEUE})", flush=True)
-                    self.stopped = True
-                    if tr is not None:
-                        tr.finish("KILLED")
-                    return self.history
-                if g.save_interval and self.iteration % g.save_interval == 0 and self.iteration < total:
-                    self.save(run_id)
-        finally:
-            stop.uninstall()
-        if g.eval_interval:
+    def on_train_end(self) -> None:
+        if self.g.eval_interval:
             final = self.evaluate()
             self.history.append(final)
-            if tr is not None:
-                tr.log_metrics(final, step=self.iteration)
-                tr.console(f"final eval {final['eval/combined']:.4f} after {self.iteration} iterations")
-        self.save(run_id)
-        if tr is not None:
-            tr.finish()
+            self.tracker.log_metrics(final, self.step)
+            self.info(f"{self.log_prefix} final eval {final['eval/combined']:.4f} after {self.step} iterations")
+
+    # ------------------------------------------------------------------ checkpoint / resume
+    def state_dict_extras(self) -> Dict[str, Any]:
+        return {"grpo": {"window": self.schedule.state_dict(), "lora_modules": list(self.lora_names)}}
+
+    def load_state_dict_extras(self, state: Dict[str, Any]) -> None:
+        saved = state.get("grpo") or {}
+        self.schedule.check_state(saved.get("window", {}))
+        if saved.get("lora_modules") != list(self.lora_names):
+            raise ValueError("checkpoint LoRA modules differ from this run's: resume with the same grpo.lora.targets")
+
+    def save(self, before_commit: Optional[Callable[[Path], None]] = None) -> Path:
+        """Checkpoint the current iteration (collective): the shared torch_dist checkpoint of the LoRA state plus
+        the PEFT folders `adapter/` (and `adapter_ema/`) for export. Returns the checkpoint directory."""
+        if not hasattr(self, "tracker"):
+            self.start()  # a checkpoint outside `fit()`, e.g. after `run_step()` calls
+        g = self.g
+        net = unwrap(self.model)
+        adapters = full_adapters(net)  # TP shards joined (a collective over TP)
+        adapters_ema = full_adapters(net, self.ema.tensors()) if self.ema is not None else None
+        iteration = self.step
+
+        def write_adapters(tmp: Path) -> None:  # rank 0, after the data, before the commit
+            extra = {"osp_megatron": {"iteration": iteration, "ema": False}}
+            write_peft_adapter(adapters, tmp / ADAPTER, g.lora.init, extra)
+            if adapters_ema is not None:
+                extra["osp_megatron"].update(ema=True, ema_decay=g.ema_decay)
+                write_peft_adapter(adapters_ema, tmp / ADAPTER_EMA, g.lora.init, extra)
+            if before_commit is not None:
+                before_commit(tmp)
+
+        super().save(before_commit=write_adapters)
+        return self.checkpointer.root / self.checkpointer.dir_name(self.step)
+
+    def on_save(self, step: int) -> None:
+        self.tracker.write_curve("reward/combined/mean", "reward_curve.png", step)
+
+    def load(self, path) -> None:
+        """The training state of checkpoint directory `path` (collective)."""
+        if not hasattr(self, "checkpointer"):
+            self.make_checkpointer()
+        self.load_checkpoint(Path(path))
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, iterations: Optional[int] = None, track: bool = True) -> List[Dict[str, float]]:
+        """Start (resume when train.resume and a checkpoint exist), train to `iterations` (default
+        grpo.iterations) with eval, logging and checkpoints, release the run; returns the metrics of every
+        iteration (+ the final evaluation). `exit_code` / `stopped` tell how it ended. `track=False`: no tracker."""
+        if iterations is not None:
+            self.iterations = iterations
+        self.tracking_enabled = track
+        failed = True
+        try:
+            self.start()
+            self.exit_code = self.train()
+            failed = False
+        finally:
+            self.close(failed=failed)
+        self.stopped = self.exit_code == signals.EXIT_REQUEUE
         return self.history
-
-
-def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else v
-    return out
-
-
-def format_grpo_progress(it: int, total: int, m: Dict[str, float]) -> str:
-    parts = [f"iter {it + 1}/{total}", f"reward {m.get('reward/combined/mean', float('nan')):.4f}"]
-    if "eval/combined" in m:
-        parts.append(f"eval {m['eval/combined']:.4f}")
-    parts.append(f"window {int(m.get('window/start', 0))}")
-    if "grpo/clip_frac" in m:
-        parts.append(f"clip {m['grpo/clip_frac']:.2f}")
-    if "grpo/kl" in m:
-        parts.append(f"kl {m['grpo/kl']:.2e}")
-    parts.append(f"nfe {int(m.get('nfe/nfe_per_iteration', 0))}")
-    parts.append(f"{m.get('time/iteration_s', 0.0):.2f} s/it")
-    return " | ".join(parts)
-
-
-def merge_grpo_checkpoint(base_state_dict: Dict[str, Tensor], ckpt_dir, tp_rank: int = 0,
-                          ema: Optional[bool] = None) -> Dict[str, Tensor]:
-    """Export: fold the LoRA of a GRPO checkpoint (`<ckpt_dir>/lora_tpXX.pt`) into a base model state dict (the
-    same TP shard) -> plain weights with the base keys (what the converter writes out). `ema`: None folds the EMA
-    of the LoRA weights when the run kept one (grpo.ema_decay > 0), True requires it, False takes the live ones."""
-    path = Path(ckpt_dir) / shard_name(tp_rank)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: give a grpo_checkpoints/iter_XXXXXXX directory (and its tp rank)")
-    lora = read_shard(path, ema)
-    missing = sorted({k.rsplit(".", 1)[0] + ".weight" for k in lora} - set(base_state_dict))
-    if missing:
-        raise KeyError(f"base state dict lacks {missing[:5]}: export with the model the GRPO run adapted")
-    return merge_lora({**base_state_dict, **lora})

@@ -1,7 +1,9 @@
 """Worker for 2-rank gloo tests of the GRPO stack. Usage: RANK=.. WORLD_SIZE=2 MASTER_ADDR/PORT=.. python this CASE OUT.
 
 Cases: `noise` (CP group noise identity + identical rollouts), `lora_tp` (LoRA on megatron Column/Row at TP=2 vs
-full-matrix math), `dp_grpo` (two DP ranks run GRPO iterations; LoRA stays identical on both ranks).
+full-matrix math), `dp_grpo` (two DP ranks run GRPO iterations; LoRA stays identical on both ranks),
+`dp_equals_single` (DP=2 GRPO vs the same iterations in one rank's model), `cp_grpo`, `tp_grpo`.
+Gradients are read from `main_grad`, where megatron DDP leaves the reduced LoRA gradients.
 Each rank writes OUT/rank<r>.json.
 """
 import json
@@ -151,8 +153,86 @@ def case_dp_grpo(rank):
             "local": t.local_ids()}
 
 
+def case_dp_equals_single(rank):
+    """Data-parallel GRPO (DP=2, distributed optimizer) equals one rank running every sample: rollouts, rewards,
+    advantages, the reduced LoRA gradients (a DP trainer without the distributed optimizer) and the LoRA weights
+    after two iterations (the distributed optimizer's all-gathered update)."""
+    import copy
+
+    from osp_megatron.config import Config
+    from osp_megatron.models import build_model
+    from osp_megatron.parallel.groups import ParallelState, initialize_parallel
+    from osp_megatron.config import GRPOConfig, parse_section
+    from osp_megatron.rl.lora import lora_parameters
+    from osp_megatron.rl.trainer import GRPOTrainer
+
+    cfg = Config()
+    cfg.data.kind = "synthetic"
+    cfg.model.num_layers, cfg.model.schedule = 2, "full"
+    cfg.tracking.backend = "none"
+    par = initialize_parallel(cfg.parallel)  # DP = 2
+    singles = [dist.new_group([r]) for r in range(dist.get_world_size())]
+    one = singles[rank]
+    single = ParallelState(tp_group=one, pp_group=one, dp_group=one, dp_cp_group=one, tp_cp_group=one)
+    g = parse_section(GRPOConfig, dict(iterations=2, steps=6, window=dict(strategy="fixed", start=1, size=2),
+                                       group_size=4, prompts_per_iteration=2, rollout_batch=2, train_batch=2,
+                                       lr=1e-3, latent_shape=[1, 4, 4], prompts=["p", "q"], cfg_scale=2.0,
+                                       lora=dict(rank=4, alpha=4), clip_grad=1e9))
+
+    def trainer(name, p, dist_opt):
+        c = copy.deepcopy(cfg)
+        c.parallel.distributed_optimizer = dist_opt
+        c.train.run_dir = f"{sys.argv[2]}/run_{name}_{rank}"
+        torch.manual_seed(0)
+        model = build_model(c.model, p, precision=c.precision, device="cpu")
+        t = GRPOTrainer(c, g, model=model, parallel=p)
+        with torch.no_grad():  # LoRA B = 0 gives no signal through A: start from a non-trivial adapter
+            gen = torch.Generator().manual_seed(1)
+            for q in lora_parameters(model):
+                q.copy_(torch.randn(q.shape, generator=gen) * 0.05)
+        return t
+
+    rel = lambda a, b: float((a - b).abs().max() / (b.abs().max() + 1e-12))  # noqa: E731
+    out = {}
+    # one iteration by hand: rollouts, rewards, advantages and the reduced gradients
+    grads, rolled = {}, {}
+    for name, p in (("dp", par), ("single", single)):
+        t = trainer(name + "_grad", p, dist_opt=False)
+        plan = t.plan_for(0)
+        batch = t.collect(0, plan)
+        adv, gathered, _ = t.advantages(0, batch["scores"])
+        t.train_on(batch, adv, plan)
+        grads[name] = [q.main_grad.detach().clone() for q in t.params]
+        rolled[name] = (batch, adv, gathered, t.local_ids())
+    (bd, ad, gd, ids), (bs, as_, gs, _) = rolled["dp"], rolled["single"]
+    out["local"] = ids
+    out["final"] = rel(bd["final"], bs["final"][ids[0]: ids[-1] + 1])
+    out["old_log_probs"] = rel(bd["old_log_probs"], bs["old_log_probs"][ids[0]: ids[-1] + 1])
+    out["rewards"] = max(rel(gd[k], gs[k]) for k in gs)
+    out["advantages"] = float((ad - as_[ids[0]: ids[-1] + 1]).abs().max())
+    out["grads"] = max(rel(a, b) for a, b in zip(grads["dp"], grads["single"]))
+    out["grad_abs"] = float(torch.cat([x.reshape(-1) for x in grads["single"]]).abs().max())
+    # two iterations through the shared loop's step with the distributed optimizer
+    hist, weights = {}, {}
+    for name, p in (("dp", par), ("single", single)):
+        t = trainer(name + "_fit", p, dist_opt=True)
+        start = torch.cat([q.detach().reshape(-1).clone() for q in t.params])
+        hist[name] = [t.run_step() for _ in range(2)]
+        weights[name] = torch.cat([q.detach().reshape(-1).clone() for q in t.params])
+    out["reward_mean"] = max(abs(a["reward/combined/mean"] - b["reward/combined/mean"]) for a, b in
+                             zip(hist["dp"], hist["single"]))
+    out["grad_norm"] = max(abs(a["grad_norm"] - b["grad_norm"]) / b["grad_norm"] for a, b in
+                           zip(hist["dp"], hist["single"]))
+    out["weights"] = rel(weights["dp"], weights["single"])
+    out["moved"] = float((weights["single"] - start).abs().max())
+    out["lora_equal"] = _gather_equal(weights["dp"])
+    return out
+
+
 def case_cp_grpo(rank):
     """CP=2 (SSP=2, sparse dual_end model) GRPO iteration vs the same iteration in a single-rank model on each rank."""
+    import copy
+
     from osp_megatron.config import Config, ParallelConfig
     from osp_megatron.models import build_model
     from osp_megatron.parallel.groups import ParallelState, initialize_parallel
@@ -164,6 +244,7 @@ def case_cp_grpo(rank):
     cfg.data.kind = "synthetic"
     cfg.model.num_layers, cfg.model.schedule, cfg.model.num_full_blocks = 6, "dual_end", 4
     cfg.parallel.ssp = 2
+    cfg.parallel.distributed_optimizer = False  # full reduced grads in main_grad on every rank
     cfg.train.run_dir = sys.argv[2] + "/run"
     cfg.tracking.backend = "none"
     par = initialize_parallel(cfg.parallel)
@@ -176,7 +257,9 @@ def case_cp_grpo(rank):
     for name, p in (("cp", par), ("single", ParallelState())):
         torch.manual_seed(0)
         model = build_model(cfg.model, p, precision=cfg.precision, device="cpu")
-        t = GRPOTrainer(cfg, g, model=model, parallel=p)
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg.train.run_dir = f"{sys.argv[2]}/run_{name}_{rank}"
+        t = GRPOTrainer(run_cfg, g, model=model, parallel=p)
         with torch.no_grad():  # LoRA B = 0 gives no signal through A: start from a non-trivial adapter
             gen = torch.Generator().manual_seed(1)
             for q in lora_parameters(model):
@@ -185,7 +268,7 @@ def case_cp_grpo(rank):
         batch = t.collect(0, plan)
         adv, _, _ = t.advantages(0, batch["scores"])
         t.train_on(batch, adv, plan)
-        runs[name] = (batch, adv, [q.grad.detach().clone() for q in lora_parameters(model)])
+        runs[name] = (batch, adv, [q.main_grad.detach().clone() for q in lora_parameters(model)])
     (bc, ac, gc), (bs, as_, gs) = runs["cp"], runs["single"]
     rel = lambda a, b: float((a - b).abs().max() / (b.abs().max() + 1e-12))  # noqa: E731
     out["final"] = rel(bc["final"], bs["final"])
@@ -228,7 +311,9 @@ def case_tp_grpo(rank):
     tp_model.load_full_state_dict(ref_model.full_state_dict())
     runs = {}
     for name, model, p in (("ref", ref_model, ref_state), ("tp", tp_model, par)):
-        t = GRPOTrainer(cfg if name == "tp" else ref_cfg, g, model=model, parallel=p)
+        run_cfg = copy.deepcopy(cfg if name == "tp" else ref_cfg)
+        run_cfg.train.run_dir = f"{sys.argv[2]}/run_{name}_{rank}"
+        t = GRPOTrainer(run_cfg, g, model=model, parallel=p)
         with torch.no_grad():  # the same non-trivial full LoRA tensors, sliced like the base weights at TP=2
             for pname, q in model.named_parameters():
                 if not pname.endswith(("lora_A", "lora_B")):
@@ -244,7 +329,7 @@ def case_tp_grpo(rank):
         batch = t.collect(0, plan)
         adv, _, _ = t.advantages(0, batch["scores"])
         stats = t.train_on(batch, adv, plan)
-        grads = {n: (q.grad.detach().clone(), getattr(q, "lora_tp_split", "none"))
+        grads = {n: (q.main_grad.detach().clone(), getattr(q, "lora_tp_split", "none"))
                  for n, q in model.named_parameters() if n.endswith(("lora_A", "lora_B"))}
         runs[name] = (batch, adv, grads, stats["grad_norm"])
     (br, ar, gr, nr), (bt, at, gt, nt) = runs["ref"], runs["tp"]

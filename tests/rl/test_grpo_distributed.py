@@ -1,4 +1,5 @@
-"""2-rank gloo tests: noise identical across a context-parallel group, LoRA at TP=2, DP-sharded GRPO."""
+"""2-rank gloo tests: noise identical across a context-parallel group, LoRA at TP=2, DP-sharded GRPO (equal to
+one rank), CP and TP GRPO equal to one rank."""
 import json
 import os
 import socket
@@ -59,6 +60,18 @@ def test_grpo_data_parallel_two_ranks(tmp_path):
     assert r0["lora_equal"] and r1["lora_equal"] and r0["lora_changed"]
     assert r0["reward_mean"] == r1["reward_mean"]  # rewards were gathered: same global statistics
     assert r0["local"] == [0, 1, 2, 3] and r1["local"] == [4, 5, 6, 7]
+
+
+def test_grpo_data_parallel_equals_single_rank(tmp_path):
+    """DP=2 through megatron DDP + the shared optimizer: same rollouts, rewards, advantages and reduced LoRA
+    gradients as one rank running all samples, and (distributed optimizer) the same LoRA after two iterations."""
+    results = run_two_ranks("dp_equals_single", tmp_path)
+    assert results[0]["local"] == [0, 1, 2, 3] and results[1]["local"] == [4, 5, 6, 7]
+    for res in results:
+        assert res["grad_abs"] > 0 and res["moved"] > 0 and res["lora_equal"], res
+        assert res["final"] < 1e-5 and res["old_log_probs"] < 1e-5 and res["rewards"] < 1e-5, res
+        assert res["advantages"] < 1e-4 and res["grads"] < 1e-4, res
+        assert res["reward_mean"] < 1e-5 and res["grad_norm"] < 1e-4 and res["weights"] < 1e-4, res
 
 
 @pytest.mark.slow

@@ -46,14 +46,16 @@ def test_detached_uncond_gradient_is_s_times_cond_gradient():
 
 
 def _update_grads(trainer, batch, adv, plan):
-    """LoRA gradients of the iteration's (single) optimizer step, captured before AdamW applies them."""
+    """LoRA gradients of the iteration's (single) optimizer step, captured before AdamW applies them (the grads
+    megatron DDP reduced into `main_grad`)."""
     seen = []
-    step = trainer.optimizer.step
-    trainer.optimizer.step = lambda: seen.append(torch.cat([p.grad.flatten().clone() for p in trainer.params]))
+    step = trainer.optimizer.step_with_ready_grads
+    trainer.optimizer.step_with_ready_grads = lambda: seen.append(
+        torch.cat([p.main_grad.flatten().clone() for p in trainer.params]))
     try:
         trainer.train_on(batch, adv, plan)
     finally:
-        trainer.optimizer.step = step
+        trainer.optimizer.step_with_ready_grads = step
     assert len(seen) == 1
     return seen[0]
 
@@ -166,10 +168,10 @@ def test_empty_window_iteration_trains_nothing(tmp_path):
                      eval_interval=0)
     before = [p.detach().clone() for p in t.params]
     for it in range(3):  # windows [0, 2), [1, 3), [2, 3)
-        t.step()
+        t.run_step()
     trained = [p.detach().clone() for p in t.params]
     assert any(not torch.equal(a, b) for a, b in zip(before, trained))
-    m = t.step()  # iteration 3: window [3, 3)
+    m = t.run_step()  # iteration 3: window [3, 3)
     assert m["window/trained_steps"] == 0.0 and m["grpo/updates"] == 0.0
     assert all(torch.equal(a, b) for a, b in zip(trained, t.params))
 
@@ -188,7 +190,7 @@ def test_adaptive_clipping_bound_and_resume(tmp_path):
                  latent_shape=[1, 4, 4], window=dict(strategy="fixed", size=2), eval_interval=0, lr=1e-2,
                  clip_mode="adaptive", clip_grad=1.0)
     t = make_trainer(tmp_path, layers=2, schedule="full", **small)
-    m = t.step()
+    m = t.run_step()
     assert m["grpo/clip_bound"] == pytest.approx(min(1.0, 3 * m["grpo/grad_norm"]))  # OSP-Next's first bound
     state = t.clipper.state_dict()
     assert state["mode"] == "adaptive" and state["mean"] is not None

@@ -14,6 +14,7 @@ from osp_megatron.models import build_model  # noqa: E402
 from osp_megatron.models.adapters import diffusers as ad  # noqa: E402
 from osp_megatron.parallel import ParallelState  # noqa: E402
 from osp_megatron.rl.lora import apply_lora, full_adapters, lora_parameters, merge_lora  # noqa: E402
+from osp_megatron.training.ema import unwrap  # noqa: E402
 from osp_megatron.weights.lora import read_lora, read_peft_adapter, write_peft_adapter  # noqa: E402
 
 TARGETS = [r"(self_attention|cross_attention)\.linear_(q|k|v|proj)$", r"mlp\.linear_fc[12]$"]
@@ -73,9 +74,9 @@ def test_grpo_checkpoint_carries_peft_adapters_and_export_prefers_the_ema(tmp_pa
     t.fit(track=False)
     ckpt = tmp_path / "grpo_checkpoints" / "iter_0000002"
     live, ema = read_peft_adapter(ckpt / "adapter"), read_peft_adapter(ckpt / "adapter_ema")
-    own = full_adapters(t.model)
+    own = full_adapters(unwrap(t.model))
     assert all(torch.equal(live[k], own[k]) for k in own)
-    assert all(torch.equal(ema[k], t.ema[k]) for k in t.ema)
+    assert all(torch.equal(ema[k], v) for k, v in t.ema.tensors().items())
     default = read_lora(str(tmp_path), {})  # a run dir: latest checkpoint, its EMA
     assert all(torch.equal(default[k], ema[k]) for k in ema)
     assert all(torch.equal(read_lora(str(tmp_path), {}, ema=False)[k], live[k]) for k in live)
