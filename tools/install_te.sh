@@ -65,6 +65,12 @@ fi
 if [ -n "${CUDA_HOME:-}" ] && [ -d "$CUDA_HOME/include" ]; then
   export CUDA_HOME
   HEADERS="CUDA toolkit $CUDA_HOME"
+  # cuDNN, NCCL, ... headers of torch's nvidia-* wheels (a toolkit does not carry cudnn.h)
+  WHEEL_INCLUDES=$("$PY" -c 'import nvidia, pathlib; print(":".join(str(p) for r in nvidia.__path__ for p in sorted(pathlib.Path(r).glob("*/include"))))' 2>/dev/null || true)
+  if [ -n "$WHEEL_INCLUDES" ]; then
+    export CPATH="$WHEEL_INCLUDES${CPATH:+:$CPATH}"
+    HEADERS="$HEADERS + the nvidia-* wheels' include folders"
+  fi
 else
   "$PY" -c 'import nvidia' 2>/dev/null \
     || fail "no CUDA headers: set CUDA_HOME to a CUDA $MAJOR toolkit, or install torch's nvidia-* wheels"
