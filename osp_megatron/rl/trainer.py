@@ -24,11 +24,10 @@ clipper and window schedule, and two PEFT folders for export: `adapter/` and (wi
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import copy
 import random
 import time
 import zlib
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -147,8 +146,6 @@ class GRPOTrainer(Trainer):
     def __init__(self, cfg, gcfg: Optional[GRPOConfig] = None, model: Optional[torch.nn.Module] = None,
                  parallel: Optional[ParallelState] = None, reward: Optional[MultiReward] = None, device=None,
                  log: Callable[[str], None] = print) -> None:
-        import copy
-
         gcfg = gcfg if gcfg is not None else cfg.grpo
         if cfg.grpo is not gcfg:
             cfg = copy.copy(cfg)  # the sections stay shared; the grpo section is the one this trainer runs
