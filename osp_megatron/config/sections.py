@@ -47,10 +47,10 @@ class ModelConfig:
                             "attention runs twice), full (each block's forward again, +1 forward)",
                             choices=("none", "selective", "full"))
     padding_free: Optional[bool] = option(None, "sparse blocks on the real tokens only (H, W padding to P^2 multiples "
-                                          "never enters a per-token op): null = wherever the sequence is not split "
-                                          "(one device: packed when the grid needs padding; context or sequence "
-                                          "parallelism: padded shards), "
-                                          "true = packed (rejected with context/sequence parallelism), false = padded")
+                                          "never enters a per-token op; grids that need padding): null = on one "
+                                          "device (context parallelism keeps padded shards), true = also under "
+                                          "context parallelism (SSP / Ulysses: uneven exchanges; rejected with "
+                                          "sequence_parallel), false = padded everywhere")
     hidden_size: Optional[int] = option(None, "override the size's hidden width", minimum=1)
     ffn_hidden_size: Optional[int] = option(None, "override the size's FFN width", minimum=1)
     num_attention_heads: Optional[int] = option(None, "override the size's attention heads", minimum=1)

@@ -42,10 +42,10 @@ def layout_errors(model: ModelConfig, parallel: ParallelConfig, world_size: Opti
                           f"in {ul_n}")
     heads = dims.num_attention_heads
     tp, cp = p.tensor_parallel, p.context_parallel
-    if model.padding_free and (cp > 1 or p.sequence_parallel):
-        errors.append(f"model.padding_free=true with context parallel {p.ssp} x {p.ulysses} / sequence_parallel="
-                      f"{p.sequence_parallel}: packed sparse blocks run where the sequence is not split; set "
-                      "model.padding_free=null (padded shards there) or false")
+    if model.padding_free and p.sequence_parallel:
+        errors.append("model.padding_free=true with parallel.sequence_parallel: TP sequence-parallel chunks split "
+                      "padded shards evenly; set model.padding_free=null (padded there) or false, or disable "
+                      "sequence_parallel")
     if heads % (tp * p.ulysses) != 0:
         errors.append(f"{tp_n}={tp} x {ul_n}={p.ulysses} = {tp * p.ulysses} must divide the {heads} attention heads "
                       f"(sparse blocks split heads over TP x Ulysses); choose degrees among the divisors of {heads}")

@@ -55,8 +55,8 @@ class SequenceContext:
     def problems(self, layout: str, kind: str) -> AttentionProblems:
         """The attention problems of the sequence `placement.seq_to_heads` gives the kernel (kind full | sparse)."""
         if (layout, kind) not in self._problems:
-            if self.placement.packed and kind == "sparse":  # classes are contiguous runs of rows
-                problems = AttentionProblems.from_segments(self.placement.packed_layout(layout).segments)
+            if self.placement.packed and kind == "sparse":  # each class's rows (contiguous runs on one rank)
+                problems = self.placement.packed_problems(layout)
             else:
                 pos = self.placement.attention_positions(layout, kind)
                 problems = AttentionProblems.from_positions(pos, kind, self.placement.device)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ class OSPNextConfig(TransformerConfig):
     amax_scope: str = "local"  # local | tp | tp_cp (quant.modules.set_amax_scope)
     bf16_first_blocks: int = 0
     bf16_last_blocks: int = 0
-    padding_free: bool = True  # sparse blocks on the real tokens only, where the sequence is not split (one device)
+    padding_free: Optional[bool] = None  # sparse blocks on the real tokens only (None: on one device; parallel.plan)
 
     @property
     def head_dim(self) -> int:
@@ -78,7 +78,7 @@ def make_osp_config(model_cfg, parallel_cfg=None, precision_cfg=None, dtype=None
         amax_scope=precision_cfg.amax_scope,
         bf16_first_blocks=precision_cfg.bf16_first_blocks,
         bf16_last_blocks=precision_cfg.bf16_last_blocks,
-        padding_free=model_cfg.padding_free is not False,
+        padding_free=model_cfg.padding_free,
         tensor_model_parallel_size=parallel_cfg.tensor_parallel,
         pipeline_model_parallel_size=parallel_cfg.pipeline_parallel,
         sequence_parallel=parallel_cfg.sequence_parallel,

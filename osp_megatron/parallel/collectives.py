@@ -98,6 +98,24 @@ class _GatherShards(torch.autograd.Function):
         return grad[ctx.rank].contiguous(), None, None, None
 
 
+def all_gather_rows(x: torch.Tensor, counts: List[int], rank: int, group) -> torch.Tensor:
+    """All-gather rows of uneven length: x [counts[rank], *F] -> [sum(counts), *F] in group-rank order (one
+    all-to-all); backward keeps this rank's rows (the result is used replicated downstream)."""
+    return _GatherRows.apply(x, list(counts), rank, group)
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, counts, rank, group):
+        ctx.start, ctx.n = sum(counts[:rank]), counts[rank]
+        size = len(counts)
+        return uneven_all_to_all(torch.cat([x] * size), [x.shape[0]] * size, counts, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.start : ctx.start + ctx.n].contiguous(), None, None, None
+
+
 def all_gather_cat(x: torch.Tensor, group, dim: int = 0) -> torch.Tensor:
     """Gather equal-shaped tensors from every rank and concatenate along `dim` (no autograd; weights, eval)."""
     size = group_size(group)

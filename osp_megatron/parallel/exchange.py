@@ -4,7 +4,8 @@ Both layouts are described by global positions (raster index of every local slot
 group, -1 for padding), so every rank computes the same routing without communication: each valid token
 is sent once, from its slot in the source shard straight to its slot in the destination shard; padding
 never travels and arrives as zeros. Used for the SSP token <-> group switch, where it moves exactly the
-valid tokens (the padded H rows of 720P would otherwise add 6.7% to every switch).
+valid tokens (the padded H rows of 720P would otherwise add 6.7% to every switch), between padded shards or
+between packed ones (`plan.TokenPlacement` with padding_free: positions [n, 1], no padding slot at all).
 Backward is the reverse exchange.
 """
 from __future__ import annotations
@@ -46,13 +47,13 @@ class TokenExchange:
         self.recv_counts = recv_counts
         self.src_rows = src_pos[rank].numel()
         self.dst_rows = dst_pos[rank].numel()
+        self.src_classes = src_pos[rank].shape[1]
         self.dst_classes = dst_pos[rank].shape[1]
         self.group = group
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [S_src, G_src*b, *R] -> [S_dst, G_dst*b, *R] (padding slots zero)."""
-        s, gb = x.shape[0], x.shape[1]
-        b = gb * s // self.src_rows
+        b = x.shape[1] // self.src_classes  # (a shard may hold no token at all: packed, past the last real row)
         rows = x.reshape(self.src_rows, b, *x.shape[2:])
         out = _Exchange.apply(rows, self)
         return out.reshape(self.dst_rows // self.dst_classes, self.dst_classes * b, *x.shape[2:])

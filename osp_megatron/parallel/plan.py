@@ -20,13 +20,16 @@ On one device (no CP, no TP sequence parallelism) full blocks run on the unpadde
 blocks switch into/out of the Skiparse layouts locally; when the sequence is split (CP or SP) the
 placement is layout-native (token layout from the first block, no communication at full <-> sparse boundaries).
 
-Padding-free (`padding_free=True`, one device only, grids whose H or W needs padding): the sparse layouts are
-held packed (`skiparse.PackedLayout`, `[N, b, C]`: the real tokens only, classes one after another along the
-sequence, the sample a batch dim), so no per-token op of a sparse block sees a padding slot; every switch (raster -> token when a sparse run starts,
-token <-> group inside it, group -> raster when it ends) is one row gather by a precomputed permutation.
-`classes_per_rank` is then 1 for every layout and `positions` is `[N, 1]`. Layout-native plans keep the padded
-shards: there the padding is what makes every rank's shard the same length (equal-split Ulysses all-to-alls in
-sparse attention, TP sequence-parallel chunks).
+Padding-free (`padding_free`, grids whose H or W needs padding; None: on one device only, True: under context
+parallelism too, never on TP sequence-parallel chunks): every rank holds its tokens packed
+(`skiparse.PackedLayout`, `[n, b, C]`: its real tokens only, its classes one after another along the sequence,
+the sample a batch dim), so no per-token op sees a padding slot. On one device the sparse layouts are packed
+and every switch (raster -> token when a sparse run starts, token <-> group inside it, group -> raster when it
+ends) is one row gather by a precomputed permutation. Under CP the whole layout-native run is packed (full
+blocks too): `enter` gathers the rank's rows, the SSP switch is the padding-free `TokenExchange` between packed
+shards, the Ulysses all-to-alls of full and sparse blocks have uneven splits (shards differ in length; one may
+be empty), `exit` gathers uneven rows. `classes_per_rank` is then 1 and `positions` is `[n, 1]`. With padding
+(the default under CP, `padding_free=None`) every shard of a layout has the same length.
 
 Notation: a local shard is `[S_loc, G*b, *R]` with G classes of the layout on this rank (class-major batch).
 Positions (`positions(layout)`: raster index or -1 for padding, `[S_loc, G]`) describe every rearrangement, so
@@ -41,8 +44,9 @@ import torch
 from megatron.core import tensor_parallel
 
 from osp_megatron.parallel import comm_stats
-from osp_megatron.parallel.collectives import all_gather_shards, sum_value_keep_grad
+from osp_megatron.parallel.collectives import all_gather_rows, all_gather_shards, sum_value_keep_grad
 from osp_megatron.parallel.groups import ParallelState
+from osp_megatron.parallel.exchange import TokenExchange
 from osp_megatron.parallel.ssp import token_group_switch
 from osp_megatron.parallel.ulysses import (
     gather_rows_uneven,
@@ -51,8 +55,8 @@ from osp_megatron.parallel.ulysses import (
     seq_gather_head_scatter,
     seq_gather_head_scatter_uneven,
 )
-from osp_megatron.skiparse import (LayoutGeometry, PackedLayout, from_layout, packed_layout, plan_blocks, row_gather,
-                                   row_permute, row_scatter, to_layout)
+from osp_megatron.skiparse import (AttentionProblems, LayoutGeometry, PackedLayout, from_layout, plan_blocks,
+                                   row_gather, row_permute, row_scatter, to_layout)
 
 
 class TokenPlacement:
@@ -60,7 +64,7 @@ class TokenPlacement:
 
     def __init__(self, grid: Sequence[int], ratio: int, schedule: Sequence[str], parallel: ParallelState = None,
                  device: torch.device = torch.device("cpu"), full_ulysses: Optional[int] = None,
-                 padding_free: bool = False):
+                 padding_free: Optional[bool] = False):
         self.parallel = parallel or ParallelState()
         self.cp = self.parallel.cp
         self.full_ulysses = self.cp.size if full_ulysses is None else full_ulysses
@@ -80,16 +84,18 @@ class TokenPlacement:
         self.geometry = LayoutGeometry(grid, ratio, self.cp.ssp, self.cp.ulysses)
         self.grid, self.ratio = self.geometry.grid, ratio
         self.num_tokens = self.geometry.num_tokens
-        # packed only where there is padding to take out: on an unpadded grid the layouts are padding-free already
-        self.packed = (bool(padding_free) and self.sparse and not self.layout_native
-                       and self.geometry.padded("token") != self.grid)
+        # packed only where there is padding to take out: on an unpadded grid the layouts are padding-free already;
+        # None: on one device only; never on TP sequence-parallel chunks (they split the sequence evenly)
+        want = (not self.layout_native) if padding_free is None else bool(padding_free)
+        self.packed = (want and self.sparse and self.sp_size == 1 and self.geometry.padded("token") != self.grid)
         self._check_sp()
         self._pos: Dict[str, torch.Tensor] = {}
         self._switches: Dict[Tuple[str, str], Callable] = {}
         self._compaction: Dict[str, Tuple[List[int], torch.Tensor]] = {}
         self._run_counts: Dict[str, List[int]] = {}
-        self._packed_layouts: Dict[str, PackedLayout] = {}
+        self._packed_layouts: Dict[Tuple[str, int, int], PackedLayout] = {}
         self._permutations: Dict[Tuple[str, str], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._packed_problems: Dict[str, AttentionProblems] = {}
 
     def _check_sp(self) -> None:
         if self.sp_size == 1:
@@ -105,21 +111,53 @@ class TokenPlacement:
 
     # ------------------------------------------------------------------ facts
     def local_len(self, layout: str) -> int:
-        return self.num_tokens if self.packed else self.geometry.local_len(layout)
+        return len(self.packed_layout(layout)) if self.packed else self.geometry.local_len(layout)
 
     def classes_per_rank(self, layout: str) -> int:
         """Classes in the batch axis of this rank's tensor of `layout` (packed: 1, the classes lie along the
         sequence)."""
         return 1 if self.packed else self.geometry.classes_per_rank(layout)
 
-    def packed_layout(self, layout: str) -> PackedLayout:
-        """The packed form of `layout` (padding-free placements only)."""
+    def packed_layout(self, layout: str, ssp_rank: Optional[int] = None, ulysses_rank: Optional[int] = None
+                      ) -> PackedLayout:
+        """The packed form of rank (ssp_rank, ulysses_rank)'s shard of `layout` (default: this rank's;
+        padding-free placements only)."""
         if not self.packed:
-            raise ValueError("packed_layout: this placement holds padded layouts (padding_free off or the sequence "
-                             "split over ranks)")
-        if layout not in self._packed_layouts:
-            self._packed_layouts[layout] = packed_layout(self.grid, self.ratio, layout)
-        return self._packed_layouts[layout]
+            raise ValueError("packed_layout: this placement holds padded layouts (padding_free off, an unpadded "
+                             "grid, or TP sequence-parallel chunks)")
+        key = (layout, self.cp.ssp_rank if ssp_rank is None else ssp_rank,
+               self.cp.ulysses_rank if ulysses_rank is None else ulysses_rank)
+        if key not in self._packed_layouts:
+            self._packed_layouts[key] = PackedLayout(self.geometry.positions(*key))
+        return self._packed_layouts[key]
+
+    def _packed_counts(self, layout: str, ranks) -> List[int]:
+        u = self.cp.ulysses
+        return [len(self.packed_layout(layout, r // u, r % u)) for r in ranks]
+
+    def packed_problems(self, layout: str) -> AttentionProblems:
+        """Sparse attention problems of the sequence `seq_to_heads` gives the kernel when packed: contiguous
+        runs of classes (`segments`) on this rank's rows, or, after a Ulysses gather, each class's rows of
+        every Ulysses rank."""
+        if layout not in self._packed_problems:
+            u = self.cp.ulysses
+            if u == 1:
+                problems = AttentionProblems.from_segments(self.packed_layout(layout).segments)
+            else:
+                cls = torch.cat([self.packed_layout(layout, self.cp.ssp_rank, j).row_class for j in range(u)])
+                by_count: Dict[int, List[torch.Tensor]] = {}
+                for c in range(self.geometry.classes_per_rank(layout)):
+                    rows = (cls == c).nonzero().squeeze(1)
+                    by_count.setdefault(rows.numel(), []).append(rows)
+                groups = []
+                for count, members in sorted(by_count.items()):
+                    if count == 0:
+                        continue
+                    seq = torch.stack(members)
+                    groups.append((seq.to(self.device), torch.zeros_like(seq).to(self.device)))
+                problems = AttentionProblems(1, groups)
+            self._packed_problems[layout] = problems
+        return self._packed_problems[layout]
 
     def positions(self, layout: str) -> torch.Tensor:
         """Raster index of each slot of this rank's shard, long [S_loc, G] (-1 = padding), on `device`."""
@@ -138,6 +176,11 @@ class TokenPlacement:
     def enter(self, tokens: torch.Tensor) -> torch.Tensor:
         """Raster patch tokens [N, b, C] (identical on every CP rank) -> this rank's shard of the entry layout
         [S_loc, G*b, C] (its [S_loc/TP, G*b, C] chunk under sequence parallelism)."""
+        if self.packed:  # this rank's rows of the raster tokens (one device: raster entry, the identity)
+            if not self.layout_native:
+                return tokens
+            pos = self.positions(self.entry_layout)[:, 0]
+            return row_gather(tokens.reshape(tokens.shape[0], -1), pos).view(pos.numel(), *tokens.shape[1:])
         x = self.geometry.shard(tokens, self.entry_layout, self.cp.ssp_rank, self.cp.ulysses_rank)
         if self.sp_size > 1:
             x = tensor_parallel.scatter_to_sequence_parallel_region(x, group=self.parallel.tp_group)
@@ -149,7 +192,15 @@ class TokenPlacement:
             y = tensor_parallel.gather_from_sequence_parallel_region(
                 y, tensor_parallel_output_grad=False, group=self.parallel.tp_group)
         if self.packed:
-            return self._permute(y, self.final_layout, "raster")
+            if self.cp.size == 1:
+                return self._permute(y, self.final_layout, "raster")
+            counts = self._packed_counts(self.final_layout, range(self.cp.size))
+            with comm_stats.scope("exit"):
+                rows = all_gather_rows(y, counts, self.cp.rank, self.cp.cp_group)
+            u = self.cp.ulysses
+            pos = torch.cat([self.packed_layout(self.final_layout, r // u, r % u).positions
+                             for r in range(self.cp.size)]).to(rows.device)
+            return row_permute(rows, torch.argsort(pos), pos)
         pieces = [y]
         if self.cp.size > 1:
             with comm_stats.scope("exit"):
@@ -166,7 +217,9 @@ class TokenPlacement:
     def shard_target(self, tokens: torch.Tensor) -> torch.Tensor:
         """Raster per-token targets [N, b, C'] -> this rank's own slots of the final layout [S_loc(/TP), G*b, C']."""
         if self.packed:
-            return self._permute(tokens, "raster", self.final_layout)
+            if self.cp.size == 1:
+                return self._permute(tokens, "raster", self.final_layout)
+            return tokens.index_select(0, self.positions(self.final_layout)[:, 0])
         return self._sp_chunk(self.geometry.shard(tokens, self.final_layout, self.cp.ssp_rank, self.cp.ulysses_rank))
 
     def target_valid(self) -> torch.Tensor:
@@ -187,9 +240,18 @@ class TokenPlacement:
         if src == dst:
             return x
         if self.packed:
-            if {src, dst} != {"token", "group"} and "raster" not in (src, dst):
+            if {src, dst} != {"token", "group"} and ("raster" not in (src, dst) or self.layout_native):
                 raise ValueError(f"the SSP switch goes token <-> group, not {src} -> {dst}")
-            return self._permute(x, src, dst)
+            if self.cp.ssp == 1:  # the same tokens on this rank: a local permutation
+                return self._permute(x, src, dst)
+            if (src, dst) not in self._switches:  # the padding-free exchange between the packed shards
+                u, ssp = self.cp.ulysses_rank, self.cp.ssp
+                self._switches[(src, dst)] = TokenExchange(
+                    [self.packed_layout(src, j, u).positions[:, None] for j in range(ssp)],
+                    [self.packed_layout(dst, j, u).positions[:, None] for j in range(ssp)],
+                    self.cp.ssp_rank, self.cp.ssp_group, self.num_tokens, self.device)
+            with comm_stats.scope("sparse"):
+                return self._switches[(src, dst)](x)
         if "raster" in (src, dst):
             if self.layout_native:
                 raise ValueError(f"layout-native plans never switch {src} -> {dst}")
@@ -267,7 +329,8 @@ class TokenPlacement:
             with comm_stats.scope(kind):
                 s, gb, h, d = t.shape
                 b = gb // self.classes_per_rank(layout)
-                t = row_gather(t.reshape(-1, b * h * d), rows).view(-1, b, h, d)
+                if not self.packed:  # packed shards hold valid rows only
+                    t = row_gather(t.reshape(-1, b * h * d), rows).view(-1, b, h, d)
                 if size > 1:
                     t = seq_gather_head_scatter_uneven(t, counts, self._ulysses(kind)[0])
                 if keys and size < self.cp.size:
@@ -277,6 +340,9 @@ class TokenPlacement:
         if size == 1:
             return t
         with comm_stats.scope(kind):
+            if self.packed:  # sparse blocks: the Ulysses ranks' packed shards differ in length
+                counts = self._packed_counts(layout, [self.cp.ssp_rank * size + j for j in range(size)])
+                return seq_gather_head_scatter_uneven(t, counts, group)
             return seq_gather_head_scatter(t, group, size)
 
     def heads_to_seq(self, o: torch.Tensor, layout: str, kind: str) -> torch.Tensor:
@@ -287,10 +353,15 @@ class TokenPlacement:
             with comm_stats.scope(kind):
                 if size > 1:  # [n_me, b, h, d]
                     o = head_gather_seq_scatter_uneven(o.contiguous(), counts, self.cp.rank % size, group)
+                if self.packed:
+                    return o
                 s, g = self.local_len(layout), self.classes_per_rank(layout)
                 _, b, h, d = o.shape
                 return row_scatter(o.reshape(-1, b * h * d), rows, s * g).view(s, g * b, h, d)
         if size == 1:
             return o
         with comm_stats.scope(kind):
+            if self.packed:
+                counts = self._packed_counts(layout, [self.cp.ssp_rank * size + j for j in range(size)])
+                return head_gather_seq_scatter_uneven(o.contiguous(), counts, self.cp.ulysses_rank, group)
             return head_gather_seq_scatter(o, group, size)

@@ -171,6 +171,9 @@ def _segment_attention(q, k, v, segments, kernel):
     if sum(m * n for m, n in segments) != n_tot:
         raise ValueError(f"attention segments {segments} do not cover the {n_tot} rows of the packed sequence")
     out, start = None, 0
+    segments = [(m, n) for m, n in segments if m * n]  # classes without a token here (a context-parallel shard)
+    if not segments:
+        return q.new_zeros(q.shape)
     for m, n in segments:
         rows = slice(start, start + m * n)
         qs, ks, vs = (t[rows].view(m, n, b, h, d).transpose(1, 2).reshape(m * b, n, h, d) for t in (q, k, v))

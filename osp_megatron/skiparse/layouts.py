@@ -265,32 +265,26 @@ class LayoutGeometry:
 
 
 class PackedLayout:
-    """A sparse layout on one device with the padding taken out: `[N, b, *R]`, N = T*H*W real tokens, the sample
-    a batch dim and the P^2 classes one after another along the sequence (ragged lengths).
+    """A layout with the padding taken out: `[n, b, *R]`, the real tokens only, the sample a batch dim and the
+    classes one after another along the sequence (ragged lengths).
 
     Every sample of a micro-batch shares the grid, so one index describes the whole batch: per-sample vectors
     (modulation, gates) broadcast as `[1, b, C]` exactly as on the raster sequence, and no token needs a sample
-    index. Rows: the classes in the order of their valid counts (ascending, then class index: classes of equal
-    length adjacent), each class's valid slots in the layout's sequence order. `segments`: `[(m, n)]`, m
-    consecutive classes of n tokens each (the attention problems, each a contiguous run of rows). Raster: the
-    identity, one segment.
+    index. Built from the positions `[S, G]` of a (local) padded layout: rows are the classes in the order of
+    their valid counts (ascending, then class index: classes of equal length adjacent), each class's valid slots
+    in the layout's sequence order. `positions` [n]: raster index of every row; `row_class` [n]: its class
+    (0..G-1); `segments`: `[(m, n)]`, m consecutive classes of n rows each (the attention problems, each a
+    contiguous run of rows).
     """
 
-    def __init__(self, grid: Sequence[int], ratio: int, layout: str):
-        self.grid: Grid = tuple(int(v) for v in grid)
-        self.ratio, self.layout = ratio, layout
-        n = self.grid[0] * self.grid[1] * self.grid[2]
-        if layout == "raster":
-            self.positions = torch.arange(n, dtype=torch.long)
-            self.segments: List[Tuple[int, int]] = [(1, n)]
-            self.classes: List[int] = [0]
-            return
-        pos = positions(self.grid, ratio, layout)  # [S, C], -1 = padding
+    def __init__(self, pos: torch.Tensor):
+        pos = pos.cpu()
         valid = pos >= 0
         counts = valid.sum(0).tolist()
-        self.classes = sorted(range(pos.shape[1]), key=lambda c: (counts[c], c))
+        self.classes: List[int] = sorted(range(pos.shape[1]), key=lambda c: (counts[c], c))
         self.positions = torch.cat([pos[valid[:, c], c] for c in self.classes])
-        self.segments = []
+        self.row_class = torch.cat([torch.full((counts[c],), c, dtype=torch.long) for c in self.classes])
+        self.segments: List[Tuple[int, int]] = []
         for c in self.classes:
             if self.segments and self.segments[-1][1] == counts[c]:
                 self.segments[-1] = (self.segments[-1][0] + 1, counts[c])
@@ -301,14 +295,19 @@ class PackedLayout:
         return int(self.positions.numel())
 
     def index_from(self, src: "PackedLayout") -> torch.Tensor:
-        """Rows of `src` that make up this layout: `self_x = src_x[index_from(src)]` (a permutation of N rows)."""
-        inv = torch.empty_like(src.positions)
+        """Rows of `src` that make up this layout: `self_x = src_x[index_from(src)]` (both hold the same tokens)."""
+        size = int(max(int(src.positions.max()), int(self.positions.max()))) + 1 if len(src) else 0
+        inv = torch.full((size,), -1, dtype=torch.long)
         inv[src.positions] = torch.arange(len(src), dtype=torch.long)
-        return inv[self.positions]
+        idx = inv[self.positions]
+        if len(src) != len(self) or bool((idx < 0).any()):
+            raise ValueError("index_from: the two packed layouts do not hold the same tokens")
+        return idx
 
 
 def packed_layout(grid: Sequence[int], ratio: int, layout: str) -> PackedLayout:
-    """The padding-free form of `layout` on one device (see `PackedLayout`)."""
+    """The padding-free form of `layout` of the whole grid on one device (see `PackedLayout`); raster: the
+    identity, one segment."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
-    return PackedLayout(grid, ratio, layout)
+    return PackedLayout(positions(grid, ratio, layout))

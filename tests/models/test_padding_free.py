@@ -226,15 +226,18 @@ def test_packed_attention_segments_equal_grouped_attention():
 
 def test_padding_free_config_is_validated():
     mc = ModelConfig(size="tiny", padding_free=True)
-    with pytest.raises(ConfigError, match="model.padding_free=true"):
-        make_osp_config(mc, ParallelConfig(ssp=2))
-    assert make_osp_config(ModelConfig(size="tiny"), ParallelConfig(ssp=2)).padding_free  # auto
-    assert not make_osp_config(ModelConfig(size="tiny", padding_free=False)).padding_free
-    # a split sequence keeps the padded shards even when asked for packing
-    pl = TokenPlacement((2, 6, 10), 2, sk.block_schedule(8, "dual_end", 4),
-                        ParallelState(cp=ContextParallel(ssp=2)), padding_free=True)
-    assert pl.layout_native and not pl.packed
+    with pytest.raises(ConfigError, match="model.padding_free=true with parallel.sequence_parallel"):
+        make_osp_config(mc, ParallelConfig(tensor_parallel=2, sequence_parallel=True))
+    assert make_osp_config(mc, ParallelConfig(ssp=2)).padding_free is True
+    assert make_osp_config(ModelConfig(size="tiny"), ParallelConfig(ssp=2)).padding_free is None  # auto
+    assert make_osp_config(ModelConfig(size="tiny", padding_free=False)).padding_free is False
+    sched = sk.block_schedule(8, "dual_end", 4)
+    cp2 = ParallelState(cp=ContextParallel(ssp=2))
+    # auto: a split sequence keeps the padded shards; true: packed there too
+    assert not TokenPlacement((2, 6, 10), 2, sched, cp2, padding_free=None).packed
+    pl = TokenPlacement((2, 6, 10), 2, sched, cp2, padding_free=True)
+    assert pl.layout_native and pl.packed and pl.classes_per_rank("token") == 1
     # an unpadded grid (H, W multiples of P^2): the padded layouts hold no padding, nothing to pack
-    pl = TokenPlacement((2, 8, 12), 2, sk.block_schedule(8, "dual_end", 4), ParallelState(), padding_free=True)
+    pl = TokenPlacement((2, 8, 12), 2, sched, ParallelState(), padding_free=True)
     assert not pl.packed and pl.classes_per_rank("token") == 4
-    assert TokenPlacement((2, 8, 10), 2, sk.block_schedule(8, "dual_end", 4), ParallelState(), padding_free=True).packed
+    assert TokenPlacement((2, 8, 10), 2, sched, ParallelState(), padding_free=True).packed

@@ -2,9 +2,11 @@
 
 Usage: torchrun --nproc_per_node N equivalence_worker.py REF.pt OUT.json PLAN [PLAN ...]
 A PLAN is `name:key=value,key=value` over ParallelConfig fields (tensor_parallel, pipeline_parallel,
-ssp, ulysses, sequence_parallel). Writes, per plan, the max relative error of the velocity, the loss
-and every parameter gradient (rank 0 collects all ranks' numbers).
+ssp, ulysses, sequence_parallel) and `padding_free` (model.padding_free: true = packed shards under CP).
+Writes, per plan, the max relative error of the velocity, the loss and every parameter gradient (rank 0
+collects all ranks' numbers).
 """
+import dataclasses
 import json
 import os
 import sys
@@ -34,13 +36,19 @@ def run_plan(spec, ref):
     for item in filter(None, kv.split(",")):
         k, v = item.split("=")
         fields[k] = v.lower() == "true" if v.lower() in ("true", "false") else int(v)
+    padding_free = fields.pop("padding_free", None)
     pcfg = ParallelConfig(**fields)
     ps = initialize_parallel(pcfg)
     mcfg = ref["model_config"]
+    if padding_free is not None:
+        mcfg = dataclasses.replace(mcfg, padding_free=bool(padding_free))
     ocfg = make_osp_config(mcfg, pcfg, None, torch.float32)
     model = build_model(ocfg, ps)
     model.load_full_state_dict(ref["state_dict"])
     x, t, txt, target = ref["x"], ref["t"], ref["text"], ref["target"]
+    if padding_free:  # the plan really runs packed
+        grid = (x.shape[2], x.shape[3] // 2, x.shape[4] // 2)
+        assert model.sequence_for(grid, next(model.parameters()).device).placement.packed, spec
     if ps.dp > 1:  # each DP rank takes its slice of the batch
         n = x.shape[0] // ps.dp
         sl = slice(ps.dp_rank * n, (ps.dp_rank + 1) * n)

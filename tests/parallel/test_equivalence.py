@@ -72,6 +72,22 @@ def test_two_way_plans(reference, tmp_path):
     _check(results)
 
 
+def test_two_way_plans_with_packed_sparse_blocks(reference, tmp_path):
+    # model.padding_free=true under CP: packed shards, the SSP switch and the Ulysses all-to-alls on valid rows only
+    plans = ["ssp2_packed:ssp=2,padding_free=true", "ulysses2_packed:ulysses=2,padding_free=true",
+             "pp2_packed:pipeline_parallel=2,padding_free=true"]
+    results = _run(reference, 2, plans, tmp_path)
+    assert set(results) == {p.split(":")[0] for p in plans}
+    _check(results)
+
+
+@pytest.mark.slow
+def test_four_way_plans_with_packed_sparse_blocks(reference, tmp_path):
+    plans = ["ssp4_packed:ssp=4,padding_free=true", "ssp2_ulysses2_packed:ssp=2,ulysses=2,padding_free=true",
+             "tp2_ssp2_packed:tensor_parallel=2,ssp=2,padding_free=true"]
+    _check(_run(reference, 4, plans, tmp_path))
+
+
 @pytest.mark.slow
 def test_four_way_plans(reference, tmp_path):
     plans = [

@@ -16,8 +16,8 @@ def _model(heads):
 def test_three_heads_over_ssp2_gather_every_key(tmp_path):
     # gcd(3, 2) = 1: no all-to-all in full blocks, each rank's queries attend the keys gathered from both ranks
     ref = write_reference(_model(3), tmp_path / "ref.pt")
-    results = _run(ref, 2, ["ssp2:ssp=2"], tmp_path)
-    assert set(results) == {"ssp2"}
+    results = _run(ref, 2, ["ssp2:ssp=2", "ssp2_packed:ssp=2,padding_free=true"], tmp_path)
+    assert set(results) == {"ssp2", "ssp2_packed"}
     _check(results)
 
 
