@@ -106,5 +106,6 @@ def test_mixed_plan(reference, tmp_path):
 @pytest.mark.slow
 def test_eight_way_plans_of_the_multi_gpu_benchmarks(reference, tmp_path):
     # issue 9's 8-GPU plans: SSP4 x Ulysses2 (CP 8 > P^2 = 4 classes) and TP2 (+sequence parallel) x SSP4
-    plans = ["ssp4_ulysses2:ssp=4,ulysses=2", "tp2sp_ssp4:tensor_parallel=2,sequence_parallel=true,ssp=4"]
+    plans = ["ssp4_ulysses2:ssp=4,ulysses=2", "tp2sp_ssp4:tensor_parallel=2,sequence_parallel=true,ssp=4",
+             "ssp4_ulysses2_packed:ssp=4,ulysses=2,padding_free=true"]
     _check(_run(reference, 8, plans, tmp_path))
