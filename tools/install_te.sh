@@ -95,11 +95,12 @@ DEPS=()
 for mod in einops onnx onnxscript packaging; do
   "$PY" -c "import $mod" 2>/dev/null || echo "install_te: note: $mod is not importable (TE imports it for some features)" >&2
 done
-[ ${#DEPS[@]} -gt 0 ] && "${PIP[@]}" --no-deps "${DEPS[@]}"
-"${PIP[@]}" --no-deps "$CORE==$VERSION" "transformer-engine==$VERSION"
-# the extension: compiled here (FORCE_BUILD: no attempt to download a prebuilt wheel from GitHub)
+# one pip call: with --target, separate calls would replace each other's `transformer_engine/` folder (the core
+# wheel and the metapackage both fill it); the extension is compiled here (FORCE_BUILD: no attempt to download a
+# prebuilt wheel from GitHub)
 NVTE_FRAMEWORK=pytorch NVTE_PYTORCH_FORCE_BUILD=TRUE MAX_JOBS=$JOBS \
-  "${PIP[@]}" --no-deps --no-build-isolation "transformer-engine-torch==$VERSION"
+  "${PIP[@]}" --no-deps --no-build-isolation "${DEPS[@]}" "$CORE==$VERSION" "transformer-engine==$VERSION" \
+  "transformer-engine-torch==$VERSION"
 
 "$PY" - <<'EOF' || { echo "install_te: installed, but the import or the check failed (above)" >&2; exit 1; }
 import torch
@@ -111,6 +112,7 @@ if torch.cuda.is_available():
     layer = te.Linear(64, 64, params_dtype=torch.bfloat16).cuda()
     x = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     layer(x).sum().backward()
-    ok, why = te.fp8.check_fp8_support() if hasattr(te, "fp8") else (None, "")
-    print(f"install_te: te.Linear forward/backward ran on {torch.cuda.get_device_name()}; FP8 supported: {ok} {why}")
+    print(f"install_te: te.Linear forward/backward ran on {torch.cuda.get_device_name()}; FP8: "
+          f"{te.is_fp8_available()}, FP8 block scaling: {te.is_fp8_block_scaling_available()}, "
+          f"MXFP8: {te.is_mxfp8_available()}")
 EOF
