@@ -223,3 +223,12 @@ def test_cli_runs_and_resumes_in_a_fresh_process(tmp_path):
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
         assert (tmp_path / "grpo_checkpoints" / "latest").read_text().strip() == expect
     assert "resuming from" in out.stdout and "step 2/2" in out.stdout
+
+
+def test_cli_refuses_samples_not_divisible_by_data_parallel(capsys):
+    """Checked from the config and the launched world size, before any process group exists."""
+    cfg = str(ROOT / "configs/grpo_demo_cpu.yaml")
+    assert grpo_main([cfg, "grpo.group_size=3", "grpo.prompts_per_iteration=1", "--dry-run", "--world-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "grpo.prompts_per_iteration x grpo.group_size = 3" in err and "data-parallel size 2" in err, err
+    assert grpo_main([cfg, "grpo.group_size=4", "grpo.prompts_per_iteration=1", "--dry-run", "--world-size", "2"]) == 0
