@@ -229,6 +229,55 @@ def case_dp_equals_single(rank):
     return out
 
 
+def case_tp_checkpoint(rank):
+    """TP=2: a GRPO checkpoint (torch_dist) stores each TP-split adapter once in its full shape; a fresh TP=2
+    trainer loads back the same shards and EMA."""
+    import zlib
+
+    from osp_megatron.config import Config
+    from osp_megatron.parallel.groups import initialize_parallel
+    from osp_megatron.config import GRPOConfig, parse_section
+    from osp_megatron.rl.lora import full_adapters
+    from osp_megatron.rl.trainer import GRPOTrainer
+    from osp_megatron.training.ema import unwrap
+
+    cfg = Config()
+    cfg.data.kind = "synthetic"
+    cfg.model.num_layers, cfg.model.schedule = 2, "full"
+    cfg.parallel.tensor_parallel = 2
+    cfg.train.run_dir = sys.argv[2] + "/run"
+    cfg.tracking.backend = "none"
+    par = initialize_parallel(cfg.parallel)
+    g = parse_section(GRPOConfig, dict(iterations=1, steps=6, window=dict(strategy="fixed", start=1, size=2),
+                                       group_size=2, prompts_per_iteration=2, rollout_batch=2, train_batch=2,
+                                       lr=1e-2, latent_shape=[1, 4, 4], prompts=["p", "q"], ema_decay=0.5,
+                                       lora=dict(rank=4, alpha=4)))
+    t = GRPOTrainer(cfg, g, parallel=par)
+    with torch.no_grad():  # non-trivial full tensors, sliced like the base weights
+        for pname, q in unwrap(t.model).named_parameters():
+            if not pname.endswith(("lora_A", "lora_B")):
+                continue
+            split = getattr(q, "lora_tp_split", "none")
+            full_in = q.shape[1] * (2 if split == "in" else 1)
+            full_out = q.shape[0] * (2 if split == "out" else 1)
+            full = torch.randn(full_out, full_in, generator=torch.Generator().manual_seed(zlib.crc32(pname.encode())))
+            q.copy_(full.chunk(2, 0)[rank] if split == "out" else full.chunk(2, 1)[rank] if split == "in" else full)
+    t.run_step()
+    ckpt = t.save()
+    full = full_adapters(unwrap(t.model))
+    if rank == 0:
+        torch.save(full, os.path.join(sys.argv[2], "full.pt"))
+    mine = [q.detach().clone() for q in t.params]
+    ema = {k: v.clone() for k, v in t.ema.tensors().items()}
+    t.close()
+    r = GRPOTrainer(cfg, g, parallel=par)
+    r.load(ckpt)
+    return {"ckpt": str(ckpt), "sharded": sum(getattr(q, "lora_tp_split", "none") != "none" for q in t.params),
+            "lora_equal": all(torch.equal(a, b) for a, b in zip(mine, r.params)),
+            "ema_equal": all(torch.equal(v, r.ema.tensors()[k]) for k, v in ema.items()),
+            "step": r.iteration}
+
+
 def case_cp_grpo(rank):
     """CP=2 (SSP=2, sparse dual_end model) GRPO iteration vs the same iteration in a single-rank model on each rank."""
     import copy
