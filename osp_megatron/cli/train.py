@@ -24,6 +24,7 @@ from osp_megatron.launch import EXIT_BAD_CONFIG, DistEnv, distributed, run_ranks
 from osp_megatron.skiparse import block_schedule
 from osp_megatron.training import signals
 from osp_megatron.training.flops import forward_flops
+from osp_megatron.training.trainer import DiffusionTrainer
 
 
 def parallel_plan(cfg, world_size: int) -> str:
@@ -141,9 +142,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run(cfg, env: DistEnv) -> int:
     """Initialise torch.distributed, train, tear down. Returns the exit code."""
-    # imported here: megatron-core and the model take seconds to import, which --dry-run, --help-config and every
-    # config error do not need
-    from osp_megatron.training.trainer import DiffusionTrainer
 
     def body() -> int:
         with distributed(env, timeout_minutes=cfg.parallel.timeout_minutes) as device:

@@ -14,7 +14,7 @@ keys and values gathered over the ranks at the same position of the other runs (
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -118,9 +118,23 @@ def initialize_parallel(parallel_cfg, seed: int = 1234) -> ParallelState:
                        parallel_cfg.ulysses, bool(parallel_cfg.sequence_parallel), seed)
 
 
+# the groups built for (default group, TP, PP, SSP, Ulysses): a process that builds several trainers with the same
+# plan (tests, notebooks) reuses them; each gloo/NCCL group holds threads and sockets until the process ends
+_BUILT: Dict[tuple, ParallelState] = {}
+
+
 def _initialize(tp: int, pp: int, ssp: int, ulysses: int, sequence_parallel: bool, seed: int = 1234) -> ParallelState:
     from megatron.core import parallel_state as mps
 
+    key = (id(dist.distributed_c10d._get_default_group()), dist.get_world_size(), tp, pp, ssp, ulysses)
+    built = _BUILT.get(key)
+    if built is not None and mps.model_parallel_is_initialized() and mps.get_tensor_model_parallel_group() is built.tp_group:
+        if torch.cuda.is_available():
+            from megatron.core import tensor_parallel
+
+            tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        return replace(built, sequence_parallel=sequence_parallel)
+    _BUILT.clear()
 
     cpu_shims.apply()  # megatron-core assumes CUDA; on CPU its few CUDA calls are shimmed, once per process
 
@@ -171,7 +185,7 @@ def _initialize(tp: int, pp: int, ssp: int, ulysses: int, sequence_parallel: boo
         ssp_group=ssp_group, ulysses_group=ul_group, cp_group=mps.get_context_parallel_group(),
         full_groups={d: (inner, outer) for d, (inner, outer) in full_groups.items()},
     )
-    return ParallelState(
+    state = ParallelState(
         tp=tp, pp=pp, dp=mps.get_data_parallel_world_size(), cp=ctx,
         tp_rank=mps.get_tensor_model_parallel_rank(), pp_rank=mps.get_pipeline_model_parallel_rank(),
         dp_rank=mps.get_data_parallel_rank(), sequence_parallel=sequence_parallel,
@@ -180,5 +194,7 @@ def _initialize(tp: int, pp: int, ssp: int, ulysses: int, sequence_parallel: boo
         dp_cp_group=mps.get_data_parallel_group(with_context_parallel=True),
         tp_cp_group=mps.get_tensor_and_context_parallel_group(),
     )
+    _BUILT[key] = state
+    return state
 
 
