@@ -1,7 +1,8 @@
 """LoRA adapters of osp-grpo checkpoints (or a plain file) as one full, unsharded adapter state dict.
 
-osp-grpo writes `<run_dir>/grpo_checkpoints/iter_XXXXXXX/lora_tpNN.pt` (one per TP rank: {"lora": {...},
-"optimizer": ..., "lora_ema": {...} | None}) and an atomic `grpo_checkpoints/latest`. Accepted paths: a GRPO run
+osp-grpo writes torch_dist checkpoints `<run_dir>/grpo_checkpoints/iter_XXXXXXX/` (LoRA parameters, their Adam
+state and EMA) with the full adapters as PEFT folders `adapter/` and `adapter_ema/` inside, and an atomic
+`grpo_checkpoints/latest`; older runs wrote TP shard files `lora_tpNN.pt` (still read). Accepted paths: a GRPO run
 dir, a folder with `latest`, an `iter_*` folder, or a single `.pt` / `.safetensors` file of adapter tensors.
 Keys are `<module>.lora_A [r, in]`, `<module>.lora_B [out, r]`, `<module>.lora_scaling`; TP shards are joined:
 column-parallel adapters (A spans the weight's full input width) concatenate B on dim 0, row-parallel ones A on
