@@ -174,8 +174,10 @@ class HiF8DelayedScaling(_ReuseLast):
 
     # -------------------------------------------------------------------------------------------
     def begin_step(self) -> None:
-        """Called by the outermost `autocast` entry: amaxes recorded so far become due for the next use."""
+        """Called by the outermost `autocast` entry: amaxes recorded so far become due for the next use, and no
+        quantization of the previous step is reused (the same dy object handed in again is quantized anew)."""
         self.step += 1
+        self._reset_reuse()
 
     def slot(self, key: Any, role: str) -> _DelayedSlot:
         """The state of one quantized tensor (created on first use)."""
