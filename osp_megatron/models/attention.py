@@ -118,11 +118,13 @@ class HeadsRMSNorm(torch.nn.Module):
 
 
 def _linear(spec, config, in_size, out_size, column: bool, tp_group):
-    kwargs = dict(config=config, init_method=config.init_method, bias=True, tp_group=tp_group)
+    # skip_bias_add / is_expert are keyword-only without defaults in megatron's TE linears (model.spec=te)
+    kwargs = dict(config=config, init_method=config.init_method, bias=True, skip_bias_add=False, is_expert=False,
+                  tp_group=tp_group)
     if column:
         kwargs.update(gather_output=False)
     else:
-        kwargs.update(input_is_parallel=True, skip_bias_add=False)
+        kwargs.update(input_is_parallel=True)
     return build_module(spec, in_size, out_size, **kwargs)
 
 

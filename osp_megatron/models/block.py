@@ -48,11 +48,11 @@ class FeedForward(MegatronModule):
         c, f = config.hidden_size, config.ffn_hidden_size
         self.linear_fc1 = build_module(
             submodules.linear_fc1, c, f, config=config, init_method=config.init_method, bias=True,
-            gather_output=False, skip_bias_add=True, tp_group=tp_group,
+            gather_output=False, skip_bias_add=True, is_expert=False, tp_group=tp_group,
         )
         self.linear_fc2 = build_module(
             submodules.linear_fc2, f, c, config=config, init_method=config.init_method, bias=True,
-            input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
+            input_is_parallel=True, skip_bias_add=False, is_expert=False, tp_group=tp_group,
         )
 
     def forward(self, x):

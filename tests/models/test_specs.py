@@ -77,3 +77,49 @@ def test_block_spec_and_step_must_agree():
     with pytest.raises(ValueError, match="does not match its step"):
         build_module(get_block_spec(kind="token"), config=cfg, layer_number=3, parallel=ParallelState.single(),
                      step=BlockStep("group", None, "sparse"))
+
+
+
+def _init_parameters(module, class_name):
+    """(positional names, keyword-only names without default, all keyword names) of `class_name.__init__` in the
+    source of `module` (megatron's TE classes are mocks when TransformerEngine is not installed)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(module))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    init = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    a = init.args
+    positional = [x.arg for x in a.posonlyargs + a.args][1:]
+    required = {x.arg for x, d in zip(a.kwonlyargs, a.kw_defaults) if d is None}
+    return positional, required, set(positional) | {x.arg for x in a.kwonlyargs}
+
+
+def test_linears_are_built_with_arguments_the_te_linears_accept(monkeypatch):
+    """model.spec=te swaps in megatron's TEColumnParallelLinear / TERowParallelLinear, whose skip_bias_add and
+    is_expert are keyword-only without defaults: every linear of a block is built with arguments their
+    signatures accept (checked here with the local linears, since TE itself needs a GPU)."""
+    from megatron.core.extensions import transformer_engine as te_ext
+
+    from osp_megatron.models import specs
+
+    built = []
+
+    def checked(local_cls, te_name):
+        positional, required, known = _init_parameters(te_ext, te_name)
+
+        class Checked(local_cls):
+            def __init__(self, *args, **kwargs):
+                given = set(positional[:len(args)]) | set(kwargs)
+                assert required <= given, (te_name, sorted(required - given))
+                assert set(kwargs) <= known, (te_name, sorted(set(kwargs) - known))
+                built.append(te_name)
+                super().__init__(*args, **kwargs)
+        return Checked
+
+    column = checked(ColumnParallelLinear, "TEColumnParallelLinear")
+    row = checked(RowParallelLinear, "TERowParallelLinear")
+    monkeypatch.setattr(specs, "_linears", lambda spec_name, quantized: (column, row))
+    build_model(_config(), parallel=ParallelState.single())
+    # per block: q, k, v and fc1 of self-attention, q, k, v of cross-attention; o of both and fc2
+    assert built.count("TEColumnParallelLinear") == 8 * 7 and built.count("TERowParallelLinear") == 8 * 3, built
