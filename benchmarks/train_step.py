@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py [--steps 10] [--warmup 3] [--res 480p,720p] [--recompute none,selective,full]
                                     [--ablate-compile] [--ablate-padding-free] [--label NAME]
+                                    [--precision bf16,fp8_current,fp8_delayed,te,te:fp8_delayed,...]
 
 Each model is built by the real trainer (`osp_megatron.training.trainer.DiffusionTrainer`: megatron DDP, distributed
 AdamW, bf16, the no-pipelining schedule) from configs/osp_1_3b_480p.yaml with synthetic latents
@@ -18,6 +19,9 @@ osp_megatron/training/flops.py, sparse attention counted as executed incl. paddi
 and the peak memory of each model (setup, warm-up and timed steps). JSON ->
 benchmarks/results/train_step[-<label>]-<device>-<date>.json (`train_step-smoke-...` for --smoke). The executed
 TFLOP/s of training/flops.py count the sparse blocks' padding, also for the packed path (MFU does not).
+`--precision` runs each model once per precision: bf16, the native FP8 recipes of our linears (fp8_current,
+fp8_delayed: E4M3 forward, E5M2 gradients, torch._scaled_mm GEMMs), the TE spec in bf16 (`te`) and with TE's FP8
+recipes (`te:fp8_delayed`, `te:fp8_current`, `te:fp8_block`); attention itself stays bf16 in every variant.
 """
 from __future__ import annotations
 
@@ -38,6 +42,17 @@ RESOLUTIONS = {"480p": ([16, 21, 60, 104], False), "720p": ([16, 21, 90, 160], T
 MODELS = {"osp_next_1_3b": "dual_end", "wan_dense_1_3b": "full"}
 PADDED = "osp_next_1_3b_padded"  # --ablate-padding-free: OSP-Next with model.padding_free=false
 MODEL_OVERRIDES = {PADDED: ["model.padding_free=false"]}
+# --precision: bf16 (the default), the native FP8 recipes in our linears (torch._scaled_mm), and the TE spec in
+# bf16 and with TransformerEngine's FP8 recipes (needs TE: tools/install_te.sh)
+PRECISIONS = {
+    "bf16": [],
+    "fp8_current": ["precision.recipe=fp8_current"],
+    "fp8_delayed": ["precision.recipe=fp8_delayed"],
+    "te": ["model.spec=te"],
+    "te:fp8_delayed": ["model.spec=te", "precision.recipe=fp8_delayed"],
+    "te:fp8_current": ["model.spec=te", "precision.recipe=fp8_current"],
+    "te:fp8_block": ["model.spec=te", "precision.recipe=fp8_block"],
+}
 
 
 def bench_model(name: str, schedule: str, latent: List[int], recompute: str, steps: int, warmup: int,
@@ -122,6 +137,21 @@ def result_rows(got: Dict[str, Optional[Dict[str, float]]], tag: str, peak: floa
     return rows
 
 
+def precision_rows(got: Dict[str, Optional[Dict[str, float]]], tag: str) -> List[Dict[str, object]]:
+    """`<model>+<precision> <tag> step time vs bf16`: the same model in bf16 (local spec) as the baseline."""
+    rows = []
+    for name, r in got.items():
+        model_name, _, precision = name.partition("+")
+        base = got.get(model_name)
+        if precision in PRECISIONS and r and base:
+            rows.append(row(f"{name} {tag} step time vs bf16", r["step_time_s"], "s", f"{model_name} {tag} (bf16)",
+                            base["step_time_s"], "informational (FP8 GEMMs; attention stays bf16)",
+                            higher_is_better=False, memory_gib=r["max_mem_gib"],
+                            baseline_memory_gib=base["max_mem_gib"], loss_last=r["loss_last"],
+                            baseline_loss_last=base["loss_last"]))
+    return rows
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=10, help="timed steps per model")
@@ -134,6 +164,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="also run OSP-Next with model.padding_free=false (padded sparse blocks) at every mode")
     ap.add_argument("--label", default="", help="appended to the result name: train_step-<label>-<device>-<date>")
     ap.add_argument("--models", default=",".join(MODELS), help="comma list of " + ", ".join(MODELS))
+    ap.add_argument("--precision", default="bf16",
+                    help="comma list of " + ", ".join(PRECISIONS) + " (each model runs once per entry; rows "
+                         "`<model>+<precision> <mode> step time vs bf16` compare with the bf16 run)")
     add_out_dir(ap)
     ap.add_argument("--smoke", action="store_true",
                     help="logic check on any device: tiny model, tiny latents, fp32 (numbers are meaningless)")
@@ -143,8 +176,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     models = {m.strip(): MODELS[m.strip()] for m in args.models.split(",") if m.strip() in MODELS}
     if args.ablate_padding_free and "osp_next_1_3b" in models:
         models = {"osp_next_1_3b": models.pop("osp_next_1_3b"), PADDED: MODELS["osp_next_1_3b"], **models}
-    if bad or not modes or not models:
-        ap.error("--recompute: a comma list of none, selective, full; --models: of " + ", ".join(MODELS))
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    if bad or not modes or not models or not precisions or set(precisions) - set(PRECISIONS):
+        ap.error("--recompute: a comma list of none, selective, full; --models: of " + ", ".join(MODELS)
+                 + "; --precision: of " + ", ".join(PRECISIONS))
     if not torch.cuda.is_available() and not args.smoke:
         print("train_step.py needs a CUDA GPU (use --smoke for a CPU logic check)", file=sys.stderr)
         return 2
@@ -177,14 +212,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         tag = f"{res}+{mode}" + ("" if compiled else "+eager")
         print(f"{tag} latents {latent}:", flush=True)
         got: Dict[str, Optional[Dict[str, float]]] = {}
-        for name, schedule in models.items():
-            try:
-                got[name] = bench_model(name, schedule, latent, mode, args.steps, args.warmup, device,
-                                        [*extra, *MODEL_OVERRIDES.get(name, [])], compiled=compiled)
-            except torch.cuda.OutOfMemoryError as exc:
-                print(f"  {name}: out of memory ({str(exc).splitlines()[0]})", flush=True)
-                got[name] = None
-            free_memory(device)
+        for model_name, schedule in models.items():
+            for precision in precisions:
+                name = model_name if precision == "bf16" else f"{model_name}+{precision}"
+                try:
+                    got[name] = bench_model(name, schedule, latent, mode, args.steps, args.warmup, device,
+                                            [*extra, *MODEL_OVERRIDES.get(model_name, []), *PRECISIONS[precision]],
+                                            compiled=compiled)
+                except torch.cuda.OutOfMemoryError as exc:
+                    print(f"  {name}: out of memory ({str(exc).splitlines()[0]})", flush=True)
+                    got[name] = None
+                free_memory(device)
         raw[tag] = got
         return tag, got
 
@@ -197,6 +235,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if mode == "none":
                 base_tag, base = tag, got
             results.extend(result_rows(got, tag, peak, base, base_tag or ""))
+            results.extend(precision_rows(got, tag))
             if args.ablate_compile and i == 0:
                 tag, got = run(res, latent, mode, False)
                 results.extend(result_rows(got, tag, peak, raw[f"{res}+{mode}"], f"{res}+{mode}"))
