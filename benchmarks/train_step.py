@@ -29,6 +29,7 @@ import argparse
 import os
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -207,6 +208,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"matmul peak (measured): {peak:.2f} TFLOP/s", flush=True)
     results: List[Dict[str, object]] = [peak_row(peak, device)]
     raw: Dict[str, Dict] = {}
+    failed: List[Dict[str, object]] = []
 
     def run(res, latent, mode, compiled):
         tag = f"{res}+{mode}" + ("" if compiled else "+eager")
@@ -222,6 +224,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 except torch.cuda.OutOfMemoryError as exc:
                     print(f"  {name}: out of memory ({str(exc).splitlines()[0]})", flush=True)
                     got[name] = None
+                except Exception as exc:  # noqa: BLE001 - e.g. a TE variant without TE: reported, the rest runs
+                    if precision == "bf16" and not args.smoke:
+                        raise
+                    traceback.print_exc()
+                    failed.append(row(f"{name} {tag}: failed", None, f"{type(exc).__name__}: {str(exc)[:200]}"))
                 free_memory(device)
         raw[tag] = got
         return tag, got
@@ -239,6 +246,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.ablate_compile and i == 0:
                 tag, got = run(res, latent, mode, False)
                 results.extend(result_rows(got, tag, peak, raw[f"{res}+{mode}"], f"{res}+{mode}"))
+    results.extend(failed)
     shapes = {res: {"latents": resolutions[res][0], "full_recompute_only": resolutions[res][1]} for res in resolutions}
     shapes.update(micro_batch=1, text_len=8 if args.smoke else 512)
     name = "train_step-smoke" if args.smoke else "train_step"
