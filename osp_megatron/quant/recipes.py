@@ -493,6 +493,21 @@ def _require_te(what: str, min_version: Tuple[int, int] = (2, 0)) -> Any:
     return te_recipe
 
 
+def refresh_te_weight_caches(model: torch.nn.Module) -> int:
+    """Mark every TE linear of `model` so that its next forward re-casts the weights to FP8.
+
+    megatron's TE linears pass `is_first_microbatch` to TE, which casts the weights once and reuses that FP8 copy
+    until the flag is set again; megatron's schedules set it only when `TransformerConfig.fp8` is set, which the
+    project's own TE autocast does not use. Called at the start of every quantized region (one optimizer step, one
+    sampling run), so the FP8 weights follow the optimizer's updates. Returns how many modules were marked."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "is_first_microbatch"):
+            module.is_first_microbatch = True
+            count += 1
+    return count
+
+
 def te_fp8_recipe(name: str, precision: Any = None) -> Any:
     """TE's own FP8 recipe: fp8_delayed -> DelayedScaling(HYBRID), fp8_current -> Float8CurrentScaling(HYBRID),
     fp8_block -> Float8BlockScaling(E4M3). `precision` (optional PrecisionConfig) fills the delayed fields."""

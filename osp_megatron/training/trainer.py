@@ -28,7 +28,7 @@ from osp_megatron.encoders import load_text_encoder, load_vae
 from osp_megatron.models import build_model
 from osp_megatron.quant.modules import assign_hif8_keys
 from osp_megatron.quant.recipes import (FP8CurrentScaling, HiF8CurrentScaling, HiF8DelayedScaling, autocast,
-                                        recipe_from_config)
+                                        recipe_from_config, refresh_te_weight_caches)
 from osp_megatron.training.batches import BatchPreparer, EndlessLoader
 from osp_megatron.training.ema import unwrap
 from osp_megatron.training.flops import model_flops_per_sample, train_flops_per_sample
@@ -131,6 +131,7 @@ class DiffusionTrainer(Trainer):
                             amax_reduction_group=self.ps.dp_cp_group)
         import transformer_engine.pytorch as te  # fp8_* recipes are only accepted with model.spec=te
 
+        refresh_te_weight_caches(self.model)  # TE's FP8 weight copies follow the last optimizer step
         return te.autocast(enabled=True, recipe=self.recipe)
 
     def _restore_loader(self, entries: List[Dict[str, Any]], old_dp: int) -> None:

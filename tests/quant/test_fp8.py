@@ -11,7 +11,7 @@ from osp_megatron.models.transformer_config import make_osp_config
 from osp_megatron.parallel import ParallelState
 from osp_megatron.quant.modules import HiF8ColumnParallelLinear, hif8_linear, use_scaled_mm
 from osp_megatron.quant.recipes import (FP8CurrentScaling, FP8DelayedScaling, HiF8DelayedScaling, autocast,
-                                       recipe_from_config)
+                                       recipe_from_config, refresh_te_weight_caches)
 
 
 def _fq(x, fmt, scale):
@@ -81,6 +81,17 @@ def test_delayed_scaling_quantizes_the_same_dy_object_anew_at_the_next_step(reci
         grads[fresh] = xg.grad.clone()
         assert r.slot("lin", "grad_output").updates == 1  # the step-1 amax set the step-2 scale
     assert torch.equal(grads[False], grads[True])
+
+
+def test_refresh_te_weight_caches_marks_every_linear_that_caches_fp8_weights():
+    """megatron's TE linears keep their FP8 weight copy while `is_first_microbatch` is False; the trainer sets it
+    again at each quantized step so that the copy follows the optimizer."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU()))
+    model[0].is_first_microbatch = False
+    model[1][0].is_first_microbatch = False
+    assert refresh_te_weight_caches(model) == 2
+    assert model[0].is_first_microbatch is True and model[1][0].is_first_microbatch is True
+    assert not hasattr(model[1][1], "is_first_microbatch")
 
 
 def test_cpu_tensors_take_the_fake_quant_path():
