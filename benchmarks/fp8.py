@@ -11,7 +11,7 @@ Sections:
   check  one 1.3B-width full block (dim 1536, FFN 8960, 12 heads) built with the te spec and with the local spec,
          the same weights, bf16, 4x32x32 latent tokens: forward output, input gradient and every weight gradient
          compared (relative L2 error; bf16 GEMMs in both, so ~1e-3 is agreement).
-  loss   `--loss-steps` training steps of a 1.3B-width slice (4 blocks: full, token, group, full; the real trainer,
+  loss   `--loss-steps` training steps of a 1.3B-width slice (6 blocks: 2 full, token, group, 2 full; the real trainer,
          distributed AdamW, LR 3e-4) on synthetic latents [16, 4, 32, 32] with 512 random text tokens, and 30 steps of
          the tiny model, per variant from the same seed and data: first / last-20-mean loss and the gap to bf16.
   block  one Wan-14B-width block (dim 5120, FFN 13824) on the 81x720P token grid (21x45x80 = 75600 tokens), full
@@ -144,7 +144,7 @@ def _train_losses(variant: str, steps: int, dev, tiny: bool) -> List[float]:
     spec, recipe = _spec_and_recipe(variant)
     size = (["model.size=tiny", "model.num_full_blocks=4", "data.text_len=32",
              "data.synthetic_latent_shape=[16,4,16,16]"] if tiny else
-            ["model.num_layers=4", "model.num_full_blocks=2", f"data.synthetic_latent_shape={LOSS_LATENT}"])
+            ["model.num_layers=6", "model.num_full_blocks=4", f"data.synthetic_latent_shape={LOSS_LATENT}"])
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config(REPO / "configs" / "osp_1_3b_480p.yaml", [
             *size, f"model.spec={spec}", f"precision.recipe={recipe}", "data.kind=synthetic", "data.num_workers=0",
@@ -169,10 +169,12 @@ def _train_losses(variant: str, steps: int, dev, tiny: bool) -> List[float]:
     return losses
 
 
-def loss_rows(variants: List[str], steps: int, dev) -> (List[Dict], Dict):
+def loss_rows(variants: List[str], steps: int, dev, tiny_steps: int = 30) -> (List[Dict], Dict):
     rows, raw = [], {}
-    for tiny, n in ((True, 30), (False, steps)):
-        what = "tiny model" if tiny else "1.3B-width slice (4 blocks)"
+    for tiny, n in ((True, tiny_steps), (False, steps)):
+        if n <= 0:
+            continue
+        what = "tiny model" if tiny else "1.3B-width slice (6 blocks)"
         base = None
         for v in variants:
             try:
@@ -239,6 +241,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sections", default="check,loss,block")
     ap.add_argument("--variants", default=",".join(PRECISIONS), help="comma list of " + ", ".join(PRECISIONS))
     ap.add_argument("--loss-steps", type=int, default=200)
+    ap.add_argument("--tiny-steps", type=int, default=30, help="tiny-model steps per variant (0: skip)")
     add_out_dir(ap)
     args = ap.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -266,6 +269,13 @@ def main(argv=None) -> int:
         variants = [v for v in variants if not v.startswith("te")]
     rows: List[Dict] = []
     raw: Dict = {}
+    def save():  # after every section, so a run cut short keeps what it measured
+        return write_results("fp8", rows, {"variants": variants, "te_version": te and f"{te[0]}.{te[1]}",
+                                           "losses": raw, "sections": sorted(done)},
+                             shapes={"check_grid": CHECK_GRID, "loss_latent": LOSS_LATENT, "block_grid": BLOCK_GRID,
+                                     "text_len": 512}, out_dir=args.out_dir, device=dev, argv=argv)
+
+    done: set = set()
     if "check" in sections and te is not None:
         print("check: te spec vs local spec, 1.3B-width block", flush=True)
         try:
@@ -274,17 +284,20 @@ def main(argv=None) -> int:
             traceback.print_exc()
             rows.append(row("check te vs local 1.3B-width block: failed", None, f"{type(exc).__name__}: {exc}"[:240]))
         free_memory(dev)
+        done.add("check")
+        save()
     if "loss" in sections:
         print(f"loss: {args.loss_steps} steps per variant", flush=True)
-        got, raw = loss_rows(variants, args.loss_steps, dev)
+        got, losses = loss_rows(variants, args.loss_steps, dev, args.tiny_steps)
         rows += got
+        raw.update(losses)
+        done.add("loss")
+        save()
     if "block" in sections:
         print("block: wan_14b width, 720P grid, fwd+bwd", flush=True)
         rows += block_rows(variants, dev)
-    path = write_results("fp8", rows, {"variants": variants, "te_version": te and f"{te[0]}.{te[1]}",
-                                       "losses": raw},
-                         shapes={"check_grid": CHECK_GRID, "loss_latent": LOSS_LATENT, "block_grid": BLOCK_GRID,
-                                 "text_len": 512}, out_dir=args.out_dir, device=dev, argv=argv)
+        done.add("block")
+    path = save()
     print(f"\nwrote {path}\n")
     print_table(rows)
     dist.destroy_process_group()
