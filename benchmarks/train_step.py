@@ -3,6 +3,7 @@
     python benchmarks/train_step.py [--steps 10] [--warmup 3] [--res 480p,720p] [--recompute none,selective,full]
                                     [--ablate-compile] [--ablate-padding-free] [--label NAME]
                                     [--precision bf16,fp8_current,fp8_delayed,te,te:fp8_delayed,...]
+                                    [--offload 2,4]
 
 Each model is built by the real trainer (`osp_megatron.training.trainer.DiffusionTrainer`: megatron DDP, distributed
 AdamW, bf16, the no-pipelining schedule) from configs/osp_1_3b_480p.yaml with synthetic latents
@@ -138,6 +139,17 @@ def result_rows(got: Dict[str, Optional[Dict[str, float]]], tag: str, peak: floa
     return rows
 
 
+def offload_rows(got: Dict[str, Optional[Dict[str, float]]], tag: str) -> List[Dict[str, object]]:
+    """`osp_next_1_3b+offloadN <tag> step time vs no offload`, with both peaks."""
+    rows, base = [], got.get("osp_next_1_3b")
+    for name, r in got.items():
+        if name.startswith("osp_next_1_3b+offload") and r and base:
+            rows.append(row(f"{name} {tag} step time vs no offload", r["step_time_s"], "s", f"osp_next_1_3b {tag}",
+                            base["step_time_s"], ">= 0.95 with <= 70 GiB", higher_is_better=False,
+                            memory_gib=r["max_mem_gib"], baseline_memory_gib=base["max_mem_gib"]))
+    return rows
+
+
 def precision_rows(got: Dict[str, Optional[Dict[str, float]]], tag: str) -> List[Dict[str, object]]:
     """`<model>+<precision> <tag> step time vs bf16`: the same model in bf16 (local spec) as the baseline."""
     rows = []
@@ -165,6 +177,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="also run OSP-Next with model.padding_free=false (padded sparse blocks) at every mode")
     ap.add_argument("--label", default="", help="appended to the result name: train_step-<label>-<device>-<date>")
     ap.add_argument("--models", default=",".join(MODELS), help="comma list of " + ", ".join(MODELS))
+    ap.add_argument("--offload", default="",
+                    help="comma list of model.offload_blocks values: OSP-Next also runs with the first N blocks' "
+                         "activations offloaded to host at every mode (rows `... offload N vs no offload`)")
     ap.add_argument("--precision", default="bf16",
                     help="comma list of " + ", ".join(PRECISIONS) + " (each model runs once per entry; rows "
                          "`<model>+<precision> <mode> step time vs bf16` compare with the bf16 run)")
@@ -175,6 +190,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     modes = [m.strip() for m in args.recompute.split(",") if m.strip()]
     bad = [m for m in modes if m not in ("none", "selective", "full")]
     models = {m.strip(): MODELS[m.strip()] for m in args.models.split(",") if m.strip() in MODELS}
+    offloads = [int(n) for n in args.offload.split(",") if n.strip()]
+    if offloads and "osp_next_1_3b" in models:
+        for n in offloads:
+            models[f"osp_next_1_3b+offload{n}"] = MODELS["osp_next_1_3b"]
+            MODEL_OVERRIDES[f"osp_next_1_3b+offload{n}"] = [f"model.offload_blocks={n}"]
     if args.ablate_padding_free and "osp_next_1_3b" in models:
         models = {"osp_next_1_3b": models.pop("osp_next_1_3b"), PADDED: MODELS["osp_next_1_3b"], **models}
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
@@ -243,6 +263,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 base_tag, base = tag, got
             results.extend(result_rows(got, tag, peak, base, base_tag or ""))
             results.extend(precision_rows(got, tag))
+            results.extend(offload_rows(got, tag))
             if args.ablate_compile and i == 0:
                 tag, got = run(res, latent, mode, False)
                 results.extend(result_rows(got, tag, peak, raw[f"{res}+{mode}"], f"{res}+{mode}"))

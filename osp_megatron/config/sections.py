@@ -46,6 +46,10 @@ class ModelConfig:
                             "norms, modulation, RMSNorm + RoPE, GELU -- are recomputed in backward; no GEMM or "
                             "attention runs twice), full (each block's forward again, +1 forward)",
                             choices=("none", "selective", "full"))
+    offload_blocks: int = option(0, "activation offload: the first N blocks of each pipeline stage keep the tensors "
+                                 "they save for backward in pinned host memory (copied on a side stream, brought "
+                                 "back ahead of their backward; no selective recompute inside them); 0 = off",
+                                 minimum=0)
     padding_free: Optional[bool] = option(None, "sparse blocks on the real tokens only (H, W padding to P^2 multiples "
                                           "never enters a per-token op; grids that need padding): null = on one "
                                           "device (context parallelism keeps padded shards), true = also under "

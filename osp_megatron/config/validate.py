@@ -56,6 +56,11 @@ def layout_errors(model: ModelConfig, parallel: ParallelConfig, world_size: Opti
     if dims.ffn_hidden_size % tp != 0 or dims.hidden_size % tp != 0:
         errors.append(f"{tp_n}={tp} does not divide hidden_size={dims.hidden_size} / "
                       f"ffn_hidden_size={dims.ffn_hidden_size}")
+    per_stage = dims.num_layers // p.pipeline_parallel
+    offload = getattr(model, "offload_blocks", 0) or 0
+    if offload > per_stage:
+        errors.append(f"model.offload_blocks={offload} exceeds the {per_stage} blocks of a pipeline stage "
+                      f"(model.num_layers={dims.num_layers} / {pp_n}={p.pipeline_parallel}): lower it")
     if dims.num_layers % p.pipeline_parallel != 0:
         errors.append(f"{pp_n}={p.pipeline_parallel} does not divide model.num_layers={dims.num_layers}: choose a "
                       "divisor of the layer count")

@@ -20,6 +20,8 @@ stages exchange one tensor that packs `[x; e; temb; text]` along the sequence ax
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 from typing import Dict, List, Optional, Tuple
 
@@ -33,6 +35,7 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 
 from osp_megatron.models.adapters.common import StateDictMismatch, our_keys
 from osp_megatron.models.attention import SequenceContext
+from osp_megatron.models.offload import ActivationOffload
 from osp_megatron.models.recompute import selective_recompute
 from osp_megatron.models.specs import get_layer_specs
 from osp_megatron.parallel import ParallelState, TokenPlacement
@@ -111,6 +114,9 @@ class OSPNextDiT(MegatronModule):
             build_module(self.layer_specs[gi], config=config, layer_number=gi, parallel=parallel, step=steps[gi])
             for gi in range(self.layer_offset, self.layer_offset + per_stage)
         )
+        # model.offload_blocks: the saved activations of this stage's first blocks wait in pinned host memory
+        self.activation_offload = (ActivationOffload(config.offload_blocks, per_stage)
+                                   if config.offload_blocks else None)
         if post_process:
             self.head = Head(c, config.out_channels * math.prod(self.patch), config.layernorm_epsilon, dtype)
             for p in self.head.parameters():
@@ -188,12 +194,19 @@ class OSPNextDiT(MegatronModule):
         else:
             x, e, temb, txt = self._unpack(self.input_tensor, b, encoder_hidden_states.shape[1])
         granularity = self.config.recompute_granularity if self.training else None
-        for blk in self.blocks:
+        offload = None
+        if self.activation_offload is not None and self.training and torch.is_grad_enabled():
+            offload = self.activation_offload.start_pass(self.parameters())
+        for i, blk in enumerate(self.blocks):
+            offloaded = offload is not None and i < self.activation_offload.num_blocks
             if granularity == "full":
-                x = tensor_parallel.checkpoint(lambda x_, e_, t_, blk=blk: blk(x_, e_, t_, seq), False, x, e, txt)
-            else:
-                with selective_recompute(granularity == "selective"):
+                with offload.block() if offloaded else contextlib.nullcontext():
+                    x = tensor_parallel.checkpoint(lambda x_, e_, t_, blk=blk: blk(x_, e_, t_, seq), False, x, e, txt)
+            else:  # an offloaded block saves plain tensors (see models/offload.py)
+                with offload.block() if offloaded else selective_recompute(granularity == "selective"):
                     x = blk(x, e, txt, seq)
+            if offload is not None and i == self.activation_offload.prefetch_block:
+                x = offload.prefetch_point(x)
         if not self.post_process:
             return self._pack(x, e, temb, txt)
         g = placement.classes_per_rank(placement.final_layout)

@@ -34,6 +34,7 @@ class OSPNextConfig(TransformerConfig):
     bf16_first_blocks: int = 0
     bf16_last_blocks: int = 0
     padding_free: Optional[bool] = None  # sparse blocks on the real tokens only (None: on one device; parallel.plan)
+    offload_blocks: int = 0  # the first N blocks of each stage keep their saved activations in host memory
 
     @property
     def head_dim(self) -> int:
@@ -79,6 +80,7 @@ def make_osp_config(model_cfg, parallel_cfg=None, precision_cfg=None, dtype=None
         bf16_first_blocks=precision_cfg.bf16_first_blocks,
         bf16_last_blocks=precision_cfg.bf16_last_blocks,
         padding_free=model_cfg.padding_free,
+        offload_blocks=model_cfg.offload_blocks,
         tensor_model_parallel_size=parallel_cfg.tensor_parallel,
         pipeline_model_parallel_size=parallel_cfg.pipeline_parallel,
         sequence_parallel=parallel_cfg.sequence_parallel,
