@@ -232,7 +232,7 @@ def train_rows(case: Case, got: Dict[str, Dict], peak: float, text_len: int, rec
     for variant, r in got.items():
         ours = variant != "diffusers"
         mc = model_config("OSP-Next" if variant.startswith("OSP-Next") else "dense", size).model
-        flops = model_flops_per_sample(mc, latent_shape(res), text_len, padded=False)
+        flops = model_flops_per_sample(mc, latent_shape(res), text_len)
         mfu = flops / (r["ms"] * 1e-3) / 1e12 / peak if r.get("ms") else None
         rows.append(row(f"{label} MFU {variant}", mfu, "fraction", None, None,
                         goals.get("mfu") if ours else None, model_tflop_per_step=flops / 1e12, recompute=recompute))

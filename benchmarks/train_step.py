@@ -15,11 +15,12 @@ also runs OSP-Next with `model.padding_free=false` (sparse blocks on the padded 
 to the default packed sparse blocks (rows `... padding-free vs padded`). One fixed micro-batch is
 reused so data generation stays out of the timing; step time is the median of the timed steps (CUDA events).
 Reports samples/s and the OSP-Next speedup, executed TFLOP/s (explicit formula in
-osp_megatron/training/flops.py, sparse attention counted as executed incl. padding, recompute included), MFU
-(model FLOPs, no recompute) against the bf16 matmul peak measured in the same run (_common.matmul_peak_tflops),
+osp_megatron/training/flops.py: the work the placement runs, padding of padded sparse blocks and recompute
+included), MFU (model FLOPs: the real tokens only, no recompute) against the bf16 matmul peak measured in the same
+run (_common.matmul_peak_tflops),
 and the peak memory of each model (setup, warm-up and timed steps). JSON ->
-benchmarks/results/train_step[-<label>]-<device>-<date>.json (`train_step-smoke-...` for --smoke). The executed
-TFLOP/s of training/flops.py count the sparse blocks' padding, also for the packed path (MFU does not).
+benchmarks/results/train_step[-<label>]-<device>-<date>.json (`train_step-smoke-...` for --smoke). Padding-free
+sparse blocks (the default on one device) execute no padding; `--ablate-padding-free` rows count it.
 `--precision` runs each model once per precision: bf16, the native FP8 recipes of our linears (fp8_current,
 fp8_delayed: E4M3 forward, E5M2 gradients, torch._scaled_mm GEMMs), the TE spec in bf16 (`te`) and with TE's FP8
 recipes (`te:fp8_delayed`, `te:fp8_current`, `te:fp8_block`); attention itself stays bf16 in every variant.

@@ -23,7 +23,7 @@ from osp_megatron.diffusion.flow_matching import FlowMatching
 from osp_megatron.launch import EXIT_BAD_CONFIG, DistEnv, distributed, run_ranks
 from osp_megatron.skiparse import block_schedule
 from osp_megatron.training import signals
-from osp_megatron.training.flops import forward_flops
+from osp_megatron.training.flops import forward_flops, packed_plan
 from osp_megatron.training.trainer import DiffusionTrainer
 
 
@@ -62,11 +62,13 @@ def parallel_plan(cfg, world_size: int) -> str:
     else:
         shape = [dims.in_channels, (b.frames - 1) // 4 + 1, b.height // 8, b.width // 8]
     padded = cp > 1 or (p.sequence_parallel and tp > 1)  # layout-native plans run sparse blocks padded
-    f = forward_flops(cfg.model, shape, cfg.data.text_len, padded)
+    packed = packed_plan(cfg.model.padding_free, padded)
+    f = forward_flops(cfg.model, shape, cfg.data.text_len, padded, packed)
     full_recompute = cfg.model.recompute == "full"
     lines.append(
         f"per sample (latents {shape}): {int(f['tokens'])} tokens"
-        + (f" ({int(f['tokens_padded'])} in the padded Skiparse layout)" if padded and cfg.model.schedule != "full" else "")
+        + (f" ({int(f['tokens_padded'])} in the padded Skiparse layout)" if padded and not packed
+           and cfg.model.schedule != "full" else "")
         + ", "
         f"forward {f['total'] / 1e12:.3f} TFLOP, training {(4 if full_recompute else 3) * f['total'] / 1e12:.3f} "
         f"TFLOP executed{' (with full recompute)' if full_recompute else ''}"

@@ -7,11 +7,13 @@ Per block with C = hidden, F = ffn hidden, L = text tokens, N = tokens the block
     cross-attn projections Q, O    : 2 * 2*N*C^2;  K, V of the text: 2 * 2*L*C^2 (once per sample)
     cross-attention core           : 4*N*L*C
     FFN                            : 2 * 2*N*C*F
-Executed work, as the token placement runs it: sparse blocks hold the padded Skiparse grid (Np = T*Hp*Wp, H/W
+Executed work, as the token placement runs it: padded sparse blocks hold the Skiparse grid (Np = T*Hp*Wp, H/W
 padded to multiples of P^2), so their projections, cross-attention and FFN run on Np tokens, while their
 self-attention sees each class's valid tokens only: sum over the P^2 classes of 4*n_c^2*C. Full blocks attend
 over the N = T*H*W valid tokens (4*N^2*C); their other work runs on N on one device (raster layout) and on Np
-in layout-native plans (`padded=True`: any context or sequence parallelism).
+in layout-native plans (`padded=True`: any context or sequence parallelism). Padding-free plans (`packed=True`,
+`model.padding_free`) run every per-token op of every block on the N real tokens.
+Model FLOPs (the numerator of MFU) count the useful work only: every block on the N real tokens, no recompute.
 Outside the blocks: patch embedding 2*N*(16*4)*C, head 2*N*C*(4*16), text embedding 2*L*(text_dim*C + C*C).
 Training = forward + backward = 3x forward; activation recompute executes one more forward (4x).
 """
@@ -34,10 +36,12 @@ def class_sizes(grid: Sequence[int], ratio: int, layout: str) -> List[int]:
     return [t * count(h, p) * count(w, q) for p in range(ratio) for q in range(ratio)]
 
 
-def forward_flops(model_cfg, latent_shape: Sequence[int], text_len: int, padded: bool = True) -> Dict[str, float]:
+def forward_flops(model_cfg, latent_shape: Sequence[int], text_len: int, padded: bool = True,
+                  packed: bool = False) -> Dict[str, float]:
     """Forward FLOPs of one sample with latents [16, T, H, W]; returns a breakdown and `total`.
 
-    `padded`: layout-native plan (CP or SP > 1): full blocks also hold the padded grid; else they run on raster."""
+    `padded`: layout-native plan (CP or SP > 1): full blocks also hold the padded grid; else they run on raster.
+    `packed`: padding-free sparse blocks (every block's per-token work on the real tokens; overrides `padded`)."""
     dims = model_cfg.resolve()
     c, f = dims.hidden_size, dims.ffn_hidden_size
     pt, ph, pw = dims.patch_size
@@ -52,7 +56,7 @@ def forward_flops(model_cfg, latent_shape: Sequence[int], text_len: int, padded:
     out = {"linear": 0.0, "self_attention": 0.0, "cross_attention": 0.0, "ffn": 0.0}
     sparse_model = any(k != "full" for k in kinds)  # the dense Wan schedule never leaves the raster sequence
     for kind in kinds:
-        n = n_pad if sparse_model and (kind != "full" or padded) else n_full
+        n = n_pad if sparse_model and not packed and (kind != "full" or padded) else n_full
         out["linear"] += 4 * 2 * n * c * c + 2 * 2 * n * c * c + 2 * 2 * lt * c * c
         if kind == "full":
             out["self_attention"] += 4.0 * n_full * n_full * c
@@ -70,12 +74,18 @@ def forward_flops(model_cfg, latent_shape: Sequence[int], text_len: int, padded:
 
 
 def train_flops_per_sample(model_cfg, latent_shape: Sequence[int], text_len: int, recompute: bool = False,
-                           padded: bool = True) -> float:
+                           padded: bool = True, packed: bool = False) -> float:
     """Executed FLOPs of one training sample: 3x forward (+1x forward with full activation recompute)."""
-    fwd = forward_flops(model_cfg, latent_shape, text_len, padded)["total"]
+    fwd = forward_flops(model_cfg, latent_shape, text_len, padded, packed)["total"]
     return fwd * (4.0 if recompute else 3.0)
 
 
-def model_flops_per_sample(model_cfg, latent_shape: Sequence[int], text_len: int, padded: bool = True) -> float:
-    """Model FLOPs (3x forward, no recompute) of one training sample: the numerator of MFU."""
-    return 3.0 * forward_flops(model_cfg, latent_shape, text_len, padded)["total"]
+def model_flops_per_sample(model_cfg, latent_shape: Sequence[int], text_len: int) -> float:
+    """Model FLOPs of one training sample, the numerator of MFU: 3x the forward on the real tokens only (no
+    padding, no recompute), whatever the placement executes."""
+    return 3.0 * forward_flops(model_cfg, latent_shape, text_len, padded=False, packed=True)["total"]
+
+
+def packed_plan(padding_free, padded: bool) -> bool:
+    """Whether a plan runs padding-free (`model.padding_free`: None = where the plan is not layout-native)."""
+    return (not padded) if padding_free is None else bool(padding_free)

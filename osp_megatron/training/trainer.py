@@ -31,7 +31,7 @@ from osp_megatron.quant.recipes import (FP8CurrentScaling, HiF8CurrentScaling, H
                                         recipe_from_config, refresh_te_weight_caches)
 from osp_megatron.training.batches import BatchPreparer, EndlessLoader
 from osp_megatron.training.ema import unwrap
-from osp_megatron.training.flops import model_flops_per_sample, train_flops_per_sample
+from osp_megatron.training.flops import model_flops_per_sample, packed_plan, train_flops_per_sample
 from osp_megatron.training.loop import NonFiniteStop, Trainer, all_gather_object
 from osp_megatron.training.samples import make_sample_videos, sample_settings
 from osp_megatron.weights import load_into
@@ -52,6 +52,7 @@ class DiffusionTrainer(Trainer):
         self.dims = cfg.model.resolve()
         # layout-native plans (CP or SP) run sparse blocks on the padded grid; single-device plans do not
         self.padded = self.cp_size > 1 or (cfg.parallel.sequence_parallel and cfg.parallel.tensor_parallel > 1)
+        self.packed = packed_plan(cfg.model.padding_free, self.padded)  # padding-free sparse blocks
         mbs = cfg.data.micro_batch_size
         self.global_batch = cfg.train.global_batch_size or mbs * self.dp_size
         self.num_microbatches = self.global_batch // (mbs * self.dp_size)
@@ -196,8 +197,9 @@ class DiffusionTrainer(Trainer):
         for mb in micro:
             shape = tuple(mb["x_t"].shape[1:])
             b, text_len = mb["x_t"].shape[0], mb["text"].shape[1]
-            flops_exec += b * train_flops_per_sample(cfg.model, shape, text_len, cfg.model.recompute == "full", self.padded)
-            flops_model += b * model_flops_per_sample(cfg.model, shape, text_len, self.padded)
+            flops_exec += b * train_flops_per_sample(cfg.model, shape, text_len, cfg.model.recompute == "full",
+                                                     self.padded, self.packed)
+            flops_model += b * model_flops_per_sample(cfg.model, shape, text_len)
             tokens += b * (shape[1] // pt) * (shape[2] // ph) * (shape[3] // pw)
             samples += b
         return flops_exec, flops_model, tokens, samples

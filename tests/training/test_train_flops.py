@@ -55,3 +55,22 @@ def test_padding_free_single_device_counts_valid_tokens_per_class():
     # one device: full blocks' FFN on the raster n tokens, sparse blocks' on the padded grid
     assert free["ffn"] == 8 * 4 * n * c * f + 22 * 4 * npad * c * f
     assert pad["ffn"] == 30 * 4 * npad * c * f
+
+
+def test_padding_free_plans_and_model_flops_count_the_real_tokens_only():
+    from osp_megatron.training.flops import packed_plan
+
+    m = ModelConfig(size="wan_1_3b", schedule="dual_end")
+    shape = [16, 21, 60, 104]
+    n, npad, c, f = 21 * 30 * 52, 21 * 32 * 52, 1536, 8960
+    packed = forward_flops(m, shape, 512, padded=False, packed=True)
+    padded = forward_flops(m, shape, 512, padded=False)
+    assert packed["ffn"] == 30 * 4 * n * c * f and padded["ffn"] == 8 * 4 * n * c * f + 22 * 4 * npad * c * f
+    assert packed["self_attention"] == padded["self_attention"]  # attention already skipped the padding
+    assert forward_flops(m, shape, 512, padded=True, packed=True)["total"] == packed["total"]
+    assert train_flops_per_sample(m, shape, 512, recompute=True, padded=False, packed=True) == 4 * packed["total"]
+    # MFU's numerator: the useful work, whatever the placement executes
+    assert model_flops_per_sample(m, shape, 512) == 3 * packed["total"] < 3 * padded["total"]
+    # model.padding_free: null packs where the plan is not layout-native; true / false force it
+    assert packed_plan(None, padded=False) and not packed_plan(None, padded=True)
+    assert packed_plan(True, padded=True) and not packed_plan(False, padded=False)
