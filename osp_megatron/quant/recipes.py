@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import os
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -289,10 +291,43 @@ FP8_FORMATS = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2,
 FP8_MODES = ("hybrid", "e4m3")  # hybrid: E4M3 forward tensors, E5M2 gradients (TE's Format.HYBRID)
 
 
+def _compiled_on_cuda(fn):
+    """fn as one compiled kernel on CUDA tensors (eager, its fp32 temporaries are two extra passes over x: for an
+    FFN activation that costs more than the FP8 GEMM saves), eager elsewhere or with OSP_COMPILE=0. The same
+    IEEE operations in the same order, so the results are the eager ones bit for bit."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def wrapper(x, *args):
+        nonlocal compiled
+        if x.is_cuda and os.environ.get("OSP_COMPILE", "1") != "0":
+            if compiled is None:
+                compiled = torch.compile(fn, dynamic=True)
+            return compiled(x, *args)
+        return fn(x, *args)
+
+    return wrapper
+
+
+@_compiled_on_cuda
+def _cast_to_fp8(x: torch.Tensor, scale: torch.Tensor, fmax: float, dtype: torch.dtype) -> torch.Tensor:
+    return (x.float() * scale).clamp(-fmax, fmax).to(dtype)
+
+
+@_compiled_on_cuda
+def _abs_max(x: torch.Tensor) -> torch.Tensor:
+    return x.abs().amax().float()
+
+
+def fp8_amax(x: torch.Tensor) -> torch.Tensor:
+    """fp32 0-dim max |x| (0 for an empty tensor), one reduction pass on CUDA."""
+    return _abs_max(x.detach()) if x.numel() else torch.zeros((), dtype=torch.float32, device=x.device)
+
+
 def fp8_cast(x: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
     """x (any float dtype) -> fp8 codes of fp32(x) * scale, saturated to +-max, round to nearest even."""
     dtype, fmax = FP8_FORMATS[fmt]
-    return (x.detach().float() * scale).clamp(-fmax, fmax).to(dtype)
+    return _cast_to_fp8(x.detach(), scale, fmax, dtype)
 
 
 def fp8_qdq(x: torch.Tensor, scale: torch.Tensor, fmt: str, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -351,8 +386,7 @@ class FP8CurrentScaling(_FP8Recipe):
         self._reset_reuse()
 
     def _scale(self, x, role, key, tp_group) -> torch.Tensor:
-        amax = _reduce_max(x.detach().abs().amax().float() if x.numel() else torch.zeros((), device=x.device),
-                           tp_group)
+        amax = _reduce_max(fp8_amax(x), tp_group)
         return scale_from_amax(amax, self._target(role))
 
 
@@ -375,7 +409,7 @@ class FP8DelayedScaling(_FP8Recipe, HiF8DelayedScaling):
         s = self._get_slot(key, role, x.device)
         if 0 <= s.recorded_step < self.step:
             self._update(s, FP8_FORMATS[self._format(role)][1])
-        amax = _reduce_max(x.detach().abs().amax().float(), tp_group, self.amax_reduction_group)
+        amax = _reduce_max(fp8_amax(x), tp_group, self.amax_reduction_group)
         s.history[0] = torch.maximum(s.history[0], amax)
         s.recorded_step = self.step
         return s.scale

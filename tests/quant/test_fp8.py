@@ -169,3 +169,19 @@ def test_scaled_mm_path_equals_fake_quant(recipe_cls):
     for got, want, what in zip(outs["scaled_mm"], outs["fake"], ("y", "dgrad", "wgrad", "bias grad")):
         rel = ((got - want).norm() / want.norm()).item()
         assert rel < 1e-2, (what, rel)  # same fp8 operands; bf16 rounding of the fake path's operands and outputs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_compiled_fp8_cast_and_amax_equal_eager_bit_for_bit(fmt, monkeypatch):
+    from osp_megatron.quant import recipes
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(3000, 1536, generator=g, device="cuda") * 3).bfloat16()
+    x[0, :4] = torch.tensor([float("inf"), -float("inf"), 1e30, 0.0])
+    scale = torch.tensor(37.5, device="cuda")
+    compiled = (recipes.fp8_cast(x, scale, fmt), recipes.fp8_amax(x[1:]))
+    monkeypatch.setenv("OSP_COMPILE", "0")
+    eager = (recipes.fp8_cast(x, scale, fmt), recipes.fp8_amax(x[1:]))
+    assert torch.equal(compiled[0].view(torch.uint8), eager[0].view(torch.uint8))
+    assert torch.equal(compiled[1], eager[1])
