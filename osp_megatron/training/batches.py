@@ -44,6 +44,14 @@ class EndlessLoader:
             "and data.buckets (do any samples fit?)"
         )
 
+    def close(self) -> None:
+        """End the pass in progress now: a loader's worker processes are shut down here, while the queues they
+        read are alive, not whenever the garbage collector reaches them (a collection that finalizes the queues
+        first, or none before interpreter exit, leaves a worker that ignores stop signals to be joined forever)."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "close"):
+            it.close()
+
 
 def caption_dropped(seed: int, key: str, step: int, p: float) -> bool:
     """Whether sample `key` trains on the empty caption at optimizer step `step` (probability `p`)."""

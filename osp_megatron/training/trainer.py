@@ -298,6 +298,13 @@ class DiffusionTrainer(Trainer):
             self.info(f"[osp-train] samples at step {self.step}: {', '.join(str(p) for p in paths)}")
 
 
+    def close(self, failed: bool = False) -> None:
+        try:
+            if hasattr(self, "data"):
+                self.data.close()  # the loader's worker processes (see EndlessLoader.close)
+        finally:
+            super().close(failed=failed)
+
     def on_good_step(self, metrics: Dict[str, float]) -> None:
         self.maybe_sample()
 
