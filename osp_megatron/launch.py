@@ -7,7 +7,9 @@
 device choice (`cuda:LOCAL_RANK` or CPU), backend (nccl / gloo), the CPU shims megatron-core needs on gloo,
 `init_process_group` with the configured timeout, and teardown. `run_ranks(prog, body)` turns a rank's exception
 into one line naming the rank and exit code 1 (the process leaves at once: peers cannot be relied on for a clean
-collective shutdown), and returns the body's exit code otherwise.
+collective shutdown), and returns the body's exit code otherwise. `run_trainer(prog, env, make_trainer)` is the
+run body of every training entry point (osp-train, osp-grpo) on top of both: process group, trainer, exit code,
+teardown.
 
 Exit codes shared by the entry points: 0 done, 1 error, 2 invalid config or arguments, 3 stopped by a signal after a
 checkpoint (requeue to continue), 4 stopped after too many non-finite steps.
@@ -19,11 +21,12 @@ import dataclasses
 import datetime
 import faulthandler
 import os
+import signal
 import socket
 import sys
 import traceback
 import warnings
-from typing import Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -32,6 +35,7 @@ from osp_megatron import cpu_shims
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_CONFIG, EXIT_REQUEUE, EXIT_NONFINITE = 0, 1, 2, 3, 4
 DEFAULT_TIMEOUT_MINUTES = 30
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # a stop request: checkpoint, then EXIT_REQUEUE
 
 
 class LaunchError(ValueError):
@@ -65,6 +69,16 @@ class DistEnv:
         if world < 1 or not 0 <= rank < world:
             raise LaunchError(f"RANK={rank}, WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE")
         return out
+
+    @classmethod
+    def for_command(cls, world_size: Optional[int] = None, dry_run: bool = False) -> "DistEnv":
+        """The launched environment; with `--dry-run --world-size N` the one N launched processes would see."""
+        env = cls.from_environ()
+        if world_size is None:
+            return env
+        if not dry_run:
+            raise LaunchError("--world-size is only for --dry-run; launch N processes with torchrun/srun instead")
+        return env.planned(world_size)
 
     def planned(self, world_size: int) -> "DistEnv":
         """This environment as if `world_size` processes were launched (`--dry-run --world-size N`)."""
@@ -178,7 +192,47 @@ def run_ranks(prog: str, env: DistEnv, body: Callable[[], int],
         return EXIT_ERROR
 
 
+def ignore_stop_signals(*_args) -> None:
+    """Ignore the stop signals in this process (a helper process, or a rank tearing down after an agreed stop;
+    `*_args` takes a worker id)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def run_trainer(prog: str, env: DistEnv, make_trainer: Callable[[torch.device], Any], *,
+                timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES,
+                start: Callable[[Any], None] = lambda trainer: trainer.start()) -> int:
+    """The run of a training entry point: process group (`distributed`) -> `make_trainer(device)` -> `start(trainer)`
+    -> `trainer.train()` (its exit code) -> `trainer.close(failed=...)`, all under `run_ranks`.
+
+    `start` runs inside the guarded part, so what it sets up is released by `close` when it fails (osp-train
+    passes `Trainer.setup`, which builds and starts). After a stop every rank agreed on (exit code != 0) the
+    rank ignores further stop signals and waits for its peers, so a launcher's SIGTERM (sent once the first rank
+    exits) cannot turn the agreed code into -15 while the others tear down."""
+
+    def body() -> int:
+        with distributed(env, timeout_minutes=timeout_minutes) as device:
+            trainer = make_trainer(device)
+            failed = True
+            try:
+                start(trainer)
+                code = int(trainer.train())
+                if code != EXIT_OK:
+                    ignore_stop_signals()
+                    dist.barrier()
+                failed = False
+                return code
+            finally:
+                try:
+                    trainer.close(failed=failed)
+                except Exception:  # noqa: BLE001 - a cleanup error must not hide the one that ended the run
+                    traceback.print_exc()
+
+    return run_ranks(prog, env, body)
+
+
 __all__ = [
-    "DistEnv", "LaunchError", "distributed", "run_ranks", "free_port", "pick_device", "quiet_library_warnings",
+    "DistEnv", "LaunchError", "distributed", "run_ranks", "run_trainer", "free_port", "pick_device",
+    "quiet_library_warnings", "ignore_stop_signals", "STOP_SIGNALS",
     "EXIT_OK", "EXIT_ERROR", "EXIT_BAD_CONFIG", "EXIT_REQUEUE", "EXIT_NONFINITE", "DEFAULT_TIMEOUT_MINUTES",
 ]

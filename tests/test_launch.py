@@ -29,6 +29,9 @@ def test_env_errors_name_the_variable():
         DistEnv.from_environ({"RANK": "0", "WORLD_SIZE": "2"}).with_port()
     with pytest.raises(LaunchError, match="--world-size 0"):
         DistEnv().planned(0)
+    with pytest.raises(LaunchError, match="--world-size is only for --dry-run"):
+        DistEnv.for_command(4, dry_run=False)
+    assert DistEnv.for_command(4, dry_run=True).world_size == 4 and DistEnv.for_command().world_size >= 1
 
 
 def test_run_ranks_exit_codes(capsys):
@@ -87,3 +90,41 @@ def test_failing_rank_is_named_and_peers_do_not_hang(tmp_path):
                            str(free_port()), str(script)], capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "[rank 1] osp-job failed: RuntimeError: disk on fire" in proc.stderr
+
+
+def test_run_trainer_exit_codes_teardown_and_signals_after_a_stop():
+    """The run body of osp-train and osp-grpo, in a fresh process: the trainer's exit code comes back; `start` runs
+    inside the guarded part (a failing start still closes the trainer, as failed); after a stop (code != 0) the
+    stop signals are ignored while the rank tears down."""
+    code = textwrap.dedent("""
+        import os, signal
+        import torch.distributed as dist
+        from osp_megatron.launch import EXIT_ERROR, EXIT_REQUEUE, DistEnv, run_trainer
+        calls = []
+        class Fake:
+            def __init__(self, device, code=0, fail=False):
+                self.code, self.fail = code, fail
+                calls.append(("make", device.type, dist.is_initialized()))
+            def start(self):
+                calls.append("start")
+                if self.fail:
+                    raise RuntimeError("no weights")
+            def train(self):
+                calls.append("train")
+                return self.code
+            def close(self, failed=False):
+                calls.append(("close", failed))
+        assert run_trainer("osp-x", DistEnv(), Fake, timeout_minutes=1) == 0
+        assert calls == [("make", "cpu", True), "start", "train", ("close", False)] and not dist.is_initialized()
+        calls.clear()
+        assert run_trainer("osp-x", DistEnv(), lambda d: Fake(d, fail=True)) == EXIT_ERROR
+        assert calls[1:] == ["start", ("close", True)] and not dist.is_initialized()
+        calls.clear()
+        assert run_trainer("osp-x", DistEnv(), lambda d: Fake(d, code=EXIT_REQUEUE), start=lambda t: None) == 3
+        assert calls[1:] == ["train", ("close", False)]
+        os.kill(os.getpid(), signal.SIGTERM)  # ignored after the agreed stop
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "[rank 0] osp-x failed: RuntimeError: no weights" in proc.stderr

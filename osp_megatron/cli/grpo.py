@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from dataclasses import asdict
 from typing import List, Optional, Sequence
 
-import torch.distributed as dist
 import yaml
 
 from osp_megatron.config import GRPO_SECTIONS, ConfigError, load_config
-from osp_megatron.launch import EXIT_BAD_CONFIG, DistEnv, distributed, run_ranks
+from osp_megatron.launch import EXIT_BAD_CONFIG, DistEnv, run_trainer
 from osp_megatron.rl.rollout import make_plan
 from osp_megatron.rl.trainer import GRPOTrainer
 from osp_megatron.rl.windows import WindowSchedule, count_nfe, group_prefix_runs
-from osp_megatron.training import signals
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,34 +94,14 @@ def plan_text(cfg, gcfg, world_size: int) -> str:
 def run(cfg, gcfg, env: DistEnv) -> int:
     """Build the trainer (process groups, base weights from `train.init_from`, LoRA, DDP, optimizer), resume or
     start, run the GRPO iterations, tear down. Returns the exit code."""
-    with distributed(env, timeout_minutes=cfg.parallel.timeout_minutes) as device:
-        trainer = GRPOTrainer(cfg, gcfg, device=device)
-        failed = True
-        try:
-            trainer.start()
-            code = trainer.train()
-            if code != 0:
-                # every rank agreed on this stop: a launcher's SIGTERM (sent once the first rank exits) must not
-                # turn the code into -15 while the others tear down; leave together
-                signals.ignore_stop_signals()
-                dist.barrier()
-            failed = False
-            return code
-        finally:
-            try:
-                trainer.close(failed=failed)
-            except Exception:  # noqa: BLE001 - a cleanup error must not hide the one that ended the run
-                traceback.print_exc()
+    return run_trainer("osp-grpo", env, lambda device: GRPOTrainer(cfg, gcfg, device=device),
+                       timeout_minutes=cfg.parallel.timeout_minutes)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        env = DistEnv.from_environ()
-        if args.world_size is not None:
-            if not args.dry_run:
-                raise ValueError("--world-size is only for --dry-run; launch N processes with torchrun/srun instead")
-            env = env.planned(args.world_size)
+        env = DistEnv.for_command(args.world_size, args.dry_run)
         cfg, gcfg = resolve(args.config, args.overrides, env.world_size, check_paths=args.dry_run)
         if not args.dry_run:
             env = env.with_port()
@@ -138,7 +115,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(yaml.safe_dump(out, sort_keys=False))
         print(plan_text(cfg, gcfg, env.world_size))
         return 0
-    return run_ranks("osp-grpo", env, lambda: run(cfg, gcfg, env))
+    return run(cfg, gcfg, env)
 
 
 if __name__ == "__main__":  # guard: megatron's checkpoint writer spawns processes that re-import __main__

@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from typing import Optional, Sequence
-
-import torch.distributed as dist
 
 from osp_megatron.config import ConfigError, load_config
 from osp_megatron.config.reference import config_reference
 from osp_megatron.diffusion.flow_matching import FlowMatching
-from osp_megatron.launch import EXIT_BAD_CONFIG, DistEnv, distributed, run_ranks
+from osp_megatron.launch import EXIT_BAD_CONFIG, DistEnv, run_trainer
 from osp_megatron.skiparse import block_schedule
-from osp_megatron.training import signals
 from osp_megatron.training.flops import forward_flops, packed_plan
 from osp_megatron.training.trainer import DiffusionTrainer
 
@@ -119,11 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.config is None:
         ap.error("the config argument is required (a YAML file or a preset name)")
     try:
-        env = DistEnv.from_environ()
-        if args.world_size is not None:
-            if not args.dry_run:
-                raise ValueError("--world-size is only for --dry-run; launch N processes with torchrun/srun instead")
-            env = env.planned(args.world_size)
+        env = DistEnv.for_command(args.world_size, args.dry_run)
         cfg = load_config(args.config, args.overrides)
         cfg.validate(world_size=env.world_size, check_paths=args.dry_run)
         if not args.dry_run:
@@ -144,28 +136,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run(cfg, env: DistEnv) -> int:
     """Initialise torch.distributed, train, tear down. Returns the exit code."""
-
-    def body() -> int:
-        with distributed(env, timeout_minutes=cfg.parallel.timeout_minutes) as device:
-            trainer = DiffusionTrainer(cfg, device)
-            failed = True
-            try:
-                trainer.setup()
-                code = trainer.train()
-                if code != 0:
-                    # every rank agreed on this stop: a launcher's SIGTERM (sent once the first rank exits) must not
-                    # turn the code into -15 while the others tear down; leave together
-                    signals.ignore_stop_signals()
-                    dist.barrier()
-                failed = False
-                return code
-            finally:
-                try:
-                    trainer.close(failed=failed)
-                except Exception:  # noqa: BLE001 - a cleanup error must not hide the one that ended the run
-                    traceback.print_exc()
-
-    return run_ranks("osp-train", env, body)
+    return run_trainer("osp-train", env, lambda device: DiffusionTrainer(cfg, device),
+                       timeout_minutes=cfg.parallel.timeout_minutes, start=DiffusionTrainer.setup)
 
 
 if __name__ == "__main__":  # guard: megatron's checkpoint writer spawns processes that re-import __main__

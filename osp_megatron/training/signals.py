@@ -21,15 +21,10 @@ from __future__ import annotations
 import signal
 from typing import Optional
 
-from osp_megatron.launch import EXIT_ERROR, EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE  # noqa: F401 (re-exported)
-
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-
-def ignore_stop_signals(*_args) -> None:
-    """Ignore the stop signals in this process (a helper process; `*_args` takes a worker id)."""
-    for sig in HANDLED_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+# the exit codes and the stop-signal set belong to the launcher (its `run_trainer` ignores the signals after a stop)
+from osp_megatron.launch import (  # noqa: F401 (re-exported)
+    EXIT_ERROR, EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, STOP_SIGNALS as HANDLED_SIGNALS, ignore_stop_signals,
+)
 
 
 class StopRequest:
