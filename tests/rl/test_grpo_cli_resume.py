@@ -50,9 +50,16 @@ def test_grpo_cli_sigterm_and_resume_is_bit_exact(tmp_path):
         assert [m[key] for m in a] == [m[key] for m in b], key  # bit for bit
 
     last = f"iter_{ITERATIONS:07d}"
-    fa, fb = ref / "grpo_checkpoints" / last, run / "grpo_checkpoints" / last
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    sa, sb = checkpoint_tensors(fa, tmp_path / "a"), checkpoint_tensors(fb, tmp_path / "b")
+    oa, ob = assert_same_grpo_checkpoint(ref / "grpo_checkpoints" / last, run / "grpo_checkpoints" / last, tmp_path)
+    assert oa["clip"] == ob["clip"] and oa["clip"]["mode"] == "adaptive"
+    assert oa["updates"] == ob["updates"] == 2 * ITERATIONS and oa["grpo"] == ob["grpo"]
+
+
+def assert_same_grpo_checkpoint(fa: Path, fb: Path, scratch: Path):
+    """Two GRPO checkpoint folders hold the same LoRA parameters, LoRA EMA and Adam moments (and nothing of the
+    frozen base) bit for bit, and the same PEFT exports. Returns both checkpoints' `osp` entries."""
+    (scratch / "a").mkdir(exist_ok=True), (scratch / "b").mkdir(exist_ok=True)
+    sa, sb = checkpoint_tensors(fa, scratch / "a"), checkpoint_tensors(fb, scratch / "b")
     lora = [k for k in sa if k.endswith((".lora_A", ".lora_B")) and not k.startswith("ema.")]
     assert lora and all(f"ema.{k}" in sa for k in lora)  # the LoRA and its EMA, nothing of the frozen base
     assert not any(k.endswith((".weight", ".bias")) for k in sa)
@@ -61,9 +68,7 @@ def test_grpo_cli_sigterm_and_resume_is_bit_exact(tmp_path):
     for k in sa:
         if isinstance(sa[k], torch.Tensor):
             assert torch.equal(sa[k], sb[k]), k
-    oa, ob = (torch.load(f / "common.pt", weights_only=False)["osp"] for f in (fa, fb))
-    assert oa["clip"] == ob["clip"] and oa["clip"]["mode"] == "adaptive"
-    assert oa["updates"] == ob["updates"] == 2 * ITERATIONS and oa["grpo"] == ob["grpo"]
     for folder in ("adapter", "adapter_ema"):  # the PEFT exports written with the checkpoint
         name = "adapter_model.safetensors"
         assert (fa / folder / name).read_bytes() == (fb / folder / name).read_bytes(), folder
+    return tuple(torch.load(f / "common.pt", weights_only=False)["osp"] for f in (fa, fb))

@@ -6,9 +6,9 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.training.train_launch import World, checkpoint_tensors, metrics, run_world
+from tests.rl.test_grpo_cli_resume import assert_same_grpo_checkpoint
+from tests.training.train_launch import World, metrics, run_world
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "configs" / "grpo_demo_cpu.yaml")
@@ -40,17 +40,6 @@ def test_grpo_kill_and_resume_is_bit_exact_on_two_gloo_ranks(tmp_path):
     for key in SAME:
         assert [m[key] for m in a] == [m[key] for m in b], key  # bit for bit
     fa, fb = ref / "grpo_checkpoints" / "iter_0000014", run / "grpo_checkpoints" / "iter_0000014"
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    sa, sb = checkpoint_tensors(fa, tmp_path / "a"), checkpoint_tensors(fb, tmp_path / "b")
-    lora = [k for k in sa if k.endswith((".lora_A", ".lora_B")) and not k.startswith("ema.")]
-    assert lora and all(f"ema.{k}" in sa for k in lora)  # the LoRA and its EMA, nothing of the frozen base
-    assert not any(k.endswith(".weight") for k in sa)
-    assert any("exp_avg" in k for k in sa) and any("exp_avg_sq" in k for k in sa)
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        if isinstance(sa[k], torch.Tensor):
-            assert torch.equal(sa[k], sb[k]), k
-    oa, ob = (torch.load(f / "common.pt", weights_only=False)["osp"] for f in (fa, fb))
+    oa, ob = assert_same_grpo_checkpoint(fa, fb, tmp_path)
     assert oa["clip"] == ob["clip"] and oa["clip"]["mode"] == "adaptive"
     assert len(ob["rng"]) == 2  # every rank's full RNG state
-    assert (fb / "adapter" / "adapter_model.safetensors").is_file() and (fb / "adapter_ema").is_dir()
