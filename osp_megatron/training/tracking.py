@@ -397,6 +397,9 @@ class WandbBackend(TrackerBackend):
 
     def close(self, status: str) -> None:
         self.run.finish(exit_code=self.EXIT_CODES.get(status, 1))
+        # finish() can return before W&B's service process has written the offline run file; teardown waits for
+        # it (its atexit hook does the same, but not reliably with multiprocessing workers, as osp-train has)
+        self.wandb.teardown()
 
     def describe(self) -> str:
         return f"W&B offline run {self.run.id} ({self.dir})"
